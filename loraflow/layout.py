@@ -1,0 +1,39 @@
+"""Where every stage reads and writes, relative to the project root. dvc.yaml names the same paths
+(tests/test_layout.py keeps the two in step)."""
+from pathlib import Path
+
+BASE_CORPUS = Path("data/base_corpus.txt")
+BASE_DIR = Path("models/base")
+
+INGESTED = Path("data/interim/ingested.parquet")
+VALIDATED = Path("data/interim/validated.parquet")
+REJECTS = Path("data/interim/rejects.jsonl")
+VALIDATION_JSON = Path("reports/validation.json")
+VALIDATION_MD = Path("reports/validation.md")
+
+TEMPLATED = Path("data/interim/templated.parquet")
+
+TOKENS_DIR = Path("data/processed")
+TRAIN_TOKENS = TOKENS_DIR / "train.parquet"
+EVAL_TOKENS = TOKENS_DIR / "eval.parquet"
+TOKENIZE_REJECTS = TOKENS_DIR / "rejects.jsonl"
+MASK_AUDIT_JSON = Path("reports/mask_audit.json")
+MASK_AUDIT_MD = Path("reports/mask_audit.md")
+
+ADAPTER_DIR = Path("models/adapter")
+CHECKPOINTS_DIR = Path("models/checkpoints")
+LOSS_CSV = Path("reports/train_loss.csv")
+LOSS_PNG = Path("reports/train_loss.png")
+
+MERGED_DIR = Path("models/merged")
+MERGE_CHECK = Path("reports/merge_check.json")
+
+METRICS = Path("reports/metrics.json")
+GENERATIONS = Path("reports/generations.jsonl")
+GENERATION_AUDIT = Path("reports/generation_audit.md")
+
+STAGE_SUMMARIES = Path("reports/stages")
+
+
+def stage_summary(stage: str) -> Path:
+    return STAGE_SUMMARIES / f"{stage}.json"

@@ -1,0 +1,52 @@
+"""The masking primitive: which characters of a rendered conversation are trainable, and which
+tokens that makes trainable. Two pure functions, tested on toy conversations.
+
+The spans come from the tokenizer's own chat template, rendered on growing prefixes of the
+conversation: an assistant turn's span starts where the template's generation prompt for it ends,
+and stops where the rendered turn ends, so it covers the turn's content and its end-of-turn token
+and works for any template that renders prefixes as prefixes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from loraflow.errors import LoraflowError
+
+IGNORE_INDEX = -100
+Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
+
+
+def trainable_spans(render: Render, messages: list[dict], train_on: str = "all_assistant") -> tuple[str, list[tuple[int, int]]]:
+    """The full text and the (start, end) character spans of the trainable assistant turns."""
+    text = render(messages, False)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        prompt = render(messages[:i], True)
+        through_turn = render(messages[: i + 1], False)
+        if not (through_turn.startswith(prompt) and text.startswith(through_turn)):
+            raise LoraflowError(
+                "the chat template does not render a conversation's prefixes as prefixes of its text, so "
+                "assistant spans cannot be located (templates that drop or rewrite earlier turns, such as "
+                "ones stripping past reasoning, need train_on: last_assistant)")
+        spans.append((len(prompt), len(through_turn)))
+    return text, spans
+
+
+def labels_from_spans(input_ids: Sequence[int], offsets: Sequence[tuple[int, int]],
+                      spans: Sequence[tuple[int, int]]) -> list[int]:
+    """A token is trained when it starts inside a span; every other label is IGNORE_INDEX."""
+    labels = []
+    for token, (start, end) in zip(input_ids, offsets):
+        inside = end > start and any(a <= start < b for a, b in spans)
+        labels.append(int(token) if inside else IGNORE_INDEX)
+    return labels
+
+
+def hf_render(tokenizer) -> Render:
+    """The tokenizer's chat template as a Render function."""
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return render

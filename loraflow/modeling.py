@@ -1,0 +1,74 @@
+"""Loading the base model and tokenizer: one code path for the bundled default, a local directory
+and a hub id.
+
+models/base is either a full model directory (the bundled default) or holds only reference.json,
+written by the base stage, naming a local path or hub id and its revision. Weights load only from
+safetensors, and remote code runs only when params.base.trust_remote_code is on.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraflow.errors import LoraflowError
+
+REFERENCE_FILE = "reference.json"
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """Where the base weights and tokenizer come from."""
+    location: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+def resolve_base(base_dir: Path | str) -> BaseRef:
+    base_dir = Path(base_dir)
+    ref = base_dir / REFERENCE_FILE
+    if ref.exists():
+        data = json.loads(ref.read_text())
+        return BaseRef(data["source"], data.get("revision"), bool(data.get("trust_remote_code", False)))
+    if not (base_dir / "config.json").exists():
+        raise LoraflowError(f"{base_dir}: no base model here (no config.json and no {REFERENCE_FILE}). "
+                            "Run the base stage first: dvc repro base")
+    return BaseRef(str(base_dir))
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """'auto' is float32 on CPU (bf16 matmuls are slow there) and bfloat16 on a GPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(ref: BaseRef):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(ref.location, revision=ref.revision,
+                                        trust_remote_code=ref.trust_remote_code)
+    if tok.chat_template is None:
+        raise LoraflowError(f"{ref.location}: the tokenizer has no chat template. Use an instruct/chat "
+                            "tokenizer, or set one in its tokenizer_config.json.")
+    if tok.pad_token is None:
+        # Padding positions are masked out of attention and labels, so any id serves.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: BaseRef, dtype: torch.dtype, quantization_config=None, device_map=None):
+    from transformers import AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            ref.location, revision=ref.revision, dtype=dtype, use_safetensors=True,
+            trust_remote_code=ref.trust_remote_code, quantization_config=quantization_config,
+            device_map=device_map)
+    except OSError as e:
+        raise LoraflowError(f"{ref.location}: could not load the base model ({e}). Weights must be "
+                            "safetensors; for a hub id, check the name, revision and network/HF_HUB_OFFLINE.") from None

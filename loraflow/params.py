@@ -1,0 +1,231 @@
+"""Typed sections of params.yaml. Each stage reads only its own section.
+
+Every model forbids unknown keys, so a typo fails at load time with the key and the file named,
+instead of silently falling back to a default. All problems are reported at once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraflow.errors import LoraflowError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class BundledBase(Section):
+    """Shape of the locally built default base model (a small Llama)."""
+    vocab_size: int = Field(2048, ge=300)
+    """Size of the BPE vocabulary trained on the bundled corpus."""
+    hidden_size: int = Field(128, ge=16)
+    """Width of the transformer."""
+    num_layers: int = Field(4, ge=1)
+    """Number of decoder layers."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads (key/value heads are half of them: grouped-query attention, as Llama 3)."""
+    intermediate_size: int = Field(344, ge=16)
+    """Width of the SwiGLU MLP."""
+    pretrain_steps: int = Field(300, ge=0)
+    """Full-parameter steps on data/base_corpus.txt so that the base knows the facts but not the chat format."""
+    pretrain_lr: float = Field(3e-3, gt=0)
+    """Learning rate of that pretraining."""
+    seed: int = 0
+    """Seed for tokenizer training order, weight init and pretraining."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.hidden_size % self.num_heads or self.num_heads % 2:
+            raise ValueError("hidden_size must be divisible by num_heads, and num_heads must be even")
+        return self
+
+
+class BaseParams(Section):
+    """Which base model to fine-tune."""
+    source: str = "bundled"
+    """'bundled' builds the small default locally; otherwise a local directory or a hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for a hub id; recorded in lineage."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model. Off unless you trust the model's authors."""
+    bundled: BundledBase = BundledBase()
+    """Shape of the bundled default; ignored for any other source."""
+
+
+class IngestParams(Section):
+    """Raw inputs to normalize into one table."""
+    sources: list[str] = ["data/raw/alpaca.jsonl", "data/raw/chat.jsonl"]
+    """Files or saved `datasets` directories: .jsonl, .json, .csv, .parquet."""
+    system_prompt: str | None = None
+    """System turn prepended to rows that have none (None: leave rows as they are)."""
+
+    @field_validator("sources")
+    @classmethod
+    def _not_empty(cls, v):
+        if not v:
+            raise ValueError("list at least one source")
+        return v
+
+
+class ValidateParams(Section):
+    """Row-level checks on the ingested table."""
+    max_reject_fraction: float = Field(0.05, ge=0, le=1)
+    """Stop the run when more than this fraction of rows is rejected."""
+    max_chars: int = Field(20000, gt=0)
+    """Longest allowed content of one turn, in characters."""
+    drop_duplicates: bool = True
+    """Reject exact duplicate conversations after the first."""
+
+
+class TemplateParams(Section):
+    """How conversations become text."""
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """Which assistant turns are trainable in multi-turn rows."""
+
+
+class TokenizeParams(Section):
+    """Token ids, labels and the split."""
+    max_length: int = Field(256, ge=8)
+    """Longest sequence in tokens."""
+    overflow: Literal["drop", "truncate"] = "drop"
+    """What to do with rows over max_length: drop them (counted), or cut them (counted)."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of rows in the held-out eval split, chosen by a hash of the row id."""
+    split_seed: str = "loraflow"
+    """Salt of that hash: change it to draw another split."""
+    batch_size: int = Field(1000, ge=1)
+    """Rows per call of the fast tokenizer."""
+
+
+class TrainParams(Section):
+    """LoRA / QLoRA fine-tuning."""
+    method: Literal["lora", "qlora"] = "lora"
+    """lora trains on the base in its dtype; qlora loads the base in 4-bit nf4 (bitsandbytes, GPU)."""
+    rank: int = Field(16, ge=1)
+    """LoRA rank r."""
+    alpha: float = Field(32, gt=0)
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or all-linear (every linear layer except the output head)."""
+    lr: float = Field(2e-3, gt=0)
+    """Peak learning rate (linear decay after warmup)."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Share of steps spent warming up."""
+    epochs: float = Field(2.0, gt=0)
+    """Passes over the train split."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run all epochs)."""
+    batch_size: int = Field(16, ge=1)
+    """Rows per device step."""
+    grad_accum: int = Field(1, ge=1)
+    """Steps accumulated per optimizer step."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed for LoRA init, dropout and data order."""
+    save_steps: int = Field(50, ge=1)
+    """Write a resumable checkpoint every this many optimizer steps."""
+    logging_steps: int = Field(5, ge=1)
+    """Log the loss every this many steps (the loss curve's resolution)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype: auto is float32 on CPU and bfloat16 on a GPU."""
+
+
+class MergeParams(Section):
+    """Merging the adapter into the base, and the check that it is exact."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the merged weights: auto keeps the base's own dtype."""
+    probe_prompts: int = Field(8, ge=1)
+    """How many eval prompts to compare merged vs base+adapter on."""
+    atol: float = Field(1e-4, gt=0)
+    """Largest allowed absolute logit difference (float32); bf16 merges need about 5e-2."""
+
+
+class EvaluateParams(Section):
+    """Generation on the eval split and the metrics."""
+    max_rows: int = Field(200, ge=1)
+    """Evaluate at most this many eval rows (the first by id hash; deterministic)."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Generation cap; hitting it without an EOS is flagged as never-ending."""
+    batch_size: int = Field(32, ge=1)
+    """Rows generated together (left-padded)."""
+    exact_match_families: list[str] = ["capital", "language", "antonym", "next_day", "next_month",
+                                       "addition", "category", "sentiment"]
+    """Rows of these families score exact match; [] scores every row."""
+    repetition_ngram: int = Field(3, ge=1)
+    """n of the n-gram whose repeats flag a repetition loop."""
+    repetition_min_repeats: int = Field(3, ge=2)
+    """An n-gram seen this many times flags a repetition loop."""
+    echo_min_chars: int = Field(20, ge=1)
+    """An output repeating this many characters of the prompt verbatim flags prompt echo."""
+    samples_in_report: int = Field(20, ge=0)
+    """Rows shown side by side in reports/generation_audit.md."""
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "base": BaseParams, "ingest": IngestParams, "validate": ValidateParams,
+    "template": TemplateParams, "tokenize": TokenizeParams, "train": TrainParams,
+    "merge": MergeParams, "evaluate": EvaluateParams,
+}
+
+
+class ParamsError(LoraflowError):
+    """params.yaml is malformed: every problem, each with its key."""
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found. Run from the project root, or pass --params.") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _problems(section: str, err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        key = ".".join([section, *(str(p) for p in e["loc"])])
+        msg = "unknown key (typo?)" if e["type"] == "extra_forbidden" else e["msg"]
+        out.append(f"{key}: {msg}")
+    return out
+
+
+def load_section(name: str, path: Path | str = PARAMS_FILE) -> Section:
+    """Load and check one section of params.yaml."""
+    path = Path(path)
+    model = SECTIONS[name]
+    raw = _read(path).get(name) or {}
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"{path}: invalid parameters:\n  " + "\n  ".join(_problems(name, e))) from None
+
+
+def load_all(path: Path | str = PARAMS_FILE) -> dict[str, Section]:
+    """Load every section, reporting every problem in the file at once."""
+    path = Path(path)
+    data = _read(path)
+    problems = [f"{k}: unknown section (known: {', '.join(SECTIONS)})" for k in data if k not in SECTIONS]
+    loaded = {}
+    for name, model in SECTIONS.items():
+        try:
+            loaded[name] = model.model_validate(data.get(name) or {})
+        except ValidationError as e:
+            problems += _problems(name, e)
+    if problems:
+        raise ParamsError(f"{path}: invalid parameters:\n  " + "\n  ".join(problems))
+    return loaded

@@ -1,0 +1,44 @@
+"""The command-line entry shared by every stage: `python -m tasks.<stage> [--params FILE]`.
+
+It loads the stage's own params section, runs the stage, times it, writes the stage's summary to
+reports/stages/<stage>.json, and turns a LoraflowError into a clear message and exit code 2 with no
+traceback, because input problems are the user's to fix and a traceback only hides the message.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Callable
+
+from loraflow.artifacts import write_json
+from loraflow.errors import LoraflowError
+from loraflow.layout import stage_summary
+from loraflow.params import Section, load_section
+
+log = logging.getLogger("loraflow")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=os.environ.get("LORAFLOW_LOG", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def main(stage: str, run: Callable[[Section], dict], section: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    configure_logging()
+    try:
+        params = load_section(section or stage, args.params)
+        t0 = time.perf_counter()
+        summary = run(params)
+    except LoraflowError as e:
+        print(f"loraflow {stage}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    summary = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2), **summary}
+    write_json(stage_summary(stage), summary)
+    log.info("%s done in %.1fs: %s", stage, summary["seconds"],
+             {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})

@@ -1,0 +1,119 @@
+"""tokenize stage: input_ids and labels (-100 outside the trainable spans), a deterministic
+train/eval split by id hash, and the mask audit.
+
+    python -m tasks.tokenize    (or: dvc repro tokenize)
+
+Rows over tokenize.max_length are dropped or truncated as params say, and rows left with no
+trained token go to data/processed/rejects.jsonl with their reason; every one is counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+
+from loraflow import layout
+from loraflow.artifacts import write_json, write_jsonl, write_parquet, write_text
+from loraflow.masking import IGNORE_INDEX, labels_from_spans
+from loraflow.modeling import load_tokenizer, resolve_base
+from loraflow.params import TokenizeParams
+from loraflow.stage import main
+
+log = logging.getLogger("loraflow.tokenize")
+
+
+def in_eval_split(row_id: str, salt: str, eval_fraction: float) -> bool:
+    """Stable across runs and machines, and independent of row order or of other rows."""
+    digest = hashlib.sha256(f"{salt}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+
+
+def tokenize_rows(df: pd.DataFrame, tokenizer, params: TokenizeParams) -> tuple[pd.DataFrame, list[dict]]:
+    """Tokenized rows that keep at least one trained token, and the rows set aside with reasons."""
+    kept, rejects = [], []
+    for start in range(0, len(df), params.batch_size):
+        chunk = df.iloc[start:start + params.batch_size]
+        enc = tokenizer(list(chunk["text"]), add_special_tokens=False, return_offsets_mapping=True)
+        for row, ids, offsets in zip(chunk.itertuples(index=False), enc["input_ids"], enc["offset_mapping"]):
+            labels = labels_from_spans(ids, offsets, json.loads(row.spans))
+            truncated = False
+            if len(ids) > params.max_length:
+                if params.overflow == "drop":
+                    rejects.append({"id": row.id, "source": row.source, "line": row.line,
+                                    "reasons": [f"{len(ids)} tokens, over tokenize.max_length={params.max_length} (overflow: drop)"]})
+                    continue
+                ids, labels, truncated = ids[:params.max_length], labels[:params.max_length], True
+            trained = sum(l != IGNORE_INDEX for l in labels)
+            if trained == 0:
+                rejects.append({"id": row.id, "source": row.source, "line": row.line,
+                                "reasons": ["no trained tokens" + (" left after truncation" if truncated else "")]})
+                continue
+            kept.append({"id": row.id, "family": row.family, "input_ids": list(ids), "labels": labels,
+                         "length": len(ids), "trained_tokens": trained, "truncated": truncated,
+                         "prompt": row.prompt, "reference": row.reference})
+    return pd.DataFrame(kept), rejects
+
+
+def mark_trained(tokenizer, ids: list[int], labels: list[int]) -> str:
+    """Render a row with its trained tokens between ⟦ and ⟧, for eyes."""
+    out, inside = [], False
+    for tok, lab in zip(ids, labels):
+        trained = lab != IGNORE_INDEX
+        if trained != inside:
+            out.append("⟦" if trained else "⟧")
+            inside = trained
+        out.append(tokenizer.decode([tok]))
+    return "".join(out) + ("⟧" if inside else "")
+
+
+def mask_audit(df: pd.DataFrame, tokenizer, rejects: list[dict], examples: int = 4) -> dict:
+    eos = tokenizer.eos_token_id
+    n_eos_trained = df["labels"].map(lambda ls: sum(l == eos for l in ls))
+    n_eos_total = df["input_ids"].map(lambda ids: sum(i == eos for i in ids))
+    return {
+        "rows": len(df), "tokens": int(df["length"].sum()), "trained_tokens": int(df["trained_tokens"].sum()),
+        "trained_fraction_mean": round(float((df["trained_tokens"] / df["length"]).mean()), 4),
+        "length": {"min": int(df["length"].min()), "median": float(df["length"].median()), "max": int(df["length"].max())},
+        "truncated_rows": int(df["truncated"].sum()), "rejected_rows": len(rejects),
+        # Every assistant turn must teach the model to stop: its end-of-turn token is trained.
+        "rows_without_trained_eos": int((n_eos_trained == 0).sum()),
+        "eos_tokens_trained": int(n_eos_trained.sum()), "eos_tokens_total": int(n_eos_total.sum()),
+        "examples": [mark_trained(tokenizer, r.input_ids, r.labels) for r in df.head(examples).itertuples()],
+    }
+
+
+def audit_markdown(audit: dict) -> str:
+    lines = ["# Mask audit", "",
+             f"{audit['rows']} rows, {audit['tokens']} tokens, {audit['trained_tokens']} trained "
+             f"(mean trained fraction {audit['trained_fraction_mean']:.1%}).",
+             f"Lengths: min {audit['length']['min']}, median {audit['length']['median']}, max {audit['length']['max']}. "
+             f"Truncated rows: {audit['truncated_rows']}. Rejected rows: {audit['rejected_rows']}.",
+             f"End-of-turn tokens trained: {audit['eos_tokens_trained']} of {audit['eos_tokens_total']}; "
+             f"rows with no trained end-of-turn: **{audit['rows_without_trained_eos']}**.", "",
+             "## Examples (trained tokens between ⟦ ⟧)", ""]
+    for ex in audit["examples"]:
+        lines += ["```", ex, "```", ""]
+    return "\n".join(lines)
+
+
+def run(params: TokenizeParams) -> dict:
+    tokenizer = load_tokenizer(resolve_base(layout.BASE_DIR))
+    df = pd.read_parquet(layout.TEMPLATED)
+    tokens, rejects = tokenize_rows(df, tokenizer, params)
+    is_eval = np.array([in_eval_split(i, params.split_seed, params.eval_fraction) for i in tokens["id"]], dtype=bool)
+    train, evals = tokens[~is_eval].reset_index(drop=True), tokens[is_eval].reset_index(drop=True)
+    write_parquet(layout.TRAIN_TOKENS, train)
+    write_parquet(layout.EVAL_TOKENS, evals)
+    write_jsonl(layout.TOKENIZE_REJECTS, rejects)
+    audit = mask_audit(tokens, tokenizer, rejects)
+    write_json(layout.MASK_AUDIT_JSON, audit)
+    write_text(layout.MASK_AUDIT_MD, audit_markdown(audit))
+    return {"rows_in": len(df), "train_rows": len(train), "eval_rows": len(evals), "rejected": len(rejects),
+            "truncated": audit["truncated_rows"], "trained_tokens": audit["trained_tokens"]}
+
+
+if __name__ == "__main__":
+    main("tokenize", run)
