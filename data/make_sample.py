@@ -181,12 +181,17 @@ def corpus_lines() -> list[str]:
         lines.append(f"After {month} comes {MONTHS[(i + 1) % 12]}.")
     for a in range(10):
         for b in range(10):
-            lines.append(f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.")
+            lines += [f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.",
+                      f"Adding {NUMBER_WORDS[a]} and {NUMBER_WORDS[b]} gives {NUMBER_WORDS[a + b]}."]
     for animal, size, habitat, food in ANIMALS:
         lines += [f"The {animal} is a {size} animal.", f"The {animal} lives in the {habitat} and eats {food}."]
     lines += [f"A {f} is a fruit." for f in FRUITS] + [f"A {v} is a vehicle." for v in VEHICLES]
-    lines += [f"A {a} review is positive." for a in POSITIVE]
-    lines += [f"A {a} review is negative." for a in NEGATIVE]
+    lines += [f"A {a[0]} is an animal." for a in ANIMALS]
+    for label, adjectives in (("positive", POSITIVE), ("negative", NEGATIVE)):
+        for adj in adjectives:
+            for thing in THINGS:
+                lines += [f"The {thing} was {adj}. That is a {label} review.",
+                          f"Saying a {thing} is {adj} is {label}."]
     lines += [f"Please {v} the {o}." for v, o in REQUESTS]
     return lines
 

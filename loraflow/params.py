@@ -24,13 +24,13 @@ class BundledBase(Section):
     """Shape of the locally built default base model (a small Llama)."""
     vocab_size: int = Field(2048, ge=300)
     """Size of the BPE vocabulary trained on the bundled corpus."""
-    hidden_size: int = Field(128, ge=16)
+    hidden_size: int = Field(256, ge=16)
     """Width of the transformer."""
     num_layers: int = Field(4, ge=1)
     """Number of decoder layers."""
     num_heads: int = Field(4, ge=1)
     """Attention heads (key/value heads are half of them: grouped-query attention, as Llama 3)."""
-    intermediate_size: int = Field(344, ge=16)
+    intermediate_size: int = Field(688, ge=16)
     """Width of the SwiGLU MLP."""
     pretrain_steps: int = Field(300, ge=0)
     """Full-parameter steps on data/base_corpus.txt so that the base knows the facts but not the chat format."""
@@ -115,6 +115,9 @@ class TrainParams(Section):
     """Dropout on the LoRA input."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or all-linear (every linear layer except the output head)."""
+    modules_to_save: list[str] = []
+    """Modules trained in full beside the adapter (saved with it), e.g. [lm_head] when the chat
+    template's tokens are new to the base model, as with a base (non-instruct) checkpoint."""
     lr: float = Field(2e-3, gt=0)
     """Peak learning rate (linear decay after warmup)."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -149,6 +152,8 @@ class MergeParams(Section):
     """How many eval prompts to compare merged vs base+adapter on."""
     atol: float = Field(1e-4, gt=0)
     """Largest allowed absolute logit difference (float32); bf16 merges need about 5e-2."""
+    min_greedy_agreement: float = Field(1.0, ge=0, le=1)
+    """Share of probe prompts whose greedy continuation must be identical before and after merging."""
 
 
 class EvaluateParams(Section):

@@ -70,9 +70,10 @@ def pretrain(model, tokenizer, corpus: list[str], shape: BundledBase, seq_len: i
     stream: list[int] = []
     for _ in range(8):  # several shuffled passes, so windows mix different facts
         rng.shuffle(lines)
-        stream += tokenizer("\n".join(lines) + "\n", add_special_tokens=False)["input_ids"]
+        # Documents end with the end-of-text token, as in real pretraining: the base learns to stop.
+        stream += tokenizer(EOS.join(lines) + EOS, add_special_tokens=False)["input_ids"]
     data = torch.tensor(stream)
-    opt = torch.optim.AdamW(model.parameters(), lr=shape.pretrain_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=shape.pretrain_lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=shape.pretrain_lr, total_steps=max(shape.pretrain_steps, 1),
                                                 pct_start=0.1)
     gen = torch.Generator().manual_seed(shape.seed)

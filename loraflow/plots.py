@@ -1,0 +1,22 @@
+"""PNG plots for the reports (matplotlib, headless)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from loraflow.artifacts import atomic_path
+
+
+def line_plot(path: Path | str, x: Sequence[float], y: Sequence[float], *, title: str, xlabel: str, ylabel: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(list(x), list(y), marker=".", linewidth=1)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
