@@ -16,10 +16,15 @@ IGNORE_INDEX = -100
 Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
 
 
-def trainable_spans(render: Render, messages: list[dict], train_on: str = "all_assistant") -> tuple[str, list[tuple[int, int]]]:
-    """The full text and the (start, end) character spans of the trainable assistant turns."""
+def trainable_spans(render: Render, messages: list[dict], train_on: str = "all_assistant",
+                    first_trainable: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The full text and the (start, end) character spans of the trainable assistant turns.
+
+    Turns before `first_trainable` are context only: prompt/completion rows train their completion
+    and never the assistant turns quoted in their prompt, as TRL's completion-only loss does.
+    """
     text = render(messages, False)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_trainable]
     if train_on == "last_assistant":
         turns = turns[-1:]
     spans = []

@@ -26,7 +26,7 @@ from loraflow.stage import main
 
 log = logging.getLogger("loraflow.ingest")
 
-COLUMNS = ["id", "messages", "format", "family", "source", "line", "ingest_error"]
+COLUMNS = ["id", "messages", "trainable_from", "format", "family", "source", "line", "ingest_error"]
 FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 
 
@@ -47,7 +47,8 @@ def _turns_from_value(value: Any, default_role: str) -> list[dict] | None:
 
 
 def normalize(record: Any) -> tuple[str, list[dict] | None, str | None]:
-    """(format, messages, error) for one raw record in any supported form."""
+    """(format, messages, error) for one raw record in any supported form. For prompt/completion
+    rows, the completion's turns are the last len(completion) messages (see `completion_turns`)."""
     if not isinstance(record, dict):
         return "unknown", None, f"expected a JSON object, got {type(record).__name__}"
     if "messages" in record:
@@ -82,6 +83,14 @@ def normalize(record: Any) -> tuple[str, list[dict] | None, str | None]:
         return "prompt_completion", prompt + completion, None
     return "unknown", None, ("no recognised fields: expected 'messages', 'instruction'+'output', or "
                              f"'prompt'+'completion'; found {sorted(record)[:8]}")
+
+
+def completion_turns(record: dict) -> int | None:
+    """How many trailing turns are the completion of a prompt/completion record (None: other forms)."""
+    if not isinstance(record, dict) or "messages" in record or "prompt" not in record:
+        return None
+    completion = record.get("completion")
+    return len(completion) if isinstance(completion, list) else 1
 
 
 def _records_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -154,9 +163,12 @@ def ingest(sources: list[str], system_prompt: str | None = None) -> pd.DataFrame
                 messages = [{"role": "system", "content": system_prompt}, *messages]
             own_id = record.get("id") if isinstance(record, dict) else None
             family = record.get("family") if isinstance(record, dict) else None
+            n_completion = completion_turns(record) if messages is not None else None
             rows.append({
                 "id": str(own_id) if own_id is not None else conversation_id(messages if messages is not None else [src, line]),
                 "messages": json.dumps(messages, ensure_ascii=False) if messages is not None else None,
+                # index of the first turn that may be trained: the completion's, or any turn
+                "trainable_from": len(messages) - n_completion if n_completion else 0,
                 "format": fmt, "family": str(family) if family is not None else "",
                 "source": src, "line": int(line), "ingest_error": norm_error,
             })

@@ -27,7 +27,7 @@ def template_rows(df: pd.DataFrame, render, train_on: str) -> pd.DataFrame:
     out = []
     for row in df.itertuples(index=False):
         messages = json.loads(row.messages)
-        text, spans = trainable_spans(render, messages, train_on)
+        text, spans = trainable_spans(render, messages, train_on, int(getattr(row, "trainable_from", 0)))
         out.append({"id": row.id, "family": row.family, "source": row.source, "line": row.line,
                     "text": text, "spans": json.dumps(spans), "n_turns": len(messages),
                     "prompt": render(messages[:-1], True), "reference": messages[-1]["content"]})

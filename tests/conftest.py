@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny tokenizer/model built locally, project workspaces in temporary git repos,
+and a real Prefect server on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def tool_env(**extra: str) -> dict:
+    """Environment for subprocesses: this venv's dvc/python/prefect first on PATH, offline."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def sh(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=tool_env(**env), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def make_workspace(dest: Path) -> Path:
+    """A copy of the project (tracked and untracked-not-ignored files) in a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    sh(["git", "init", "-q"], dest)
+    sh(["git", "add", "-A"], dest)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "workspace"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tasks.base import train_tokenizer
+    lines = (ROOT / "data/base_corpus.txt").read_text().splitlines()
+    return train_tokenizer(lines, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    from loraflow.params import BundledBase
+    from tasks.base import build_model
+    path = tmp_path_factory.mktemp("tiny_model")
+    model = build_model(tiny_tokenizer, BundledBase(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 with its own SQLite home; yields its API URL."""
+    import urllib.request
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = tool_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_UI_ENABLED="false", PREFECT_API_URL=url)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+        time.sleep(1)
+    yield {"url": url, "home": str(home)}
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)

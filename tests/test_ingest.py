@@ -1,0 +1,89 @@
+"""ingest: every supported file type and form, stable ids, and unreadable rows kept with a reason."""
+import json
+
+import pandas as pd
+import pytest
+
+from loraflow.errors import LoraflowError
+from tasks.ingest import ingest
+
+ALPACA = {"instruction": "What is the capital of Peru?", "input": "", "output": "Lima"}
+CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+PC = {"prompt": "Say hi.", "completion": "hi"}
+
+
+def jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_jsonl_all_three_forms(tmp_path):
+    df = ingest([jsonl(tmp_path / "a.jsonl", [ALPACA, CHAT, PC])])
+    assert list(df["format"]) == ["alpaca", "chat", "prompt_completion"]
+    assert list(df["line"]) == [1, 2, 3] and set(df["source"]) == {str(tmp_path / "a.jsonl")}
+    assert json.loads(df["messages"][0]) == [{"role": "user", "content": ALPACA["instruction"]},
+                                             {"role": "assistant", "content": "Lima"}]
+    assert json.loads(df["messages"][2])[-1] == {"role": "assistant", "content": "hi"}
+
+
+def test_alpaca_input_joins_instruction(tmp_path):
+    row = {"instruction": "Classify the sentiment.", "input": "Great meal!", "output": "positive"}
+    df = ingest([jsonl(tmp_path / "a.jsonl", [row])])
+    assert json.loads(df["messages"][0])[0]["content"] == "Classify the sentiment.\n\nGreat meal!"
+
+
+def test_ids_are_content_hashes_stable_under_reordering(tmp_path):
+    a = ingest([jsonl(tmp_path / "a.jsonl", [ALPACA, CHAT])])
+    b = ingest([jsonl(tmp_path / "b.jsonl", [CHAT, ALPACA])])
+    assert list(a["id"]) == list(reversed(list(b["id"])))
+    own = ingest([jsonl(tmp_path / "c.jsonl", [{**ALPACA, "id": "row-7"}])])
+    assert own["id"][0] == "row-7"
+
+
+def test_malformed_line_is_kept_with_reason(tmp_path):
+    df = ingest([jsonl(tmp_path / "a.jsonl", [ALPACA, '{"instruction": "x", ', CHAT])])
+    assert len(df) == 3
+    assert df["ingest_error"][1].startswith("malformed JSON") and df["line"][1] == 2
+    assert df["ingest_error"][[0, 2]].isna().all()
+
+
+def test_missing_field_and_unknown_form(tmp_path):
+    df = ingest([jsonl(tmp_path / "a.jsonl", [{"instruction": "x"}, {"question": "y"}])])
+    assert "missing field(s): output" in df["ingest_error"][0]
+    assert "no recognised fields" in df["ingest_error"][1]
+
+
+def test_csv_with_quotes_and_newlines(tmp_path):
+    p = tmp_path / "a.csv"
+    pd.DataFrame([{"instruction": 'Say "hi",\nplease', "input": "", "output": "hi"},
+                  {"instruction": "Two", "input": "", "output": "2"}]).to_csv(p, index=False)
+    df = ingest([str(p)])
+    assert json.loads(df["messages"][0])[0]["content"] == 'Say "hi",\nplease'
+    assert df["ingest_error"].isna().all() and len(df) == 2
+
+
+def test_parquet_with_message_lists(tmp_path):
+    p = tmp_path / "a.parquet"
+    pd.DataFrame([CHAT, CHAT | {"messages": CHAT["messages"] * 2}]).to_parquet(p)
+    df = ingest([str(p)])
+    assert list(df["format"]) == ["chat", "chat"] and len(json.loads(df["messages"][1])) == 4
+
+
+def test_saved_datasets_directory(tmp_path):
+    from datasets import Dataset
+    Dataset.from_list([PC, PC | {"completion": "hello"}]).save_to_disk(str(tmp_path / "ds"))
+    df = ingest([str(tmp_path / "ds")])
+    assert list(df["format"]) == ["prompt_completion"] * 2
+
+
+def test_missing_path_and_empty_file_are_clear_errors(tmp_path):
+    with pytest.raises(LoraflowError, match="does not exist"):
+        ingest([str(tmp_path / "nope.jsonl")])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(LoraflowError, match="no rows"):
+        ingest([str(tmp_path / "empty.jsonl")])
+
+
+def test_system_prompt_added_where_missing(tmp_path):
+    df = ingest([jsonl(tmp_path / "a.jsonl", [ALPACA])], system_prompt="Be brief.")
+    assert json.loads(df["messages"][0])[0] == {"role": "system", "content": "Be brief."}

@@ -1,0 +1,116 @@
+"""The masking primitive on toy conversations, and agreement with TRL's completion-only masking."""
+import json
+
+import pandas as pd
+import pytest
+
+from loraflow.masking import IGNORE_INDEX, hf_render, labels_from_spans, trainable_spans
+from loraflow.params import TokenizeParams
+from tasks.template import template_rows
+from tasks.tokenize import tokenize_rows
+
+SINGLE = [{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": "Lima"}]
+MULTI = [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": "Which day comes after Monday?"}, {"role": "assistant", "content": "Tuesday"},
+         {"role": "user", "content": "And after that?"}, {"role": "assistant", "content": "Wednesday"}]
+
+
+def tokens_and_labels(tok, messages, train_on="all_assistant"):
+    text, spans = trainable_spans(hf_render(tok), messages, train_on)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], labels_from_spans(enc["input_ids"], enc["offset_mapping"], spans)
+
+
+def trained_segments(tok, ids, labels):
+    """The decoded runs of consecutive trained tokens."""
+    runs, cur = [], []
+    for i, l in zip(ids, labels):
+        if l != IGNORE_INDEX:
+            assert l == i, "a trained label must be the token itself"
+            cur.append(i)
+        elif cur:
+            runs.append(tok.decode(cur)); cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def test_single_turn_trains_exactly_the_answer_and_its_end_token(tiny_tokenizer):
+    ids, labels = tokens_and_labels(tiny_tokenizer, SINGLE)
+    assert trained_segments(tiny_tokenizer, ids, labels) == ["Lima<|end|>"]
+    # the last token is the end-of-turn token, and it is trained
+    assert ids[-1] == tiny_tokenizer.eos_token_id and labels[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_multi_turn_trains_every_assistant_turn(tiny_tokenizer):
+    ids, labels = tokens_and_labels(tiny_tokenizer, MULTI)
+    assert trained_segments(tiny_tokenizer, ids, labels) == ["Tuesday<|end|>", "Wednesday<|end|>"]
+    n_trained_eos = sum(l == tiny_tokenizer.eos_token_id for l in labels)
+    assert n_trained_eos == 2  # only the assistant turns' end tokens, not the user/system ones
+    assert sum(i == tiny_tokenizer.eos_token_id for i in ids) == 5
+
+
+def test_last_assistant_only(tiny_tokenizer):
+    ids, labels = tokens_and_labels(tiny_tokenizer, MULTI, train_on="last_assistant")
+    assert trained_segments(tiny_tokenizer, ids, labels) == ["Wednesday<|end|>"]
+
+
+def test_spans_on_a_llama3_style_template():
+    """The span logic depends only on the template rendering prefixes as prefixes."""
+    def render(messages, gen):
+        out = "<|begin_of_text|>" + "".join(
+            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages)
+        return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if gen else "")
+    text, spans = trainable_spans(render, MULTI)
+    assert [text[a:b] for a, b in spans] == ["Tuesday<|eot_id|>", "Wednesday<|eot_id|>"]
+
+
+def test_template_that_rewrites_history_is_refused():
+    from loraflow.errors import LoraflowError
+    render = lambda msgs, gen: "|".join(m["content"] for m in msgs[-1:]) + (">" if gen else "")
+    with pytest.raises(LoraflowError, match="prefixes"):
+        trainable_spans(render, MULTI)
+
+
+def test_labels_from_spans_pure():
+    ids = [10, 11, 12, 13]
+    offsets = [(0, 2), (2, 5), (5, 6), (6, 6)]
+    assert labels_from_spans(ids, offsets, [(2, 6)]) == [IGNORE_INDEX, 11, 12, IGNORE_INDEX]
+
+
+def test_labels_match_trl_completion_only(tiny_tokenizer, tiny_model_dir, tmp_path):
+    """On prompt/completion rows, our labels equal those TRL's SFTTrainer builds with completion_only_loss."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+    from tasks.ingest import ingest
+
+    raw = [
+        {"prompt": [{"role": "user", "content": "What is the capital of Peru?"}],
+         "completion": [{"role": "assistant", "content": "Lima"}]},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add two and three."},
+                    {"role": "assistant", "content": "five"}, {"role": "user", "content": "And four more?"}],
+         "completion": [{"role": "assistant", "content": "nine"}]},
+        {"prompt": "Tell me about the fox.", "completion": "The fox is a small animal that lives in the forest."},
+    ]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # TRL's side: its own preprocessing of the same rows (string rows as single turns, as we ingest them)
+    trl_rows = [{"prompt": [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"],
+                 "completion": [{"role": "assistant", "content": r["completion"]}] if isinstance(r["completion"], str) else r["completion"]}
+                for r in raw]
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), processing_class=tok,
+                         train_dataset=Dataset.from_list(trl_rows),
+                         args=SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, report_to="none",
+                                        max_length=None, use_cpu=True))
+    trl_labels = trainer.train_dataset["labels"]
+
+    # our side: the ingest, template and tokenize stages' functions on the same rows as a JSONL file
+    src = tmp_path / "pc.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in raw))
+    ingested = ingest([str(src)])
+    assert list(ingested["format"]) == ["prompt_completion"] * 3 and ingested["ingest_error"].isna().all()
+    templated = template_rows(ingested, hf_render(tok), "all_assistant")
+    ours, rejects = tokenize_rows(templated, tok, TokenizeParams())
+    assert not rejects
+    assert [list(l) for l in ours["labels"]] == [list(l) for l in trl_labels]
+    assert any(l == IGNORE_INDEX for l in trl_labels[1])  # the comparison is not vacuous
