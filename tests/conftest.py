@@ -32,10 +32,11 @@ def sh(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess
 
 
 def make_workspace(dest: Path) -> Path:
-    """A copy of the project (tracked and untracked-not-ignored files) in a fresh git repo."""
+    """A copy of the project (tracked and untracked-not-ignored files) in a fresh git repo, without
+    this checkout's own run record (dvc.lock), so every stage starts out of date."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\n")
-    for rel in filter(None, files):
+    for rel in filter(lambda f: f and f != "dvc.lock", files):
         src = ROOT / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,171 @@
+"""End to end, against real components: `dvc repro` in a temporary git repo, the Prefect flow against
+a real `prefect server start` on 127.0.0.1, real training of the tiny bundled model.
+
+The two runners must agree in both directions: after `dvc repro` a flow run re-executes nothing,
+and after a flow run `dvc status` is clean.
+"""
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BIN, make_workspace, sh
+
+STAGES = ["base", "ingest", "validate", "template", "tokenize", "train", "merge", "evaluate"]
+pytestmark = pytest.mark.slow
+
+
+def read_json(ws: Path, rel: str):
+    return json.loads((ws / rel).read_text())
+
+
+def dvc_status(ws: Path) -> dict:
+    return json.loads(sh([str(BIN / "dvc"), "status", "--json"], ws).stdout or "{}")
+
+
+def stage_mtimes(ws: Path) -> dict:
+    return {s: (ws / f"reports/stages/{s}.json").stat().st_mtime_ns for s in STAGES}
+
+
+def run_flow(ws: Path, server: dict) -> dict[str, str]:
+    """`loraflow run` against the server; returns each stage's line ('ran in ...' or 'up to date')."""
+    out = sh([str(BIN / "loraflow"), "run", "--workdir", str(ws)], ws,
+             PREFECT_API_URL=server["url"], PREFECT_HOME=server["home"]).stdout
+    lines = dict(l.strip().split(": ", 1) for l in out.splitlines() if l.strip().split(": ", 1)[0] in STAGES)
+    assert set(lines) == set(STAGES), out
+    return lines
+
+
+def api(server: dict, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(f"{server['url']}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def last_flow_run_tasks(server: dict) -> tuple[dict, list[dict]]:
+    runs = api(server, "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 1})
+    tasks = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
+    return runs[0], tasks
+
+
+def edit_params(ws: Path, **sections: dict) -> None:
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    for name, values in sections.items():
+        params[name].update(values)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repro_ws(tmp_path_factory):
+    """The bundled default, run once with `dvc repro`, exactly as `make run` does."""
+    ws = make_workspace(tmp_path_factory.mktemp("repro_ws"))
+    proc = sh([str(BIN / "dvc"), "repro"], ws)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in proc.stdout
+    return ws
+
+
+def test_repro_writes_every_output(repro_ws):
+    ws = repro_ws
+    for rel in ["models/base/model.safetensors", "models/base/tokenizer.json", "models/adapter/adapter_model.safetensors",
+                "models/adapter/adapter_config.json", "models/merged/model.safetensors", "data/interim/rejects.jsonl",
+                "data/processed/train.parquet", "data/processed/eval.parquet", "reports/validation.md",
+                "reports/mask_audit.md", "reports/train_loss.csv", "reports/train_loss.png", "reports/merge_check.json",
+                "reports/metrics.json", "reports/generations.jsonl", "reports/generation_audit.md"]:
+        assert (ws / rel).is_file(), rel
+    for weights in ("models/base", "models/adapter", "models/merged"):
+        files = {p.suffix for p in (ws / weights).iterdir()}
+        assert ".safetensors" in files and not files & {".bin", ".pt", ".pth", ".pkl"}, (weights, files)
+    validation = read_json(ws, "reports/validation.json")
+    assert validation["read"] == validation["accepted"] + validation["rejected"] and validation["rejected"] >= 5
+    rejects = (ws / "data/interim/rejects.jsonl").read_text().splitlines()
+    assert len(rejects) == validation["rejected"] and all(json.loads(r)["reasons"] for r in rejects)
+    audit = read_json(ws, "reports/mask_audit.json")
+    assert audit["rows_without_trained_eos"] == 0 and 0 < audit["trained_fraction_mean"] < 0.5
+
+
+def test_fine_tuned_beats_base_by_a_clear_margin(repro_ws):
+    m = read_json(repro_ws, "reports/metrics.json")
+    print("metrics:", json.dumps({k: m[k] for k in ("base", "tuned", "delta")}))
+    assert m["rows"] >= 100 and m["tuned"]["exact_match_rows"] >= 50
+    assert m["tuned"]["exact_match"] >= m["base"]["exact_match"] + 0.3
+    assert m["tuned"]["rougeL"] >= m["base"]["rougeL"] + 0.3
+    generations = (repro_ws / "reports/generations.jsonl").read_text().splitlines()
+    assert len(generations) == m["rows"]
+    row = json.loads(generations[0])
+    assert {"base", "tuned", "base_flags", "tuned_flags", "reference"} <= set(row)
+
+
+def test_merge_matches_base_plus_adapter(repro_ws):
+    check = read_json(repro_ws, "reports/merge_check.json")
+    assert check["passed"] and check["max_abs_logit_diff"] <= 1e-4 and check["greedy_agreement"] == 1.0
+    loss = (repro_ws / "reports/train_loss.csv").read_text().splitlines()[1:]
+    first, last = float(loss[0].split(",")[1]), float(loss[-1].split(",")[1])
+    assert last < first / 3
+
+
+def test_second_repro_does_nothing(repro_ws):
+    assert dvc_status(repro_ws) == {}
+    before = stage_mtimes(repro_ws)
+    out = sh([str(BIN / "dvc"), "repro"], repro_ws).stdout
+    assert "Running stage" not in out and stage_mtimes(repro_ws) == before
+
+
+def test_flow_after_repro_executes_no_stage(repro_ws, prefect_server):
+    lock = (repro_ws / "dvc.lock").read_bytes()
+    before = stage_mtimes(repro_ws)
+    lines = run_flow(repro_ws, prefect_server)
+    assert all(v == "up to date" for v in lines.values()), lines
+    assert stage_mtimes(repro_ws) == before and (repro_ws / "dvc.lock").read_bytes() == lock
+    run, tasks = last_flow_run_tasks(prefect_server)
+    assert run["state_type"] == "COMPLETED"
+    assert sorted(t["name"] for t in tasks) == sorted(STAGES) and all(t["state_type"] == "COMPLETED" for t in tasks)
+
+
+def test_evaluate_param_change_reruns_only_evaluate(repro_ws):
+    edit_params(repro_ws, evaluate={"max_new_tokens": 24})
+    assert set(dvc_status(repro_ws)) == {"evaluate"}
+    before = stage_mtimes(repro_ws)
+    out = sh([str(BIN / "dvc"), "repro"], repro_ws).stdout
+    assert [l for l in out.splitlines() if l.startswith("Running stage")] == ["Running stage 'evaluate':"]
+    after = stage_mtimes(repro_ws)
+    assert [s for s in STAGES if after[s] != before[s]] == ["evaluate"]
+    assert read_json(repro_ws, "reports/metrics.json")["max_new_tokens"] == 24
+
+
+@pytest.fixture(scope="module")
+def flow_ws(tmp_path_factory, prefect_server):
+    """A fresh workspace run first by the Prefect flow (smaller sizes: this checks wiring, not quality)."""
+    ws = make_workspace(tmp_path_factory.mktemp("flow_ws"))
+    edit_params(ws, base={"bundled": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2,
+                                      "pretrain_steps": 40, "vocab_size": 600}},
+                train={"max_steps": 20, "save_steps": 10}, evaluate={"max_rows": 20, "max_new_tokens": 8})
+    lines = run_flow(ws, prefect_server)
+    assert all(v.startswith("ran in") for v in lines.values()), lines
+    return ws
+
+
+def test_flow_runs_every_stage_as_a_task_and_leaves_dvc_clean(flow_ws, prefect_server):
+    run, tasks = last_flow_run_tasks(prefect_server)
+    assert run["state_type"] == "COMPLETED"
+    assert sorted(t["name"] for t in tasks) == sorted(STAGES) and all(t["state_type"] == "COMPLETED" for t in tasks)
+    assert dvc_status(flow_ws) == {}
+    out = sh([str(BIN / "dvc"), "repro"], flow_ws).stdout
+    assert "Running stage" not in out
+    assert (flow_ws / "reports/metrics.json").is_file() and (flow_ws / "models/merged/model.safetensors").is_file()
+
+
+def test_flow_reports_a_failing_stage(flow_ws, prefect_server):
+    edit_params(flow_ws, validate={"max_reject_fraction": 0.0})
+    proc = sh([str(BIN / "loraflow"), "run", "--workdir", str(flow_ws)], flow_ws, check=False,
+              PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=prefect_server["home"])
+    assert proc.returncode != 0
+    assert "validate.max_reject_fraction" in proc.stdout + proc.stderr
+    run, tasks = last_flow_run_tasks(prefect_server)
+    assert run["state_type"] == "FAILED"
+    assert {t["name"]: t["state_type"] for t in tasks}["validate"] == "FAILED"
