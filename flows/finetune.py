@@ -1,6 +1,6 @@
 """The fine-tuning pipeline as a Prefect flow: each stage a separate task, in dvc.yaml's order.
 
-    python -m flows.finetune            (or: loraflow run)
+    python -m flows.finetune            (or: loraflow run [-S section.key=value ...])
 
 Wiring only. DVC decides what is out of date: each task asks `dvc status` about its own stage and,
 if anything changed, runs `dvc repro --single-item <stage>`, which executes the same command as a
@@ -14,18 +14,34 @@ import json
 import os
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.concurrency.sync import concurrency
 
-from loraflow import layout
+from loraflow import layout, overrides as overrides_mod
+from loraflow.artifacts import sha256_tree, write_json
+from loraflow.params import validate_all
+from loraflow.workspace import workspace_lock
 
-STAGES = ("base", "ingest", "validate", "template", "tokenize", "train", "merge", "evaluate")
+STAGES = ("base", "ingest", "validate", "template", "tokenize", "train", "merge", "evaluate", "promote", "lineage")
+# Stages that hold the accelerator: a global concurrency limit of this name keeps two runs from
+# training or generating on the same GPU at once (created by `loraflow serve`).
+GPU_STAGES = {"base", "train", "merge", "evaluate"}
+GPU_LIMIT = "loraflow-gpu"
+INPUT_ERROR_EXIT = 2  # tasks' exit code for problems in the user's data or params: never retried
 
 
 class StageFailed(RuntimeError):
     """A stage exited non-zero; the message carries the end of its output."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
 
 
 def dvc(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
@@ -35,50 +51,127 @@ def dvc(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(bindir / "dvc"), *args], cwd=workdir, env=env, capture_output=True, text=True)
 
 
-def is_stale(stage: str, workdir: Path) -> bool:
-    proc = dvc(["status", stage, "--json"], workdir)
+def stale_stages(workdir: Path, stage: str | None = None) -> set[str]:
+    proc = dvc(["status", *([stage] if stage else []), "--json"], workdir)
     if proc.returncode != 0:
-        raise StageFailed(f"dvc status {stage} failed:\n{proc.stderr[-4000:]}")
-    return bool(json.loads(proc.stdout or "{}"))
+        raise StageFailed(f"dvc status failed:\n{proc.stderr[-4000:]}", proc.returncode)
+    return {name.split(":")[-1] for name in json.loads(proc.stdout or "{}")}
 
 
-@task(task_run_name="{stage}")
-def run_stage(stage: str, workdir: str) -> dict:
+def transient(task, task_run, state) -> bool:
+    """Retry a stage only when it was killed (a signal, such as the OOM killer) or DVC's lock was
+    busy; a stage that rejected its input fails the same way every time."""
+    try:
+        state.result()
+    except StageFailed as e:
+        return e.returncode < 0 or "Unable to acquire lock" in str(e)
+    except Exception:
+        return False
+    return False
+
+
+@task(task_run_name="{stage}", retries=2, retry_delay_seconds=30, retry_condition_fn=transient)
+def run_stage(stage: str, workdir: str, maybe_stale: bool = True) -> dict:
     """Run one dvc.yaml stage if DVC says it is out of date."""
     logger = get_run_logger()
     root = Path(workdir)
-    if not is_stale(stage, root):
+    if not maybe_stale or stage not in stale_stages(root, stage):
         logger.info("%s is up to date: not re-executed", stage)
         return {"stage": stage, "executed": False}
-    proc = dvc(["repro", "--single-item", stage], root)
+    with concurrency(GPU_LIMIT, occupy=1, strict=False) if stage in GPU_STAGES else _nothing():
+        proc = dvc(["repro", "--single-item", stage], root)
     for line in (proc.stderr + proc.stdout).splitlines():
         logger.info("%s", line)
     if proc.returncode != 0:
-        raise StageFailed(f"stage {stage} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise StageFailed(f"stage {stage} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", proc.returncode)
     summary = json.loads((root / layout.stage_summary(stage)).read_text())
     return {**summary, "executed": True}
 
 
-def publish_artifacts(root: Path) -> None:
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fingerprints(workdir: Path, overrides: dict[str, Any]) -> tuple[str, str]:
+    """Short hashes of the raw data and of the effective params, for the run's name."""
+    merged = overrides_mod.check(workdir / "params.yaml", overrides)
+    sections = validate_all(merged, "params")
+    params_hash = sha256_text(json.dumps({k: v.model_dump() for k, v in sections.items()}, sort_keys=True))
+    data_hash = sha256_text("".join(sha256_tree(workdir / s) for s in sections["ingest"].sources
+                                    if (workdir / s).exists()))
+    return data_hash[:8], params_hash[:8]
+
+
+def sha256_text(text: str) -> str:
+    import hashlib
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_name() -> str:
+    p = runtime.flow_run.parameters
+    try:
+        data, params = fingerprints(Path(p.get("workdir", ".")).resolve(), p.get("overrides") or {})
+    except Exception:  # a bad override: the flow itself reports it, by name, as it starts
+        return "finetune-invalid-params"
+    return f"data-{data}-params-{params}"
+
+
+def publish_artifacts(root: Path, results: list[dict]) -> None:
+    create_table_artifact(key="stages", description="what this run executed",
+                          table=[{"stage": r["stage"], "executed": r["executed"], "seconds": r.get("seconds", "")}
+                                 for r in results])
     metrics_file = root / layout.METRICS
     if metrics_file.exists():
         m = json.loads(metrics_file.read_text())
-        rows = "\n".join(f"| {k} | {m['base'][k]} | {m['tuned'][k]} |" for k in ("exact_match", "rouge1", "rouge2", "rougeL"))
+        rows = "\n".join(f"| {k} | {m['base'][k]} | {m['tuned'][k]} | {m['delta'].get(k, '')} |"
+                         for k in ("exact_match", "rouge1", "rouge2", "rougeL"))
         create_markdown_artifact(key="metrics", description="held-out metrics, base vs fine-tuned",
-                                 markdown=f"| metric | base | tuned |\n|---|---|---|\n{rows}\n")
-    audit = root / layout.GENERATION_AUDIT
-    if audit.exists():
-        create_markdown_artifact(key="generation-audit", markdown=audit.read_text(), description="generation audit")
+                                 markdown=f"| metric | base | tuned | delta |\n|---|---|---|---|\n{rows}\n")
+    for key, path in (("generation-audit", layout.GENERATION_AUDIT), ("validation-report", layout.VALIDATION_MD),
+                      ("promotion", layout.PROMOTION_MD)):
+        if (root / path).exists():
+            create_markdown_artifact(key=key, markdown=(root / path).read_text(), description=str(path))
+    links = [f"- [{p}]({(root / p).as_uri()})" for p in sorted(q.relative_to(root) for q in (root / "reports").glob("*.*"))]
+    create_markdown_artifact(key="report-files", description="files in reports/", markdown="\n".join(links) or "none")
 
 
-@flow(name="finetune", log_prints=True)
-def finetune(workdir: str = ".") -> list[dict]:
-    """Run every stage in order; each is skipped when DVC finds it up to date."""
+@flow(name="finetune", flow_run_name=run_name, log_prints=True)
+def finetune(workdir: str = ".", overrides: dict[str, Any] | None = None, wait_for_workspace_s: float = 0) -> list[dict]:
+    """Run every stage in order; each is skipped when DVC finds it up to date.
+
+    overrides: dotted params keys, e.g. {"train.lr": 0.001}, checked before any stage runs and
+    written into params.yaml. wait_for_workspace_s: how long to wait if another run holds the workspace.
+    """
+    logger = get_run_logger()
     root = Path(workdir).resolve()
-    results = [run_stage(stage, str(root)) for stage in STAGES]
-    executed = [r["stage"] for r in results if r["executed"]]
-    get_run_logger().info("re-executed %d of %d stages: %s", len(executed), len(STAGES), ", ".join(executed) or "none")
-    publish_artifacts(root)
+    overrides = overrides or {}
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with workspace_lock(root, wait_s=wait_for_workspace_s, holder=str(runtime.flow_run.name)):
+        overrides_mod.apply(root / "params.yaml", overrides)
+        if overrides:
+            logger.info("overrides written to params.yaml: %s", overrides)
+        t0 = time.perf_counter()
+        stale = stale_stages(root)
+        if not stale:
+            logger.info("nothing changed since the last run (data, params and code as recorded in dvc.lock): "
+                        "no stage will be re-executed")
+        results, upstream_ran = [], False
+        for stage in STAGES:
+            # A stage not stale at the start becomes stale only if an upstream stage re-executed.
+            r = run_stage(stage, str(root), maybe_stale=upstream_ran or stage in stale)
+            upstream_ran |= r["executed"]
+            results.append(r)
+        executed = [r["stage"] for r in results if r["executed"]]
+        logger.info("re-executed %d of %d stages in %.1fs: %s", len(executed), len(STAGES),
+                    time.perf_counter() - t0, ", ".join(executed) or "none")
+        write_json(root / layout.RUN_RECORD, {
+            "flow_run": str(runtime.flow_run.name), "flow_run_id": str(runtime.flow_run.id), "started": started,
+            "overrides": overrides, "executed": executed})
+    publish_artifacts(root, results)
     return results
 
 

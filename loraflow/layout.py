@@ -32,6 +32,13 @@ METRICS = Path("reports/metrics.json")
 GENERATIONS = Path("reports/generations.jsonl")
 GENERATION_AUDIT = Path("reports/generation_audit.md")
 
+PROMOTED_DIR = Path("models/promoted")
+PROMOTION_JSON = Path("reports/promotion.json")
+PROMOTION_MD = Path("reports/promotion.md")
+
+LINEAGE = Path("reports/lineage.json")
+RUN_RECORD = Path("reports/last_flow_run.json")  # written by the Prefect flow: its name, overrides, what it ran
+
 STAGE_SUMMARIES = Path("reports/stages")
 
 

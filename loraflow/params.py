@@ -177,10 +177,24 @@ class EvaluateParams(Section):
     """Rows shown side by side in reports/generation_audit.md."""
 
 
+class PromoteParams(Section):
+    """The promotion gate after evaluation."""
+    metrics: list[Literal["exact_match", "rouge1", "rouge2", "rougeL"]] = ["exact_match", "rougeL"]
+    """Metrics on which the new adapter must win (all of them)."""
+    min_gain_over_base: float = 0.05
+    """The tuned model must beat the base model by at least this much on each metric."""
+    min_gain_over_promoted: float = 0.0
+    """...and the last promoted adapter by at least this much (0: not worse)."""
+
+
+class LineageParams(Section):
+    """reports/lineage.json: no settings yet; the section exists so the stage follows the contract."""
+
+
 SECTIONS: dict[str, type[Section]] = {
     "base": BaseParams, "ingest": IngestParams, "validate": ValidateParams,
     "template": TemplateParams, "tokenize": TokenizeParams, "train": TrainParams,
-    "merge": MergeParams, "evaluate": EvaluateParams,
+    "merge": MergeParams, "evaluate": EvaluateParams, "promote": PromoteParams, "lineage": LineageParams,
 }
 
 
@@ -223,7 +237,11 @@ def load_section(name: str, path: Path | str = PARAMS_FILE) -> Section:
 def load_all(path: Path | str = PARAMS_FILE) -> dict[str, Section]:
     """Load every section, reporting every problem in the file at once."""
     path = Path(path)
-    data = _read(path)
+    return validate_all(_read(path), str(path))
+
+
+def validate_all(data: dict, origin: str) -> dict[str, Section]:
+    """Check a whole params mapping; `origin` names where it came from in the error."""
     problems = [f"{k}: unknown section (known: {', '.join(SECTIONS)})" for k in data if k not in SECTIONS]
     loaded = {}
     for name, model in SECTIONS.items():
@@ -232,5 +250,5 @@ def load_all(path: Path | str = PARAMS_FILE) -> dict[str, Section]:
         except ValidationError as e:
             problems += _problems(name, e)
     if problems:
-        raise ParamsError(f"{path}: invalid parameters:\n  " + "\n  ".join(problems))
+        raise ParamsError(f"{origin}: invalid parameters:\n  " + "\n  ".join(problems))
     return loaded

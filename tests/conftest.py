@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["base", "ingest", "validate", "template", "tokenize", "train", "merge", "evaluate", "promote", "lineage"]
 BIN = Path(sys.executable).parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -21,6 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def tool_env(**extra: str) -> dict:
     """Environment for subprocesses: this venv's dvc/python/prefect first on PATH, offline."""
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+            "DVC_NO_ANALYTICS": "1",
             "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
@@ -97,3 +100,61 @@ def prefect_server(tmp_path_factory):
     yield {"url": url, "home": str(home)}
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)
+
+
+def prefect_env(server: dict) -> dict:
+    return {"PREFECT_API_URL": server["url"], "PREFECT_HOME": server["home"]}
+
+
+def read_json(ws: Path, rel: str):
+    return json.loads((ws / rel).read_text())
+
+
+def dvc_status(ws: Path) -> dict:
+    return json.loads(sh([str(BIN / "dvc"), "status", "--json"], ws).stdout or "{}")
+
+
+def stage_mtimes(ws: Path) -> dict:
+    return {s: (ws / f"reports/stages/{s}.json").stat().st_mtime_ns for s in STAGES}
+
+
+def run_flow(ws: Path, server: dict, *args: str) -> dict[str, str]:
+    """`loraflow run` against the server; returns each stage's line ('ran in ...' or 'up to date')."""
+    out = sh([str(BIN / "loraflow"), "run", "--workdir", str(ws), *args], ws, **prefect_env(server)).stdout
+    lines = dict(l.strip().split(": ", 1) for l in out.splitlines() if l.strip().split(": ", 1)[0] in STAGES)
+    assert set(lines) == set(STAGES), out
+    return lines
+
+
+def api(server: dict, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(f"{server['url']}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def last_flow_run_tasks(server: dict) -> tuple[dict, list[dict]]:
+    runs = api(server, "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 1})
+    tasks = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
+    return runs[0], tasks
+
+
+def edit_params(ws: Path, **sections: dict) -> None:
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    for name, values in sections.items():
+        params[name].update(values)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def flow_ws(tmp_path_factory, prefect_server):
+    """A fresh workspace run first by the Prefect flow (smaller sizes: this checks wiring, not quality)."""
+    ws = make_workspace(tmp_path_factory.mktemp("flow_ws"))
+    edit_params(ws, base={"bundled": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2,
+                                      "pretrain_steps": 40, "vocab_size": 600}},
+                train={"max_steps": 20, "save_steps": 10}, evaluate={"max_rows": 20, "max_new_tokens": 8})
+    lines = run_flow(ws, prefect_server)
+    assert all(v.startswith("ran in") for v in lines.values()), lines
+    return ws
+
+

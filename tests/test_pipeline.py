@@ -13,51 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, make_workspace, sh
+from conftest import (BIN, STAGES, dvc_status, edit_params, last_flow_run_tasks, make_workspace, read_json, run_flow,
+                      sh, stage_mtimes)
 
-STAGES = ["base", "ingest", "validate", "template", "tokenize", "train", "merge", "evaluate"]
 pytestmark = pytest.mark.slow
-
-
-def read_json(ws: Path, rel: str):
-    return json.loads((ws / rel).read_text())
-
-
-def dvc_status(ws: Path) -> dict:
-    return json.loads(sh([str(BIN / "dvc"), "status", "--json"], ws).stdout or "{}")
-
-
-def stage_mtimes(ws: Path) -> dict:
-    return {s: (ws / f"reports/stages/{s}.json").stat().st_mtime_ns for s in STAGES}
-
-
-def run_flow(ws: Path, server: dict) -> dict[str, str]:
-    """`loraflow run` against the server; returns each stage's line ('ran in ...' or 'up to date')."""
-    out = sh([str(BIN / "loraflow"), "run", "--workdir", str(ws)], ws,
-             PREFECT_API_URL=server["url"], PREFECT_HOME=server["home"]).stdout
-    lines = dict(l.strip().split(": ", 1) for l in out.splitlines() if l.strip().split(": ", 1)[0] in STAGES)
-    assert set(lines) == set(STAGES), out
-    return lines
-
-
-def api(server: dict, path: str, body: dict) -> list[dict]:
-    req = urllib.request.Request(f"{server['url']}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def last_flow_run_tasks(server: dict) -> tuple[dict, list[dict]]:
-    runs = api(server, "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 1})
-    tasks = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
-    return runs[0], tasks
-
-
-def edit_params(ws: Path, **sections: dict) -> None:
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    for name, values in sections.items():
-        params[name].update(values)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +35,9 @@ def test_repro_writes_every_output(repro_ws):
                 "models/adapter/adapter_config.json", "models/merged/model.safetensors", "data/interim/rejects.jsonl",
                 "data/processed/train.parquet", "data/processed/eval.parquet", "reports/validation.md",
                 "reports/mask_audit.md", "reports/train_loss.csv", "reports/train_loss.png", "reports/merge_check.json",
-                "reports/metrics.json", "reports/generations.jsonl", "reports/generation_audit.md"]:
+                "reports/metrics.json", "reports/generations.jsonl", "reports/generation_audit.md",
+                "reports/promotion.json", "reports/promotion.md", "reports/lineage.json",
+                "models/promoted/adapter/adapter_model.safetensors"]:
         assert (ws / rel).is_file(), rel
     for weights in ("models/base", "models/adapter", "models/merged"):
         files = {p.suffix for p in (ws / weights).iterdir()}
@@ -132,22 +93,12 @@ def test_evaluate_param_change_reruns_only_evaluate(repro_ws):
     assert set(dvc_status(repro_ws)) == {"evaluate"}
     before = stage_mtimes(repro_ws)
     out = sh([str(BIN / "dvc"), "repro"], repro_ws).stdout
-    assert [l for l in out.splitlines() if l.startswith("Running stage")] == ["Running stage 'evaluate':"]
+    # evaluate reruns; of the rest, only the gate and the lineage that read its new metrics do
+    ran = [l.split("'")[1] for l in out.splitlines() if l.startswith("Running stage")]
+    assert ran == ["evaluate", "promote", "lineage"]
     after = stage_mtimes(repro_ws)
-    assert [s for s in STAGES if after[s] != before[s]] == ["evaluate"]
+    assert [s for s in STAGES if after[s] != before[s]] == ["evaluate", "promote", "lineage"]
     assert read_json(repro_ws, "reports/metrics.json")["max_new_tokens"] == 24
-
-
-@pytest.fixture(scope="module")
-def flow_ws(tmp_path_factory, prefect_server):
-    """A fresh workspace run first by the Prefect flow (smaller sizes: this checks wiring, not quality)."""
-    ws = make_workspace(tmp_path_factory.mktemp("flow_ws"))
-    edit_params(ws, base={"bundled": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2,
-                                      "pretrain_steps": 40, "vocab_size": 600}},
-                train={"max_steps": 20, "save_steps": 10}, evaluate={"max_rows": 20, "max_new_tokens": 8})
-    lines = run_flow(ws, prefect_server)
-    assert all(v.startswith("ran in") for v in lines.values()), lines
-    return ws
 
 
 def test_flow_runs_every_stage_as_a_task_and_leaves_dvc_clean(flow_ws, prefect_server):
@@ -161,11 +112,16 @@ def test_flow_runs_every_stage_as_a_task_and_leaves_dvc_clean(flow_ws, prefect_s
 
 
 def test_flow_reports_a_failing_stage(flow_ws, prefect_server):
+    original = (flow_ws / "params.yaml").read_text()
     edit_params(flow_ws, validate={"max_reject_fraction": 0.0})
-    proc = sh([str(BIN / "loraflow"), "run", "--workdir", str(flow_ws)], flow_ws, check=False,
-              PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=prefect_server["home"])
-    assert proc.returncode != 0
-    assert "validate.max_reject_fraction" in proc.stdout + proc.stderr
-    run, tasks = last_flow_run_tasks(prefect_server)
-    assert run["state_type"] == "FAILED"
-    assert {t["name"]: t["state_type"] for t in tasks}["validate"] == "FAILED"
+    try:
+        proc = sh([str(BIN / "loraflow"), "run", "--workdir", str(flow_ws)], flow_ws, check=False,
+                  PREFECT_API_URL=prefect_server["url"], PREFECT_HOME=prefect_server["home"])
+        assert proc.returncode != 0
+        assert "validate.max_reject_fraction" in proc.stdout + proc.stderr
+        run, tasks = last_flow_run_tasks(prefect_server)
+        assert run["state_type"] == "FAILED"
+        states = {t["name"]: t["state_type"] for t in tasks}
+        assert states["validate"] == "FAILED" and "train" not in states  # later stages never started
+    finally:
+        (flow_ws / "params.yaml").write_text(original)

@@ -1,0 +1,51 @@
+"""Serve the fine-tuning flow as a deployment with a retraining schedule.
+
+    python -m flows.deploy --name nightly --cron "0 3 * * *"      (or: loraflow serve ...)
+    prefect deployment run 'finetune/nightly' --param overrides='{"train.lr": 0.001}' --watch
+
+The process stays up, polls the Prefect server (PREFECT_API_URL) and runs each scheduled or
+triggered flow run in this workspace. The cron comes from the command line, else from
+LORAFLOW_CRON, else none (runs only when triggered). For a work pool instead, see prefect.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+from flows.finetune import GPU_LIMIT, finetune
+
+
+async def ensure_gpu_limit(limit: int = 1) -> None:
+    """Create the global concurrency limit that keeps two runs off one GPU (idempotent)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    async with get_client() as client:
+        try:
+            await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=limit))
+        except ObjectAlreadyExists:
+            pass
+
+
+def serve(name: str, cron: str | None, workdir: str) -> None:
+    asyncio.run(ensure_gpu_limit())
+    finetune.serve(name=name, cron=cron, parameters={"workdir": str(Path(workdir).resolve())},
+                   description="loraflow fine-tuning pipeline; stages rerun only when DVC finds them stale",
+                   tags=["loraflow"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    p.add_argument("--cron", default=os.environ.get("LORAFLOW_CRON"), help='e.g. "0 3 * * *"')
+    p.add_argument("--workdir", default=".", help="project directory the runs work in")
+    args = p.parse_args(argv)
+    serve(args.name, args.cron, args.workdir)
+
+
+if __name__ == "__main__":
+    main()
