@@ -2,13 +2,16 @@
 and a real Prefect server on 127.0.0.1."""
 from __future__ import annotations
 
+import json
 import os
+import urllib.request
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -126,9 +129,10 @@ def run_flow(ws: Path, server: dict, *args: str) -> dict[str, str]:
     return lines
 
 
-def api(server: dict, path: str, body: dict) -> list[dict]:
-    req = urllib.request.Request(f"{server['url']}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+def api(server: dict, path: str, body: dict | None = None):
+    """The Prefect server's REST API: POST with a body, GET without."""
+    req = urllib.request.Request(f"{server['url']}{path}", data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
@@ -155,6 +159,7 @@ def flow_ws(tmp_path_factory, prefect_server):
                 train={"max_steps": 20, "save_steps": 10}, evaluate={"max_rows": 20, "max_new_tokens": 8})
     lines = run_flow(ws, prefect_server)
     assert all(v.startswith("ran in") for v in lines.values()), lines
-    return ws
+    run, tasks = last_flow_run_tasks(prefect_server)
+    return SimpleNamespace(path=ws, first_run=run, first_tasks=tasks)
 
 

@@ -7,7 +7,6 @@ and after a flow run `dvc status` is clean.
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -102,16 +101,18 @@ def test_evaluate_param_change_reruns_only_evaluate(repro_ws):
 
 
 def test_flow_runs_every_stage_as_a_task_and_leaves_dvc_clean(flow_ws, prefect_server):
-    run, tasks = last_flow_run_tasks(prefect_server)
+    run, tasks = flow_ws.first_run, flow_ws.first_tasks
     assert run["state_type"] == "COMPLETED"
     assert sorted(t["name"] for t in tasks) == sorted(STAGES) and all(t["state_type"] == "COMPLETED" for t in tasks)
-    assert dvc_status(flow_ws) == {}
-    out = sh([str(BIN / "dvc"), "repro"], flow_ws).stdout
+    ws = flow_ws.path
+    assert dvc_status(ws) == {}
+    out = sh([str(BIN / "dvc"), "repro"], ws).stdout
     assert "Running stage" not in out
-    assert (flow_ws / "reports/metrics.json").is_file() and (flow_ws / "models/merged/model.safetensors").is_file()
+    assert (ws / "reports/metrics.json").is_file() and (ws / "models/merged/model.safetensors").is_file()
 
 
 def test_flow_reports_a_failing_stage(flow_ws, prefect_server):
+    flow_ws = flow_ws.path
     original = (flow_ws / "params.yaml").read_text()
     edit_params(flow_ws, validate={"max_reject_fraction": 0.0})
     try:
