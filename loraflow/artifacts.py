@@ -2,7 +2,7 @@
 
 Every stage output goes through `atomic_path`: it is written beside its final place under a
 temporary name and renamed in one step, so a killed stage never leaves a file or directory that
-looks finished.
+looks finished. Text reports pass through `redact`, so no token or secret reaches them.
 """
 from __future__ import annotations
 
@@ -16,18 +16,23 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from loraflow.faults import maybe_die
+from loraflow.secrets import redact
+
 
 @contextlib.contextmanager
 def atomic_path(final: Path | str, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success, replace `final` with it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     _remove(tmp)
     if is_dir:
         tmp.mkdir()
     try:
         yield tmp
+        maybe_die(f"rename:{final}")
         if final.is_dir() and not final.is_symlink():
             # os.replace cannot swap a non-empty directory: move the old one aside first.
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -40,6 +45,24 @@ def atomic_path(final: Path | str, *, is_dir: bool = False) -> Iterator[Path]:
         _remove(tmp)
 
 
+def _remove_leftovers(final: Path) -> None:
+    """Temporary siblings left by a killed writer (its pid is gone) are never results: delete them."""
+    for p in final.parent.glob(f".{final.name}.*-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(p)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -49,18 +72,18 @@ def _remove(path: Path) -> None:
 
 def write_json(path: Path | str, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+        tmp.write_text(redact(json.dumps(obj, indent=2, sort_keys=False, default=str)) + "\n", encoding="utf-8")
 
 
 def write_text(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(redact(text), encoding="utf-8")
 
 
 def write_jsonl(path: Path | str, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            f.write(redact(json.dumps(row, ensure_ascii=False, default=str)) + "\n")
 
 
 def read_jsonl(path: Path | str) -> list[dict]:

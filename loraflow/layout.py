@@ -19,6 +19,8 @@ EVAL_TOKENS = TOKENS_DIR / "eval.parquet"
 TOKENIZE_REJECTS = TOKENS_DIR / "rejects.jsonl"
 MASK_AUDIT_JSON = Path("reports/mask_audit.json")
 MASK_AUDIT_MD = Path("reports/mask_audit.md")
+MASK_AUDIT_ROWS = Path("reports/mask_audit_rows.csv")
+MASK_AUDIT_PNG = Path("reports/mask_audit.png")
 
 ADAPTER_DIR = Path("models/adapter")
 CHECKPOINTS_DIR = Path("models/checkpoints")

@@ -80,7 +80,9 @@ class ValidateParams(Section):
     max_chars: int = Field(20000, gt=0)
     """Longest allowed content of one turn, in characters."""
     drop_duplicates: bool = True
-    """Reject exact duplicate conversations after the first."""
+    """Reject exact duplicate conversations after the first (rows with the same id always are)."""
+    drop_near_duplicates: bool = True
+    """Reject conversations equal to an earlier one up to letter case and whitespace."""
 
 
 class TemplateParams(Section):
@@ -101,6 +103,8 @@ class TokenizeParams(Section):
     """Salt of that hash: change it to draw another split."""
     batch_size: int = Field(1000, ge=1)
     """Rows per call of the fast tokenizer."""
+    leakage: Literal["remove", "fail", "keep"] = "remove"
+    """Eval rows whose prompt is also a train prompt: remove them (to the rejects), stop the run, or keep them."""
 
 
 class TrainParams(Section):

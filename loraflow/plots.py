@@ -20,3 +20,21 @@ def line_plot(path: Path | str, x: Sequence[float], y: Sequence[float], *, title
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def histograms(path: Path | str, series: dict[str, Sequence[float]], *, title: str, bins: int = 30) -> None:
+    """One histogram panel per named series, side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), dpi=100, squeeze=False)
+    for ax, (name, values) in zip(axes[0], series.items()):
+        ax.hist(list(values), bins=bins)
+        ax.set(xlabel=name, ylabel="rows")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -17,6 +17,7 @@ from loraflow.artifacts import write_json
 from loraflow.errors import LoraflowError
 from loraflow.layout import stage_summary
 from loraflow.params import Section, load_section
+from loraflow.secrets import RedactingFilter, redact
 
 log = logging.getLogger("loraflow")
 
@@ -24,6 +25,8 @@ log = logging.getLogger("loraflow")
 def configure_logging() -> None:
     logging.basicConfig(level=os.environ.get("LORAFLOW_LOG", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
 
 
 def main(stage: str, run: Callable[[Section], dict], section: str | None = None) -> None:
@@ -36,7 +39,7 @@ def main(stage: str, run: Callable[[Section], dict], section: str | None = None)
         t0 = time.perf_counter()
         summary = run(params)
     except LoraflowError as e:
-        print(f"loraflow {stage}: error: {e}", file=sys.stderr)
+        print(redact(f"loraflow {stage}: error: {e}"), file=sys.stderr)
         sys.exit(2)
     summary = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2), **summary}
     write_json(stage_summary(stage), summary)

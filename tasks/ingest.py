@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +27,8 @@ from loraflow.stage import main
 
 log = logging.getLogger("loraflow.ingest")
 
-COLUMNS = ["id", "messages", "trainable_from", "format", "family", "source", "line", "ingest_error"]
+COLUMNS = ["id", "content_hash", "near_key", "messages", "trainable_from", "format", "family", "source", "line",
+           "ingest_error"]
 FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 
 
@@ -35,6 +37,12 @@ def conversation_id(messages: Any) -> str:
     which keeps the train/eval split stable when rows are added or reordered."""
     canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def near_duplicate_key(messages: list[dict]) -> str:
+    """Equal for conversations that differ only in letter case and whitespace."""
+    squashed = [[str(t.get("role")), " ".join(str(t.get("content")).split()).casefold()] for t in messages]
+    return conversation_id(squashed)
 
 
 def _turns_from_value(value: Any, default_role: str) -> list[dict] | None:
@@ -105,13 +113,24 @@ def _records_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 text = text.lstrip("\ufeff")
             if not text.strip():
                 continue  # blank lines separate nothing and hold no row
+            if "\x00" in text or "\\u0000" in text:
+                yield lineno, None, "contains NUL bytes (binary data?): remove them from the line"
+                continue
             try:
                 yield lineno, json.loads(text), None
             except json.JSONDecodeError as e:
                 yield lineno, None, f"malformed JSON at column {e.colno}: {e.msg}"
 
 
-def _records_table(df: pd.DataFrame, first_line: int) -> Iterator[tuple[int, Any, str | None]]:
+FORMS = ({"messages"}, {"instruction", "output"}, {"prompt", "completion"})
+
+
+def _records_table(df: pd.DataFrame, first_line: int, path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    # A table's columns are its schema: if they match no form, every row would fail the same way.
+    if not any(form <= set(df.columns) for form in FORMS) and not ({"instruction"} & set(df.columns)):
+        raise LoraflowError(f"{path}: columns {sorted(map(str, df.columns))} match no supported form; expected "
+                            "'messages', or 'instruction' + 'output' (+ 'input'), or 'prompt' + 'completion'. "
+                            "Rename the columns or convert the file.")
     for i, rec in enumerate(df.to_dict(orient="records")):
         yield first_line + i, {k: (None if _is_missing(v) else v) for k, v in rec.items()}, None
 
@@ -131,27 +150,27 @@ def read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 raise LoraflowError(f"{path}: a DatasetDict; point sources at one split, e.g. {path}/train")
-            yield from _records_table(ds.to_pandas(), 0)
+            yield from _records_table(ds.to_pandas(), 0, path)
             return
         raise LoraflowError(f"{path}: a directory, but not a saved `datasets` directory (no dataset_info.json)")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         if suffix == ".json" and path.read_bytes().lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
-            yield from _records_table(pd.DataFrame(json.loads(path.read_text(encoding="utf-8-sig"))), 0)
+            yield from _records_table(pd.DataFrame(json.loads(path.read_text(encoding="utf-8-sig"))), 0, path)
             return
         yield from _records_jsonl(path)
     elif suffix == ".csv":
         # Line 1 is the header; quoted fields may span lines, so this is the record's row number + 1.
-        yield from _records_table(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[]), 2)
+        yield from _records_table(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[]), 2, path)
     elif suffix == ".parquet":
-        yield from _records_table(pd.read_parquet(path), 0)
+        yield from _records_table(pd.read_parquet(path), 0, path)
     else:
         raise LoraflowError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(FILE_SUFFIXES)} "
                             "or a saved datasets directory")
 
 
 def ingest(sources: list[str], system_prompt: str | None = None) -> pd.DataFrame:
-    rows = []
+    rows, seen = [], Counter()
     for src in sources:
         path = Path(src)
         if not path.exists():
@@ -164,8 +183,14 @@ def ingest(sources: list[str], system_prompt: str | None = None) -> pd.DataFrame
             own_id = record.get("id") if isinstance(record, dict) else None
             family = record.get("family") if isinstance(record, dict) else None
             n_completion = completion_turns(record) if messages is not None else None
+            content_hash = conversation_id(messages if messages is not None else [src, line])
+            seen[content_hash] += 1
+            # a repeat of the same content gets its own id; validation still sees it as a duplicate
+            derived_id = content_hash if seen[content_hash] == 1 else f"{content_hash}-{seen[content_hash]}"
             rows.append({
-                "id": str(own_id) if own_id is not None else conversation_id(messages if messages is not None else [src, line]),
+                "id": str(own_id) if own_id is not None else derived_id,
+                "content_hash": content_hash,
+                "near_key": near_duplicate_key(messages) if messages is not None else content_hash,
                 "messages": json.dumps(messages, ensure_ascii=False) if messages is not None else None,
                 # index of the first turn that may be trained: the completion's, or any turn
                 "trainable_from": len(messages) - n_completion if n_completion else 0,

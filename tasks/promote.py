@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from datetime import datetime, timezone
 
 from loraflow import layout
 from loraflow.artifacts import atomic_path, sha256_tree, write_json, write_text
@@ -57,8 +56,8 @@ def run(params: PromoteParams) -> dict:
     decision = {"promoted": ok, "reasons": reasons, "adapter_sha256": adapter_sha,
                 "metrics": {k: metrics["tuned"].get(k) for k in params.metrics},
                 "base_metrics": {k: metrics["base"].get(k) for k in params.metrics},
-                "previous": {k: promoted[k] for k in ("adapter_sha256", "metrics", "decided_at")} if promoted else None,
-                "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                # no timestamp: the same inputs give the same bytes (DVC and git history say when)
+                "previous": {k: promoted[k] for k in ("adapter_sha256", "metrics")} if promoted else None}
     if ok:
         with atomic_path(layout.PROMOTED_DIR, is_dir=True) as tmp:
             shutil.copytree(layout.ADAPTER_DIR, tmp / "adapter")

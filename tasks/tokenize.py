@@ -16,10 +16,12 @@ import numpy as np
 import pandas as pd
 
 from loraflow import layout
-from loraflow.artifacts import write_json, write_jsonl, write_parquet, write_text
+from loraflow.artifacts import atomic_path, write_json, write_jsonl, write_parquet, write_text
+from loraflow.errors import LoraflowError
 from loraflow.masking import IGNORE_INDEX, labels_from_spans
 from loraflow.modeling import load_tokenizer, resolve_base
 from loraflow.params import TokenizeParams
+from loraflow.plots import histograms
 from loraflow.stage import main
 
 log = logging.getLogger("loraflow.tokenize")
@@ -51,10 +53,35 @@ def tokenize_rows(df: pd.DataFrame, tokenizer, params: TokenizeParams) -> tuple[
                 rejects.append({"id": row.id, "source": row.source, "line": row.line,
                                 "reasons": ["no trained tokens" + (" left after truncation" if truncated else "")]})
                 continue
-            kept.append({"id": row.id, "family": row.family, "input_ids": list(ids), "labels": labels,
+            kept.append({"id": row.id, "family": row.family, "source": row.source, "line": int(row.line),
+                         "input_ids": list(ids), "labels": labels,
                          "length": len(ids), "trained_tokens": trained, "truncated": truncated,
                          "prompt": row.prompt, "reference": row.reference})
     return pd.DataFrame(kept), rejects
+
+
+def prompt_key(prompt: str) -> str:
+    return " ".join(prompt.split()).casefold()
+
+
+def split_with_leakage_check(tokens: pd.DataFrame, params: TokenizeParams) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """Train and eval rows; eval rows whose prompt (up to case and whitespace) is also a train
+    prompt are leakage: removed to the rejects, fatal, or kept, as tokenize.leakage says."""
+    is_eval = np.array([in_eval_split(i, params.split_seed, params.eval_fraction) for i in tokens["id"]], dtype=bool)
+    train, evals = tokens[~is_eval].reset_index(drop=True), tokens[is_eval].reset_index(drop=True)
+    train_prompts = set(train["prompt"].map(prompt_key))
+    leaked = evals["prompt"].map(prompt_key).isin(train_prompts)
+    rejects = [{"id": r.id, "source": r.source, "line": int(r.line),
+                "reasons": ["leakage: the same prompt is in the train split (removed from eval)"]}
+               for r in evals[leaked].itertuples()]
+    if leaked.any() and params.leakage == "fail":
+        raise LoraflowError(f"{int(leaked.sum())} eval rows share their prompt with train rows (e.g. id "
+                            f"{evals[leaked]['id'].iloc[0]}); deduplicate the data, or set tokenize.leakage: remove")
+    if params.leakage == "remove":
+        evals = evals[~leaked].reset_index(drop=True)
+    else:
+        rejects = []
+    return train, evals, rejects
 
 
 def mark_trained(tokenizer, ids: list[int], labels: list[int]) -> str:
@@ -92,7 +119,9 @@ def audit_markdown(audit: dict) -> str:
              f"Lengths: min {audit['length']['min']}, median {audit['length']['median']}, max {audit['length']['max']}. "
              f"Truncated rows: {audit['truncated_rows']}. Rejected rows: {audit['rejected_rows']}.",
              f"End-of-turn tokens trained: {audit['eos_tokens_trained']} of {audit['eos_tokens_total']}; "
-             f"rows with no trained end-of-turn: **{audit['rows_without_trained_eos']}**.", "",
+             f"rows with no trained end-of-turn: **{audit['rows_without_trained_eos']}**.",
+             f"Eval rows removed for leakage (prompt also in train): {audit.get('leakage_removed_from_eval', 0)}.", "",
+             "Per-row counts: reports/mask_audit_rows.csv; histograms: reports/mask_audit.png.", "",
              "## Examples (trained tokens between ⟦ ⟧)", ""]
     for ex in audit["examples"]:
         lines += ["```", ex, "```", ""]
@@ -103,16 +132,28 @@ def run(params: TokenizeParams) -> dict:
     tokenizer = load_tokenizer(resolve_base(layout.BASE_DIR))
     df = pd.read_parquet(layout.TEMPLATED)
     tokens, rejects = tokenize_rows(df, tokenizer, params)
-    is_eval = np.array([in_eval_split(i, params.split_seed, params.eval_fraction) for i in tokens["id"]], dtype=bool)
-    train, evals = tokens[~is_eval].reset_index(drop=True), tokens[is_eval].reset_index(drop=True)
+    train, evals, leaked = split_with_leakage_check(tokens, params)
     write_parquet(layout.TRAIN_TOKENS, train)
     write_parquet(layout.EVAL_TOKENS, evals)
-    write_jsonl(layout.TOKENIZE_REJECTS, rejects)
+    write_jsonl(layout.TOKENIZE_REJECTS, rejects + leaked)
     audit = mask_audit(tokens, tokenizer, rejects)
+    audit["leakage_removed_from_eval"] = len(leaked)
+    write_mask_audit_rows(tokens)
     write_json(layout.MASK_AUDIT_JSON, audit)
     write_text(layout.MASK_AUDIT_MD, audit_markdown(audit))
     return {"rows_in": len(df), "train_rows": len(train), "eval_rows": len(evals), "rejected": len(rejects),
-            "truncated": audit["truncated_rows"], "trained_tokens": audit["trained_tokens"]}
+            "leakage_removed": len(leaked), "truncated": audit["truncated_rows"], "trained_tokens": audit["trained_tokens"]}
+
+
+def write_mask_audit_rows(tokens: pd.DataFrame) -> None:
+    """Per-row counts (a CSV DVC can plot) and histograms of lengths and trained fractions (PNG)."""
+    rows = pd.DataFrame({"id": tokens["id"], "length": tokens["length"], "trained_tokens": tokens["trained_tokens"],
+                         "trained_fraction": (tokens["trained_tokens"] / tokens["length"]).round(4)})
+    with atomic_path(layout.MASK_AUDIT_ROWS) as tmp:
+        rows.to_csv(tmp, index=False)
+    histograms(layout.MASK_AUDIT_PNG, {"sequence length (tokens)": rows["length"],
+                                       "trained fraction of the row": rows["trained_fraction"]},
+               title=f"mask audit: {len(rows)} rows")
 
 
 if __name__ == "__main__":

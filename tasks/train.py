@@ -25,6 +25,7 @@ import torch
 from loraflow import layout
 from loraflow.artifacts import atomic_path, sha256_file, sha256_tree, write_text
 from loraflow.errors import LoraflowError
+from loraflow.faults import maybe_die
 from loraflow.masking import IGNORE_INDEX
 from loraflow.modeling import compute_dtype, device, load_model, load_tokenizer, resolve_base
 from loraflow.params import TrainParams
@@ -121,6 +122,9 @@ def progress_callback():
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            maybe_die(f"save:{state.global_step}")
+
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 log.info("step %d/%d loss %.4f lr %.2e", state.global_step, state.max_steps, logs["loss"],
@@ -143,6 +147,16 @@ def training_args(params: TrainParams, out_dir: Path, dtype: torch.dtype):
         # gradient checkpointing is set on the model itself (non-reentrant), not by the Trainer
         gradient_checkpointing=False,
     )
+
+
+def stable_adapter_config(path: Path) -> None:
+    """PEFT writes the resolved target modules from a set, in hash-seed order: sort them, so the same
+    run gives the same bytes and DVC does not see a change where there is none."""
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def save_loss_curve(history: list[dict]) -> list[dict]:
@@ -180,6 +194,7 @@ def run(params: TrainParams) -> dict:
 
     with atomic_path(layout.ADAPTER_DIR, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        stable_adapter_config(tmp / "adapter_config.json")
         tokenizer.save_pretrained(tmp)
         write_text(tmp / "train_info.json", json.dumps({
             "base": ref.location, "base_revision": ref.revision, "method": params.method,

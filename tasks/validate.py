@@ -84,7 +84,9 @@ def schema(params: ValidateParams) -> pa.DataFrameSchema:
     ]
     return pa.DataFrameSchema(
         {
-            "id": pa.Column(str, unique=params.drop_duplicates, report_duplicates="exclude_first"),
+            "id": pa.Column(str, unique=True, report_duplicates="exclude_first"),
+            "content_hash": pa.Column(str, unique=params.drop_duplicates, report_duplicates="exclude_first"),
+            "near_key": pa.Column(str, unique=params.drop_near_duplicates, report_duplicates="exclude_first"),
             "messages": pa.Column(str, checks=message_checks, nullable=False),
             "ingest_error": pa.Column(str, pa.Check(lambda s: s.isna(), error="unreadable row", name="unreadable row"),
                                       nullable=True),
@@ -96,13 +98,16 @@ def schema(params: ValidateParams) -> pa.DataFrameSchema:
 
 def reasons_by_row(df: pd.DataFrame, params: ValidateParams) -> dict[int, list[str]]:
     """Every failed check of every row, by row index."""
+    # An exact repeat is judged as one (drop_duplicates), not again as a near duplicate.
+    df = df.assign(near_key=df["near_key"].where(~df["content_hash"].duplicated(), df["id"]))
     try:
         schema(params).validate(df, lazy=True)
         return {}
     except pa.errors.SchemaErrors as err:
         cases = err.failure_cases
     reasons: dict[int, list[str]] = defaultdict(list)
-    first_seen = df.drop_duplicates("id").set_index("id")
+    dup_reason = {"id": DUPLICATE + ": same id as", "content_hash": "exact duplicate of",
+                  "near_key": "near duplicate of"}
     for case in cases.itertuples(index=False):
         if case.index is None or pd.isna(case.index):
             raise LoraflowError(f"validation failed for the whole table: {case.column}: {case.check}")
@@ -110,8 +115,8 @@ def reasons_by_row(df: pd.DataFrame, params: ValidateParams) -> dict[int, list[s
         if case.column == "ingest_error":
             reason = str(df.at[idx, "ingest_error"])
         elif case.check == "field_uniqueness":
-            first = first_seen.loc[df.at[idx, "id"]]
-            reason = f"{DUPLICATE}: same id as {first['source']}:{first['line']}"
+            first = df.loc[df[case.column] == df.at[idx, case.column]].iloc[0]
+            reason = f"{dup_reason[case.column]} {first['source']}:{first['line']}"
         elif case.check == "not_nullable":
             continue  # an unreadable row: its ingest_error says why
         else:
@@ -149,7 +154,7 @@ def run(params: ValidateParams) -> dict:
     rejects = []
     for idx, row in rejected.iterrows():
         for r in reasons[idx]:
-            key = DUPLICATE if r.startswith(DUPLICATE) else r
+            key = next((k for k in (DUPLICATE, "exact duplicate", "near duplicate") if r.startswith(k)), r)
             reason_counts[key] += 1
             if len(examples[key]) < 3:
                 examples[key].append(f"{row['source']}:{row['line']}")

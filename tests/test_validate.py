@@ -45,7 +45,7 @@ def test_each_bad_row_rejected_with_its_reason(in_tmp):
     by_line = {r["line"]: " ".join(r["reasons"]) for r in rejects}
     for line, reason in enumerate(CASES, start=2):
         assert reason in by_line[line], (line, by_line)
-    assert "duplicate id: same id as raw.jsonl:1" in by_line[7]
+    assert "exact duplicate of raw.jsonl:1" in by_line[7]
     assert "malformed JSON" in by_line[8]
     assert 9 not in by_line and 1 not in by_line
     assert summary["read"] == summary["accepted"] + summary["rejected"] == 9

@@ -1,0 +1,103 @@
+"""Faults: every stage killed with SIGKILL part-way leaves nothing that DVC or the flow takes as
+complete, and its rerun completes; a killed training run resumes from its last checkpoint and ends
+where an uninterrupted one does; two runs give identical results; no secret reaches logs or reports."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import BIN, dvc_status, edit_params, make_workspace, read_json, sh
+
+pytestmark = pytest.mark.slow
+DVC = str(BIN / "dvc")
+FAKE_TOKEN = "hf_PlantedFakeToken0123456789abcdefXYZ"
+
+# (stage, an output it writes atomically): the kill lands after the output is written in full
+# under its temporary name, just before the rename that would publish it.
+KILL_POINTS = [("base", "models/base"), ("ingest", "data/interim/ingested.parquet"),
+               ("validate", "data/interim/validated.parquet"), ("template", "data/interim/templated.parquet"),
+               ("tokenize", "data/processed/eval.parquet"), ("train", "models/adapter"), ("merge", "models/merged"),
+               ("evaluate", "reports/metrics.json"), ("promote", "reports/promotion.json"),
+               ("lineage", "reports/lineage.json")]
+
+
+@pytest.fixture(scope="module")
+def tiny_ws(tmp_path_factory):
+    ws = make_workspace(tmp_path_factory.mktemp("tiny_ws"))
+    edit_params(ws, base={"bundled": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2,
+                                      "pretrain_steps": 40, "vocab_size": 600}},
+                train={"max_steps": 20, "save_steps": 5}, evaluate={"max_rows": 20, "max_new_tokens": 8})
+    sh([DVC, "repro"], ws)
+    return ws
+
+
+@pytest.mark.parametrize("stage, output", KILL_POINTS, ids=[s for s, _ in KILL_POINTS])
+def test_killed_stage_leaves_no_complete_looking_output_and_reruns(tiny_ws, stage, output):
+    killed = sh([DVC, "repro", "--force", "--single-item", stage], tiny_ws, check=False, LORAFLOW_FAULT=f"rename:{output}")
+    assert killed.returncode != 0, killed.stdout
+    assert not (tiny_ws / output).exists(), f"{output} exists after the kill"
+    assert stage in dvc_status(tiny_ws), "DVC must see the killed stage as not done"
+    # --force: really execute the stage (plain `dvc repro` would restore the last complete outputs
+    # from DVC's cache, which is also right, but would not exercise the rerun)
+    rerun = sh([DVC, "repro", "--single-item", "--force", stage], tiny_ws)
+    assert f"Running stage '{stage}'" in rerun.stdout
+    assert (tiny_ws / output).exists() and dvc_status(tiny_ws) == {}
+    leftovers = list((tiny_ws / output).parent.glob(f".{(tiny_ws / output).name}.tmp-*"))
+    assert leftovers == [], "the rerun clears what the killed writer left"
+
+
+def adapter_tensors(ws):
+    return load_file(str(ws / "models/adapter/adapter_model.safetensors"))
+
+
+def test_killed_training_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tiny_ws):
+    shutil.rmtree(tiny_ws / "models/checkpoints", ignore_errors=True)
+    killed = sh([DVC, "repro", "--force", "--single-item", "train"], tiny_ws, check=False, LORAFLOW_FAULT="save:10")
+    assert killed.returncode != 0
+    assert (tiny_ws / "models/checkpoints/checkpoint-10").is_dir() and not (tiny_ws / "models/adapter").exists()
+    # --force: this very run finished once before (the fixture), so plain repro would restore it from the cache
+    resumed_run = sh([DVC, "repro", "--single-item", "--force", "train"], tiny_ws)
+    assert "resuming from the last checkpoint" in resumed_run.stderr + resumed_run.stdout
+    summary = read_json(tiny_ws, "reports/stages/train.json")
+    assert summary["resumed"] and summary["steps"] == 20
+    resumed = adapter_tensors(tiny_ws)
+
+    shutil.rmtree(tiny_ws / "models/checkpoints")
+    sh([DVC, "repro", "--force", "--single-item", "train"], tiny_ws)
+    assert not read_json(tiny_ws, "reports/stages/train.json")["resumed"]
+    fresh = adapter_tensors(tiny_ws)
+    assert resumed.keys() == fresh.keys()
+    worst = max(float((resumed[k] - fresh[k]).abs().max()) for k in fresh)
+    print(f"resumed vs uninterrupted adapter: max |diff| = {worst:.3g}")
+    assert worst <= 1e-6  # the stated tolerance; on CPU it is 0 (bitwise)
+
+
+def test_two_runs_with_the_same_inputs_give_identical_metrics(tiny_ws):
+    sh([DVC, "repro"], tiny_ws)
+    first = (tiny_ws / "reports/metrics.json").read_bytes()
+    first_adapter = (tiny_ws / "models/adapter/adapter_model.safetensors").read_bytes()
+    shutil.rmtree(tiny_ws / "models/checkpoints")
+    sh([DVC, "repro", "--force"], tiny_ws)
+    assert (tiny_ws / "reports/metrics.json").read_bytes() == first
+    assert (tiny_ws / "models/adapter/adapter_model.safetensors").read_bytes() == first_adapter
+
+
+def test_a_planted_token_never_reaches_logs_or_reports(tiny_ws):
+    with open(tiny_ws / "data/raw/alpaca.jsonl", "a") as f:  # a user pasted a token into the data
+        f.write(json.dumps({"instruction": f"My token is {FAKE_TOKEN}", "input": "", "output": ""}) + "\n")
+        f.write(json.dumps({"instruction": "Keep this safe", "input": "", "output": f"use {FAKE_TOKEN}"}) + "\n")
+    run = sh([DVC, "repro"], tiny_ws, HF_TOKEN=FAKE_TOKEN, WANDB_API_KEY="planted-secret-value-42")
+    logs = run.stdout + run.stderr
+    assert FAKE_TOKEN not in logs and "planted-secret-value-42" not in logs
+    written = [p for d in ("reports", "models/adapter", "models/merged", "models/promoted") for p in (tiny_ws / d).rglob("*")
+               if p.is_file() and p.suffix in {".json", ".jsonl", ".md", ".csv", ".txt"}]
+    written += [tiny_ws / "data/interim/rejects.jsonl", tiny_ws / "data/processed/rejects.jsonl", tiny_ws / "dvc.lock"]
+    assert len(written) > 10
+    for path in written:
+        text = path.read_text()
+        assert FAKE_TOKEN not in text and "planted-secret-value-42" not in text, path
+    assert "[REDACTED]" in (tiny_ws / "data/interim/rejects.jsonl").read_text()
