@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
+
 from loraflow.errors import LoraflowError
 
 IGNORE_INDEX = -100
@@ -30,7 +32,7 @@ def trainable_spans(render: Render, messages: list[dict], train_on: str = "all_a
     spans = []
     for i in turns:
         prompt = render(messages[:i], True)
-        through_turn = render(messages[: i + 1], False)
+        through_turn = text if i == len(messages) - 1 else render(messages[: i + 1], False)
         if not (through_turn.startswith(prompt) and text.startswith(through_turn)):
             raise LoraflowError(
                 "the chat template does not render a conversation's prefixes as prefixes of its text, so "
@@ -43,15 +45,37 @@ def trainable_spans(render: Render, messages: list[dict], train_on: str = "all_a
 def labels_from_spans(input_ids: Sequence[int], offsets: Sequence[tuple[int, int]],
                       spans: Sequence[tuple[int, int]]) -> list[int]:
     """A token is trained when it starts inside a span; every other label is IGNORE_INDEX."""
-    labels = []
-    for token, (start, end) in zip(input_ids, offsets):
-        inside = end > start and any(a <= start < b for a, b in spans)
-        labels.append(int(token) if inside else IGNORE_INDEX)
-    return labels
+    return label_array(input_ids, offsets, spans).tolist()
+
+
+def label_array(input_ids: Sequence[int], offsets: Sequence[tuple[int, int]],
+                spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """labels_from_spans as an int32 array: what the tokenize stage stores (millions of Python ints
+    would cost memory and garbage-collector time)."""
+    ids = np.asarray(input_ids, dtype=np.int32)
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    start, end = bounds[:, 0], bounds[:, 1]
+    inside = np.zeros(len(ids), dtype=bool)
+    for a, b in spans:
+        inside |= (start >= a) & (start < b)
+    return np.where(inside & (end > start), ids, IGNORE_INDEX).astype(np.int32)
 
 
 def hf_render(tokenizer) -> Render:
-    """The tokenizer's chat template as a Render function."""
+    """The tokenizer's chat template as a Render function.
+
+    It renders the compiled template exactly as apply_chat_template does (same template, same
+    special-token variables), without that method's per-call argument handling, which costs more
+    than the rendering on short rows. tests/test_masking.py checks the two agree.
+    """
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+        compiled = _compile_jinja_template(tokenizer.get_chat_template())
+    except (ImportError, AttributeError):  # another transformers layout: the public, slower path
+        return lambda messages, gen: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    variables = dict(tokenizer.special_tokens_map)
+
     def render(messages: list[dict], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return compiled.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **variables)
     return render

@@ -28,9 +28,11 @@ def template_rows(df: pd.DataFrame, render, train_on: str) -> pd.DataFrame:
     for row in df.itertuples(index=False):
         messages = json.loads(row.messages)
         text, spans = trainable_spans(render, messages, train_on, int(getattr(row, "trainable_from", 0)))
+        # validation guarantees the last turn is the assistant's: its span starts where its prompt ends
+        prompt = text[:spans[-1][0]] if spans and spans[-1][1] == len(text) else render(messages[:-1], True)
         out.append({"id": row.id, "family": row.family, "source": row.source, "line": row.line,
                     "text": text, "spans": json.dumps(spans), "n_turns": len(messages),
-                    "prompt": render(messages[:-1], True), "reference": messages[-1]["content"]})
+                    "prompt": prompt, "reference": messages[-1]["content"]})
     return pd.DataFrame(out)
 
 

@@ -72,6 +72,13 @@ def test_template_that_rewrites_history_is_refused():
         trainable_spans(render, MULTI)
 
 
+def test_fast_render_equals_apply_chat_template(tiny_tokenizer):
+    render = hf_render(tiny_tokenizer)
+    for msgs in (SINGLE, MULTI, MULTI[:2]):
+        for gen in (False, True):
+            assert render(msgs, gen) == tiny_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+
 def test_labels_from_spans_pure():
     ids = [10, 11, 12, 13]
     offsets = [(0, 2), (2, 5), (5, 6), (6, 6)]
