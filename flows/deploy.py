@@ -4,8 +4,9 @@
     prefect deployment run 'finetune/nightly' --param overrides='{"train.lr": 0.001}' --watch
 
 The process stays up, polls the Prefect server (PREFECT_API_URL) and runs each scheduled or
-triggered flow run in this workspace. The cron comes from the command line, else from
-LORAFLOW_CRON, else none (runs only when triggered). For a work pool instead, see prefect.yaml.
+triggered flow run in this workspace. The cron comes from --cron, else LORAFLOW_CRON, else
+params.yaml's schedule.cron; with none of them the deployment runs only when triggered.
+For a work pool instead, see prefect.yaml.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 from pathlib import Path
 
 from flows.finetune import GPU_LIMIT, finetune
+from loraflow.params import load_section
 
 
 async def ensure_gpu_limit(limit: int = 1) -> None:
@@ -30,9 +32,14 @@ async def ensure_gpu_limit(limit: int = 1) -> None:
             pass
 
 
+def resolve_cron(cron: str | None, workdir: str) -> str | None:
+    """--cron (or LORAFLOW_CRON, its default) wins; else params.yaml's schedule.cron."""
+    return cron if cron is not None else load_section("schedule", Path(workdir) / "params.yaml").cron
+
+
 def serve(name: str, cron: str | None, workdir: str) -> None:
     asyncio.run(ensure_gpu_limit())
-    finetune.serve(name=name, cron=cron, parameters={"workdir": str(Path(workdir).resolve())},
+    finetune.serve(name=name, cron=resolve_cron(cron, workdir), parameters={"workdir": str(Path(workdir).resolve())},
                    description="loraflow fine-tuning pipeline; stages rerun only when DVC finds them stale",
                    tags=["loraflow"])
 

@@ -25,7 +25,7 @@ from prefect.concurrency.sync import concurrency
 
 from loraflow import layout, overrides as overrides_mod
 from loraflow.artifacts import sha256_tree, write_json
-from loraflow.params import validate_all
+from loraflow.params import load_section, validate_all
 from loraflow.workspace import workspace_lock
 
 STAGES = ("base", "ingest", "validate", "template", "tokenize", "train", "merge", "evaluate", "promote", "lineage")
@@ -160,9 +160,10 @@ def finetune(workdir: str = ".", overrides: dict[str, Any] | None = None, wait_f
             logger.info("nothing changed since the last run (data, params and code as recorded in dvc.lock): "
                         "no stage will be re-executed")
         results, upstream_ran = [], False
+        timeout = load_section("schedule", root / "params.yaml").stage_timeout_s
         for stage in STAGES:
             # A stage not stale at the start becomes stale only if an upstream stage re-executed.
-            r = run_stage(stage, str(root), maybe_stale=upstream_ran or stage in stale)
+            r = run_stage.with_options(timeout_seconds=timeout)(stage, str(root), maybe_stale=upstream_ran or stage in stale)
             upstream_ran |= r["executed"]
             results.append(r)
         executed = [r["stage"] for r in results if r["executed"]]

@@ -191,6 +191,14 @@ class PromoteParams(Section):
     """...and the last promoted adapter by at least this much (0: not worse)."""
 
 
+class ScheduleParams(Section):
+    """Retraining schedule of the served deployment (`loraflow serve`); not read by any stage."""
+    cron: str | None = None
+    """Cron expression, e.g. "0 3 * * *" (UTC); None: runs only when triggered. --cron overrides it."""
+    stage_timeout_s: float = Field(12 * 3600, gt=0)
+    """A stage running longer than this is stopped and the run fails."""
+
+
 class LineageParams(Section):
     """reports/lineage.json: no settings yet; the section exists so the stage follows the contract."""
 
@@ -199,6 +207,7 @@ SECTIONS: dict[str, type[Section]] = {
     "base": BaseParams, "ingest": IngestParams, "validate": ValidateParams,
     "template": TemplateParams, "tokenize": TokenizeParams, "train": TrainParams,
     "merge": MergeParams, "evaluate": EvaluateParams, "promote": PromoteParams, "lineage": LineageParams,
+    "schedule": ScheduleParams,
 }
 
 

@@ -68,6 +68,12 @@ def test_schedule_is_registered_with_the_cron_asked_for(served):
     assert crons == [CRON] and all(s["active"] for s in served["schedules"])
 
 
+def test_cron_comes_from_the_command_line_else_from_params(ws):
+    from flows.deploy import resolve_cron
+    assert resolve_cron("*/5 * * * *", str(ws)) == "*/5 * * * *"
+    assert resolve_cron(None, str(ws)) == yaml.safe_load((ws / "params.yaml").read_text())["schedule"]["cron"] == CRON
+
+
 def test_triggered_run_applies_overrides_and_records_them(ws, served, prefect_server):
     overrides = {"evaluate.max_new_tokens": 6, "evaluate.max_rows": 10}
     proc, run = trigger(ws, prefect_server, overrides)
