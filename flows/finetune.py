@@ -10,6 +10,8 @@ temporary local server for the run.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -78,7 +80,7 @@ def run_stage(stage: str, workdir: str, maybe_stale: bool = True) -> dict:
     if not maybe_stale or stage not in stale_stages(root, stage):
         logger.info("%s is up to date: not re-executed", stage)
         return {"stage": stage, "executed": False}
-    with concurrency(GPU_LIMIT, occupy=1, strict=False) if stage in GPU_STAGES else _nothing():
+    with concurrency(GPU_LIMIT, occupy=1, strict=False) if stage in GPU_STAGES else contextlib.nullcontext():
         proc = dvc(["repro", "--single-item", stage], root)
     for line in (proc.stderr + proc.stdout).splitlines():
         logger.info("%s", line)
@@ -86,14 +88,6 @@ def run_stage(stage: str, workdir: str, maybe_stale: bool = True) -> dict:
         raise StageFailed(f"stage {stage} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", proc.returncode)
     summary = json.loads((root / layout.stage_summary(stage)).read_text())
     return {**summary, "executed": True}
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def fingerprints(workdir: Path, overrides: dict[str, Any]) -> tuple[str, str]:
@@ -107,7 +101,6 @@ def fingerprints(workdir: Path, overrides: dict[str, Any]) -> tuple[str, str]:
 
 
 def sha256_text(text: str) -> str:
-    import hashlib
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+import loraflow
 from loraflow import layout
 from loraflow.artifacts import write_json, write_jsonl, write_text
 from loraflow.audit import FLAGS, audit_flags
@@ -26,7 +27,7 @@ from loraflow.params import EvaluateParams
 from loraflow.stage import main
 
 log = logging.getLogger("loraflow.evaluate")
-METRICS_DIR = Path(__file__).resolve().parent.parent / "loraflow" / "metrics"
+METRICS_DIR = Path(loraflow.__file__).resolve().parent / "metrics"  # shipped modules, loaded by path
 MODELS = ("base", "tuned")
 
 
