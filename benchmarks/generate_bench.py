@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--peer-rows", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--static", action="store_true", help="static KV cache (compiled decode step), widths padded to 256")
     a = p.parse_args()
     import transformers
     from transformers import LlamaForCausalLM
@@ -65,9 +66,13 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     rows = prompts(a.rows)
     pad = 0
-    gen = lambda ps, b: greedy_generate_ids(model, ps, pad_id=pad, eos_id=None, max_new_tokens=a.new_tokens, batch_size=b)
+    gen = lambda ps, b: greedy_generate_ids(model, ps, pad_id=pad, eos_id=None, max_new_tokens=a.new_tokens, batch_size=b,
+                                            static_cache=a.static, pad_to_multiple=256 if a.static else 1)
     gen(rows[:4], 4)  # warm-up: kernels, allocator
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
+    if a.static:  # compile every (batch, width) shape the timed runs will use, outside the timing
+        for b in a.batch:
+            gen(rows, b)
+    results = {"static_cache": a.static, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
                "rows": a.rows, "new_tokens": a.new_tokens, "median_prompt_tokens": sorted(map(len, rows))[len(rows) // 2],
                "build_s": round(build_s, 1), "ours": {}}
     batched_out = None
@@ -79,7 +84,8 @@ def main() -> None:
                               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         print(json.dumps({"batch": b, **results["ours"][b]}), flush=True)
     peer_rows = rows[:a.peer_rows]
-    peer_out, s = timed(lambda: [gen([r], 1)[0] for r in peer_rows])
+    plain = lambda r: greedy_generate_ids(model, [r], pad_id=pad, eos_id=None, max_new_tokens=a.new_tokens, batch_size=1)[0]
+    peer_out, s = timed(lambda: [plain(r) for r in peer_rows])  # the peer: plain HF generate, dynamic cache
     results["peer_one_row_at_a_time"] = {"rows": a.peer_rows, "seconds": round(s, 2),
                                          "tokens_per_s": round(a.peer_rows * a.new_tokens / s, 1)}
     same = sum(x["ids"] == y["ids"] for x, y in zip(peer_out, batched_out[:a.peer_rows]))
