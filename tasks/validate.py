@@ -27,7 +27,8 @@ ROLES = {"system", "user", "assistant"}
 DUPLICATE = "duplicate id"
 
 
-def _turns(cell) -> list | None:
+def parse_turns(cell) -> list | None:
+    """The conversation of one row, parsed once for every check (None: unreadable row)."""
     try:
         turns = json.loads(cell)
     except (TypeError, ValueError):
@@ -35,37 +36,32 @@ def _turns(cell) -> list | None:
     return turns if isinstance(turns, list) else None
 
 
-def _is_conversation(cell) -> bool:
-    turns = _turns(cell)
+def _is_conversation(turns: list) -> bool:
     return bool(turns) and all(isinstance(t, dict) and set(t) >= {"role", "content"} for t in turns)
 
 
-def _roles_known(cell) -> bool:
-    turns = _turns(cell) or []
+def _roles_known(turns: list) -> bool:
     return all(isinstance(t, dict) and t.get("role") in ROLES for t in turns)
 
 
-def _contents_are_text(cell) -> bool:
-    turns = _turns(cell) or []
+def _contents_are_text(turns: list) -> bool:
     return all(isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"].strip() for t in turns)
 
 
-def _role_order(cell) -> bool:
+def _role_order(turns: list) -> bool:
     """Optional system turn first, then user and assistant alternating from a user turn."""
-    roles = [t.get("role") for t in (_turns(cell) or []) if isinstance(t, dict)]
+    roles = [t.get("role") for t in turns if isinstance(t, dict)]
     if roles[:1] == ["system"]:
         roles = roles[1:]
     return all(r == ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles))
 
 
-def _ends_with_assistant(cell) -> bool:
-    turns = _turns(cell) or []
+def _ends_with_assistant(turns: list) -> bool:
     return bool(turns) and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant"
 
 
 def _within_length(max_chars: int):
-    def check(cell) -> bool:
-        turns = _turns(cell) or []
+    def check(turns: list) -> bool:
         return all(len(str(t.get("content", ""))) <= max_chars for t in turns if isinstance(t, dict))
     return check
 
@@ -87,7 +83,9 @@ def schema(params: ValidateParams) -> pa.DataFrameSchema:
             "id": pa.Column(str, unique=True, report_duplicates="exclude_first"),
             "content_hash": pa.Column(str, unique=params.drop_duplicates, report_duplicates="exclude_first"),
             "near_key": pa.Column(str, unique=params.drop_near_duplicates, report_duplicates="exclude_first"),
-            "messages": pa.Column(str, checks=message_checks, nullable=False),
+            "messages": pa.Column(str, nullable=True),
+            # unreadable rows (no turns) skip these checks: their ingest_error is their reason
+            "turns": pa.Column(object, checks=message_checks, nullable=True),
             "ingest_error": pa.Column(str, pa.Check(lambda s: s.isna(), error="unreadable row", name="unreadable row"),
                                       nullable=True),
             "source": pa.Column(str), "line": pa.Column(int),
@@ -99,7 +97,8 @@ def schema(params: ValidateParams) -> pa.DataFrameSchema:
 def reasons_by_row(df: pd.DataFrame, params: ValidateParams) -> dict[int, list[str]]:
     """Every failed check of every row, by row index."""
     # An exact repeat is judged as one (drop_duplicates), not again as a near duplicate.
-    df = df.assign(near_key=df["near_key"].where(~df["content_hash"].duplicated(), df["id"]))
+    df = df.assign(near_key=df["near_key"].where(~df["content_hash"].duplicated(), df["id"]),
+                   turns=df["messages"].map(parse_turns))
     try:
         schema(params).validate(df, lazy=True)
         return {}
@@ -117,10 +116,8 @@ def reasons_by_row(df: pd.DataFrame, params: ValidateParams) -> dict[int, list[s
         elif case.check == "field_uniqueness":
             first = df.loc[df[case.column] == df.at[idx, case.column]].iloc[0]
             reason = f"{dup_reason[case.column]} {first['source']}:{first['line']}"
-        elif case.check == "not_nullable":
-            continue  # an unreadable row: its ingest_error says why
         else:
-            reason = f"{case.column}: {case.check}"
+            reason = f"messages: {case.check}" if case.column == "turns" else f"{case.column}: {case.check}"
         if reason not in reasons[idx]:
             reasons[idx].append(reason)
     return dict(reasons)
