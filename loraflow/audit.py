@@ -1,8 +1,9 @@
 """The generation audit: flags on one generated answer. Pure functions, tested on toy strings."""
 from __future__ import annotations
 
-import re
 from collections import Counter
+
+from loraflow.text import squash
 
 FLAGS = ("empty", "prompt_echo", "repetition_loop", "no_eos")
 
@@ -15,14 +16,10 @@ def repeats_ngram(text: str, n: int, min_repeats: int) -> bool:
 
 def echoes_prompt(output: str, prompt_text: str, min_chars: int) -> bool:
     """The output repeats min_chars or more characters of the prompt verbatim (whitespace-normalized)."""
-    out, prompt = _squash(output), _squash(prompt_text)
+    out, prompt = squash(output), squash(prompt_text)
     if len(out) < min_chars:
         return False
     return any(out[i:i + min_chars] in prompt for i in range(0, len(out) - min_chars + 1))
-
-
-def _squash(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().casefold()
 
 
 def audit_flags(output: str, ended: bool, prompt_text: str, *, ngram: int, min_repeats: int, echo_min_chars: int) -> list[str]:

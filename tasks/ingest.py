@@ -23,6 +23,7 @@ from loraflow import layout
 from loraflow.artifacts import write_parquet
 from loraflow.errors import LoraflowError
 from loraflow.params import IngestParams
+from loraflow.text import squash
 from loraflow.stage import main
 
 log = logging.getLogger("loraflow.ingest")
@@ -41,7 +42,7 @@ def conversation_id(messages: Any) -> str:
 
 def near_duplicate_key(messages: list[dict]) -> str:
     """Equal for conversations that differ only in letter case and whitespace."""
-    squashed = [[str(t.get("role")), " ".join(str(t.get("content")).split()).casefold()] for t in messages]
+    squashed = [[str(t.get("role")), squash(str(t.get("content")))] for t in messages]
     return conversation_id(squashed)
 
 

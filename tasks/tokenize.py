@@ -23,6 +23,7 @@ from loraflow.masking import IGNORE_INDEX, label_array
 from loraflow.modeling import load_tokenizer, resolve_base
 from loraflow.params import TokenizeParams
 from loraflow.plots import histograms
+from loraflow.text import squash
 from loraflow.stage import main
 
 log = logging.getLogger("loraflow.tokenize")
@@ -67,17 +68,13 @@ def tokenize_rows(df: pd.DataFrame, tokenizer, params: TokenizeParams) -> tuple[
     return pd.DataFrame(kept), rejects
 
 
-def prompt_key(prompt: str) -> str:
-    return " ".join(prompt.split()).casefold()
-
-
 def split_with_leakage_check(tokens: pd.DataFrame, params: TokenizeParams) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     """Train and eval rows; eval rows whose prompt (up to case and whitespace) is also a train
     prompt are leakage: removed to the rejects, fatal, or kept, as tokenize.leakage says."""
     is_eval = np.array([in_eval_split(i, params.split_seed, params.eval_fraction) for i in tokens["id"]], dtype=bool)
     train, evals = tokens[~is_eval].reset_index(drop=True), tokens[is_eval].reset_index(drop=True)
-    train_prompts = set(train["prompt"].map(prompt_key))
-    leaked = evals["prompt"].map(prompt_key).isin(train_prompts)
+    train_prompts = set(train["prompt"].map(squash))
+    leaked = evals["prompt"].map(squash).isin(train_prompts)
     rejects = [{"id": r.id, "source": r.source, "line": int(r.line),
                 "reasons": ["leakage: the same prompt is in the train split (removed from eval)"]}
                for r in evals[leaked].itertuples()]

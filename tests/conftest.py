@@ -150,13 +150,18 @@ def edit_params(ws: Path, **sections: dict) -> None:
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def make_tiny(ws: Path, save_steps: int = 10) -> None:
+    """Shrink a workspace's model and run sizes: for tests of wiring and faults, not of quality."""
+    edit_params(ws, base={"bundled": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2,
+                                      "pretrain_steps": 40, "vocab_size": 600}},
+                train={"max_steps": 20, "save_steps": save_steps}, evaluate={"max_rows": 20, "max_new_tokens": 8})
+
+
 @pytest.fixture(scope="session")
 def flow_ws(tmp_path_factory, prefect_server):
     """A fresh workspace run first by the Prefect flow (smaller sizes: this checks wiring, not quality)."""
     ws = make_workspace(tmp_path_factory.mktemp("flow_ws"))
-    edit_params(ws, base={"bundled": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2,
-                                      "pretrain_steps": 40, "vocab_size": 600}},
-                train={"max_steps": 20, "save_steps": 10}, evaluate={"max_rows": 20, "max_new_tokens": 8})
+    make_tiny(ws)
     lines = run_flow(ws, prefect_server)
     assert all(v.startswith("ran in") for v in lines.values()), lines
     run, tasks = last_flow_run_tasks(prefect_server)

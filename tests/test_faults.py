@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, dvc_status, edit_params, make_workspace, read_json, sh
+from conftest import BIN, dvc_status, make_tiny, make_workspace, read_json, sh
 
 pytestmark = pytest.mark.slow
 DVC = str(BIN / "dvc")
@@ -28,9 +28,7 @@ KILL_POINTS = [("base", "models/base"), ("ingest", "data/interim/ingested.parque
 @pytest.fixture(scope="module")
 def tiny_ws(tmp_path_factory):
     ws = make_workspace(tmp_path_factory.mktemp("tiny_ws"))
-    edit_params(ws, base={"bundled": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2,
-                                      "pretrain_steps": 40, "vocab_size": 600}},
-                train={"max_steps": 20, "save_steps": 5}, evaluate={"max_rows": 20, "max_new_tokens": 8})
+    make_tiny(ws, save_steps=5)
     sh([DVC, "repro"], ws)
     return ws
 
