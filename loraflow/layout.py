@@ -26,6 +26,8 @@ ADAPTER_DIR = Path("models/adapter")
 CHECKPOINTS_DIR = Path("models/checkpoints")
 LOSS_CSV = Path("reports/train_loss.csv")
 LOSS_PNG = Path("reports/train_loss.png")
+MEMORY_PLAN_MD = Path("reports/memory_plan.md")
+MEMORY_PLAN_JSON = Path("reports/memory_plan.json")
 
 MERGED_DIR = Path("models/merged")
 MERGE_CHECK = Path("reports/merge_check.json")

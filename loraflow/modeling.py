@@ -62,13 +62,19 @@ def load_tokenizer(ref: BaseRef):
     return tok
 
 
-def load_model(ref: BaseRef, dtype: torch.dtype, quantization_config=None, device_map=None):
+def load_config(ref: BaseRef):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(ref.location, revision=ref.revision, trust_remote_code=ref.trust_remote_code)
+
+
+def load_model(ref: BaseRef, dtype: torch.dtype, quantization_config=None, device_map=None, attn_implementation=None):
     from transformers import AutoModelForCausalLM
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         return AutoModelForCausalLM.from_pretrained(
             ref.location, revision=ref.revision, dtype=dtype, use_safetensors=True,
             trust_remote_code=ref.trust_remote_code, quantization_config=quantization_config,
-            device_map=device_map)
+            device_map=device_map, **extra)
     except OSError as e:
         raise LoraflowError(f"{ref.location}: could not load the base model ({e}). Weights must be "
                             "safetensors; for a hub id, check the name, revision and network/HF_HUB_OFFLINE.") from None

@@ -109,8 +109,9 @@ class TokenizeParams(Section):
 
 class TrainParams(Section):
     """LoRA / QLoRA fine-tuning."""
-    method: Literal["lora", "qlora"] = "lora"
-    """lora trains on the base in its dtype; qlora loads the base in 4-bit nf4 (bitsandbytes, GPU)."""
+    method: Literal["lora", "lora8", "qlora", "auto"] = "lora"
+    """lora trains on the base in its dtype; lora8 loads the base in 8-bit and qlora in 4-bit nf4
+    (bitsandbytes, GPU); auto lets the memory plan take the fastest of these that fits."""
     rank: int = Field(16, ge=1)
     """LoRA rank r."""
     alpha: float = Field(32, gt=0)
@@ -142,8 +143,20 @@ class TrainParams(Section):
     """Write a resumable checkpoint every this many optimizer steps."""
     logging_steps: int = Field(5, ge=1)
     """Log the loss every this many steps (the loss curve's resolution)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
+    gradient_checkpointing: bool | int | Literal["auto"] = "auto"
+    """Recompute activations in backward to save memory: true (every layer), false, a number of
+    layers, or auto (the memory plan picks the fewest layers that fit; none on CPU)."""
+    micro_batch: int | Literal["auto"] = "auto"
+    """Rows per forward pass; batch_size * grad_accum rows still make one optimizer step, so this
+    changes memory, not the math. auto: the memory plan picks the largest that fits."""
+    memory_budget_gib: float | None = None
+    """GPU memory the plan may use; unset: the GPU's free memory when training starts."""
+    packing: bool | Literal["auto"] = "auto"
+    """Padding-free packing of each micro-batch's rows (attention stays within each row). auto: on a GPU."""
+    fused_kernels: bool | Literal["auto"] = "auto"
+    """Liger's fused RMSNorm/SwiGLU/RoPE and fused linear cross-entropy. auto: on a GPU when installed."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """AdamW with fp32 moments, or bitsandbytes' 8-bit AdamW (GPU)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype: auto is float32 on CPU and bfloat16 on a GPU."""
 

@@ -13,21 +13,23 @@ Imports neither prefect, dvc nor pandera: this stage also runs on minimal GPU ma
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from loraflow import layout
+from loraflow import fastpath, layout, memplan
 from loraflow.artifacts import atomic_path, sha256_file, sha256_tree, write_text
 from loraflow.errors import LoraflowError
 from loraflow.faults import maybe_die
 from loraflow.masking import IGNORE_INDEX
-from loraflow.modeling import compute_dtype, device, load_model, load_tokenizer, resolve_base
+from loraflow.modeling import compute_dtype, device, load_config, load_model, load_tokenizer, resolve_base
 from loraflow.params import TrainParams
 from loraflow.plots import line_plot
 from loraflow.stage import main
@@ -63,13 +65,15 @@ def pad_collator(pad_id: int):
     return collate
 
 
-def quantization_config(params: TrainParams, dtype: torch.dtype):
-    if params.method != "qlora":
+def quantization_config(method: str, dtype: torch.dtype):
+    if method not in ("lora8", "qlora"):
         return None
     if not torch.cuda.is_available():
-        raise LoraflowError("train.method=qlora needs a CUDA GPU (bitsandbytes 4-bit kernels). "
+        raise LoraflowError(f"train.method={method} needs a CUDA GPU (bitsandbytes kernels). "
                             "On CPU use train.method: lora.")
     from transformers import BitsAndBytesConfig
+    if method == "lora8":
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype)
 
@@ -81,18 +85,67 @@ def lora_config(params: TrainParams):
                       task_type="CAUSAL_LM", bias="none")
 
 
-def build_peft_model(params: TrainParams, ref, dtype: torch.dtype):
-    from peft import get_peft_model, prepare_model_for_kbit_training
+@dataclass(frozen=True)
+class Speed:
+    """The fast-path switches this run uses, resolved from params and the machine."""
+    packing: bool
+    fused: bool
+
+
+def resolve_speed(params: TrainParams, model_type: str) -> Speed:
+    on_gpu = torch.cuda.is_available()
+    packing = on_gpu if params.packing == "auto" else params.packing
+    fused = params.fused_kernels
+    if fused in ("auto", True):
+        available = on_gpu and importlib.util.find_spec("liger_kernel") is not None
+        if available:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+            available = model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+        if fused is True and not available:
+            raise LoraflowError(f"train.fused_kernels=true needs a CUDA GPU and liger-kernel supporting {model_type}")
+        fused = available
+    return Speed(packing=packing, fused=fused)
+
+
+def make_plan(params: TrainParams, config, max_length: int, speed: Speed, dtype: torch.dtype) -> memplan.Plan:
+    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    return memplan.plan_for_params(params, memplan.Arch.from_config(config), max_length,
+                                   act_bytes=torch.tensor([], dtype=dtype).element_size(), fused=speed.fused,
+                                   gpu_free_bytes=free)
+
+
+def write_plan(plan: memplan.Plan) -> None:
+    table = memplan.render(plan)
+    for line in table.splitlines():
+        log.info("%s", line)
+    write_text(layout.MEMORY_PLAN_MD, "# Memory plan\n\n" + table + "\n")
+    write_text(layout.MEMORY_PLAN_JSON, json.dumps(plan.to_dict(), indent=2))
+    if not plan.chosen.fits:
+        raise LoraflowError(f"the memory plan does not fit: {plan.chosen.parts['peak'] / memplan.GIB:.2f} GiB "
+                            f"predicted at best, budget {plan.budget_bytes / memplan.GIB:.2f} GiB less "
+                            f"{memplan.SAFETY_MARGIN:.0%}. Next rung down: {memplan.next_rung_down(plan)} "
+                            f"(see {layout.MEMORY_PLAN_MD})")
+
+
+def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: memplan.Setup, speed: Speed):
+    """The base (quantized as the plan's method says) with fused kernels, packed attention and the
+    plan's checkpointing, wrapped with a fresh LoRA adapter."""
+    from peft import get_peft_model
     torch.manual_seed(params.seed)  # LoRA A matrices are drawn at wrap time
-    quant = quantization_config(params, dtype)
-    model = load_model(ref, dtype, quantization_config=quant,
+    quant = quantization_config(setup.method, dtype)
+    attn = fastpath.register_packed_attention() if speed.packing else None
+    model = load_model(ref, dtype, quantization_config=quant, attn_implementation=attn,
                        device_map={"": device().index or 0} if quant is not None else None)
-    if quant is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
-    elif params.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(params))
+    model.config.use_cache = False
+    if speed.fused:
+        fastpath.apply_fused_kernels(model)
+    # No prepare_model_for_kbit_training: it upcasts the embedding, the output head and every norm
+    # to fp32 (about 2 GiB at 8B), which training a LoRA adapter does not need.
+    model = get_peft_model(model, lora_config(params))
+    if dtype != torch.float32:
+        fastpath.keep_adapter_inputs_in_compute_dtype(model)
+    fastpath.checkpoint_layers(model, setup.checkpoint_layers)
+    return model
 
 
 def fingerprint(params: TrainParams, ref) -> str:
@@ -132,21 +185,42 @@ def progress_callback():
     return Progress()
 
 
-def training_args(params: TrainParams, out_dir: Path, dtype: torch.dtype):
+def training_args(params: TrainParams, out_dir: Path, dtype: torch.dtype, plan: memplan.Plan):
     from transformers import TrainingArguments
     on_gpu = torch.cuda.is_available()
+    micro = plan.chosen.micro_batch
+    optim = {"adamw": "adamw_torch_fused" if on_gpu else "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}[params.optimizer]
     return TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=params.batch_size,
-        per_device_eval_batch_size=params.batch_size, gradient_accumulation_steps=params.grad_accum,
+        output_dir=str(out_dir), per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
+        # the optimizer step still sees batch_size * grad_accum rows; the Trainer normalizes the loss
+        # by the trained tokens of the whole step, so micro-batching leaves the math unchanged
+        gradient_accumulation_steps=plan.rows_per_step // micro,
         num_train_epochs=params.epochs, max_steps=params.max_steps, learning_rate=params.lr,
         warmup_steps=params.warmup_ratio, lr_scheduler_type="linear", weight_decay=params.weight_decay,
         logging_steps=params.logging_steps, save_strategy="steps", save_steps=params.save_steps,
         save_total_limit=1, seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=True,
         bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16, use_cpu=not on_gpu,
-        remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
-        # gradient checkpointing is set on the model itself (non-reentrant), not by the Trainer
+        remove_unused_columns=False, dataloader_num_workers=0, optim=optim,
+        # gradient checkpointing is set on the model itself, per layer, by the plan
         gradient_checkpointing=False,
     )
+
+
+def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, train_ds, eval_ds, pad_id: int,
+                 out_dir: Path, dtype: torch.dtype, callbacks=()):
+    from transformers import Trainer
+    collator = fastpath.packed_collator(pad_id) if speed.packing else pad_collator(pad_id)
+    return Trainer(model=model, args=training_args(params, out_dir, dtype, plan), train_dataset=train_ds,
+                   eval_dataset=eval_ds, data_collator=collator, callbacks=list(callbacks))
+
+
+def train_or_name_next_rung(trainer, plan: memplan.Plan, resume: bool):
+    try:
+        return trainer.train(resume_from_checkpoint=True if resume else None)
+    except torch.OutOfMemoryError as e:
+        raise LoraflowError(f"out of GPU memory although the plan predicted "
+                            f"{plan.chosen.parts['peak'] / memplan.GIB:.2f} GiB ({str(e).splitlines()[0]}). "
+                            f"Next rung down: {memplan.next_rung_down(plan)}") from None
 
 
 def stable_adapter_config(path: Path) -> None:
@@ -169,26 +243,29 @@ def save_loss_curve(history: list[dict]) -> list[dict]:
 
 
 def run(params: TrainParams) -> dict:
-    from transformers import Trainer
-
     ref = resolve_base(layout.BASE_DIR)
     tokenizer = load_tokenizer(ref)
     train_df, eval_df = pd.read_parquet(layout.TRAIN_TOKENS), pd.read_parquet(layout.EVAL_TOKENS)
     dtype = compute_dtype(params.dtype)
-    model = build_peft_model(params, ref, dtype)
+    config = load_config(ref)
+    speed = resolve_speed(params, config.model_type)
+    longest = int(max(train_df["input_ids"].map(len).max(), eval_df["input_ids"].map(len).max()))
+    plan = make_plan(params, config, longest, speed, dtype)
+    write_plan(plan)
+    setup = plan.chosen.setup
+    model = build_peft_model(params, ref, dtype, setup, speed)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("%s on %s (%s): %d trainable of %d parameters, %d train rows", params.method, device(), dtype,
-             trainable, total, len(train_df))
+    log.info("%s on %s (%s): %d trainable of %d parameters, %d train rows; packing %s, fused kernels %s",
+             setup.method, device(), dtype, trainable, total, len(train_df), speed.packing, speed.fused)
 
     fp = fingerprint(params, ref)
     resume = prepare_checkpoints(layout.CHECKPOINTS_DIR, fp)
     if resume:
         log.info("resuming from the last checkpoint in %s", layout.CHECKPOINTS_DIR)
-    trainer = Trainer(model=model, args=training_args(params, layout.CHECKPOINTS_DIR, dtype),
-                      train_dataset=TokenRows(train_df), eval_dataset=TokenRows(eval_df),
-                      data_collator=pad_collator(tokenizer.pad_token_id), callbacks=[progress_callback()])
+    trainer = make_trainer(params, model, plan, speed, TokenRows(train_df), TokenRows(eval_df),
+                           tokenizer.pad_token_id, layout.CHECKPOINTS_DIR, dtype, [progress_callback()])
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    result = train_or_name_next_rung(trainer, plan, resume)
     seconds = time.perf_counter() - t0
     eval_loss = trainer.evaluate()["eval_loss"]
 
@@ -197,11 +274,15 @@ def run(params: TrainParams) -> dict:
         stable_adapter_config(tmp / "adapter_config.json")
         tokenizer.save_pretrained(tmp)
         write_text(tmp / "train_info.json", json.dumps({
-            "base": ref.location, "base_revision": ref.revision, "method": params.method,
+            "base": ref.location, "base_revision": ref.revision, "method": setup.method,
             "fingerprint": fp, "params": params.model_dump()}, indent=2))
     points = save_loss_curve(trainer.state.log_history)
     trained_tokens = int(train_df["trained_tokens"].sum() * params.epochs) if params.max_steps < 0 else None
-    return {"method": params.method, "device": str(device()), "dtype": str(dtype).replace("torch.", ""),
+    return {"method": setup.method, "device": str(device()), "dtype": str(dtype).replace("torch.", ""),
+            "micro_batch": plan.chosen.micro_batch, "checkpoint_layers": setup.checkpoint_layers,
+            "packing": speed.packing, "fused_kernels": speed.fused,
+            "predicted_peak_gib": round(plan.chosen.parts["peak"] / memplan.GIB, 3),
+            "measured_peak_gib": round(torch.cuda.max_memory_allocated() / memplan.GIB, 3) if torch.cuda.is_available() else None,
             "trainable_parameters": trainable, "total_parameters": total, "steps": trainer.state.global_step,
             "resumed": resume, "train_loss_first": points[0]["loss"] if points else None,
             "train_loss_last": points[-1]["loss"] if points else None, "train_loss_mean": round(result.training_loss, 4),

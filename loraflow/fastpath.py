@@ -1,0 +1,122 @@
+"""The fast training path: padding-free packing with attention kept per row, fused kernels, no fp32
+upcast of frozen weights, and checkpointing of only the layers the memory plan picks.
+
+Packing: the rows of a micro-batch are laid end to end in one sequence of the tokens they really
+have. position_ids restart at 0 for each row (so RoPE sees each row as it would alone) and
+cu_seq_lens mark where rows begin, so attention never crosses a row boundary:
+- on a GPU, PyTorch's own FlashAttention-2 varlen kernel (aten::_flash_attention_forward), which
+  ships inside torch, so no flash-attn package is needed;
+- elsewhere, scaled_dot_product_attention on each row's slice (exact, slower: CPU tests only).
+The first label of every row is -100, so no row is trained to predict the next row's first token.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from loraflow.masking import IGNORE_INDEX
+
+log = logging.getLogger("loraflow.fastpath")
+PACKED_ATTENTION = "loraflow_packed"
+
+
+def packed_collator(pad_id: int):
+    """Rows -> one packed row: input_ids, labels, position_ids (1, total) and the row boundaries."""
+    del pad_id  # packed rows have no padding
+
+    def collate(rows: list[dict]) -> dict:
+        ids, labels, positions, bounds = [], [], [], [0]
+        for r in rows:
+            n = len(r["input_ids"])
+            ids.extend(r["input_ids"])
+            labels.append(IGNORE_INDEX)
+            labels.extend(r["labels"][1:])
+            positions.extend(range(n))
+            bounds.append(bounds[-1] + n)
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                "max_length_q": longest, "max_length_k": longest}
+    return collate
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention within each packed row. query (1, heads, total, d), key/value (1, kv_heads, total, d);
+    returns (1, total, heads, d) as transformers' attention functions do."""
+    cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None:
+        raise RuntimeError("packed attention needs cu_seq_lens_q: batches must come from packed_collator")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, d)
+    if q.is_cuda:
+        cu = cu.to(q.device, torch.int32)
+        out = torch.ops.aten._flash_attention_forward(
+            q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, float(dropout), True, False,
+            scale=scaling)[0]
+    else:
+        out = torch.empty_like(q)
+        groups = q.shape[1] // k.shape[1]
+        bounds = cu.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+            if groups > 1:
+                ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=scaling).transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def no_mask(*args, **kwargs):
+    """Packed attention takes its row boundaries from cu_seq_lens, not from a mask."""
+    return None
+
+
+def register_packed_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, no_mask)
+    return PACKED_ATTENTION
+
+
+def apply_fused_kernels(model) -> bool:
+    """Liger's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy on this model instance. False when
+    Liger is not installed or does not know the architecture; the plain modules then stay."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    except ImportError as e:
+        log.info("fused kernels unavailable (%s): plain modules", e)
+        return False
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        log.info("no fused kernels for model type %s: plain modules", model.config.model_type)
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                    fused_linear_cross_entropy=True, cross_entropy=False)
+    return True
+
+
+def decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpoint_layers(model, count: int) -> int:
+    """Recompute the first `count` decoder layers in backward (non-reentrant); keep the rest's
+    activations. Returns how many layers are checkpointed."""
+    layers = decoder_layers(model)
+    if count <= 0 or not layers:
+        return 0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()  # the checkpointed input must carry grad with a frozen embedding
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < count
+    return min(count, len(layers))
+
+
+def keep_adapter_inputs_in_compute_dtype(model) -> None:
+    """peft casts each LoRA input to the adapter's fp32 dtype, which saves an extra fp32 copy of it per
+    projection; under autocast the matmul runs in bf16 anyway, so skip the cast."""
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            m.cast_input_dtype_enabled = False

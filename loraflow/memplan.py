@@ -1,0 +1,324 @@
+"""The memory plan: peak GPU memory of a LoRA training step, predicted from the model's config before
+any weight is loaded, and the fastest settings that fit a budget.
+
+    peak = weights + adapter + saved activations + logits/loss + working set
+
+Each term is bytes per parameter or bytes per token, from what the step keeps alive:
+- weights: bf16 (lora), int8 + one fp32 scale per output row (lora8), or nf4 packed two per byte
+  with 8-bit block scales and fp32 second-level scales (qlora, double quant); embeddings, the
+  output head and norms stay bf16, as bitsandbytes leaves them.
+- adapter: LoRA A/B in fp32 (peft's default), their fp32 grads, the optimizer's two moments, and
+  the bf16 copy autocast keeps for the step. modules_to_save are whole copies in the weight dtype.
+- activations: the tensors autograd saves per token in a LLaMA-style decoder layer (listed in
+  `layer_saved_bytes`); a checkpointed layer keeps only its input.
+- logits/loss: a fused linear cross-entropy keeps one hidden-sized gradient per token; the plain
+  path keeps fp32 log-probabilities over the vocabulary and their gradients.
+- working set: the gradients alive while one layer runs backward, one recomputed layer when any is
+  checkpointed, and one dequantized weight for 8-bit/4-bit bases.
+
+The per-token terms are checked against autograd's saved-tensor hooks on CPU (tests/test_memplan.py)
+and the whole peak against torch.cuda.max_memory_allocated on the H200
+(benchmarks/results/memplan-h200.md).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+GIB = 2**30
+METHODS_FASTEST_FIRST = ("lora", "lora8", "qlora")
+SAFETY_MARGIN = 0.10
+"""Share of the budget kept free: the plan's stated accuracy, plus allocator fragmentation."""
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shapes that decide memory, read from a transformers config (LLaMA, Mistral, Qwen2 style)."""
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config) -> "Arch":
+        heads = config.num_attention_heads
+        return cls(hidden=config.hidden_size, intermediate=config.intermediate_size,
+                   layers=config.num_hidden_layers, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection in one decoder layer."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    def other_params(self) -> int:
+        """Embedding, output head and norms: the parameters bitsandbytes does not quantize."""
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.vocab * self.hidden + head + (2 * self.layers + 1) * self.hidden
+
+    def params(self) -> int:
+        return self.linear_params() + self.other_params()
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training configuration to plan for."""
+    method: str = "lora"                 # lora | lora8 | qlora
+    tokens: int = 2048                   # tokens in one micro-batch (rows x longest row, or packed)
+    checkpoint_layers: int = 0           # decoder layers recomputed in backward
+    fused: bool = True                   # fused RMSNorm/SwiGLU and fused linear cross-entropy
+    rank: int = 16
+    targets: tuple[str, ...] = LINEAR_NAMES
+    modules_to_save: tuple[str, ...] = ()
+    optimizer: str = "adamw"             # adamw (fp32 moments) | adamw_8bit
+    act_bytes: int = 2                   # compute dtype: 2 for bf16/fp16, 4 for fp32
+    double_quant: bool = True
+
+
+def weight_bytes(arch: Arch, s: Setup) -> float:
+    other = arch.other_params() * s.act_bytes
+    linear = arch.linear_params()
+    if s.method == "lora":
+        return linear * s.act_bytes + other
+    if s.method == "lora8":
+        rows = arch.layers * sum(out for _, out in arch.linear_shapes().values())
+        return linear * 1 + rows * 4 + other
+    if s.method == "qlora":
+        scales = linear / 64 + linear / (64 * 256) * 4 if s.double_quant else linear / 64 * 4
+        return linear * 0.5 + scales + other
+    raise ValueError(f"unknown method {s.method!r}")
+
+
+def adapter_params(arch: Arch, s: Setup) -> int:
+    shapes = arch.linear_shapes()
+    return arch.layers * sum(s.rank * (shapes[n][0] + shapes[n][1]) for n in s.targets if n in shapes)
+
+
+def saved_module_params(arch: Arch, s: Setup) -> int:
+    sizes = {"lm_head": arch.vocab * arch.hidden, "embed_tokens": arch.vocab * arch.hidden}
+    return sum(sizes.get(m, 0) for m in s.modules_to_save)
+
+
+def adapter_bytes(arch: Arch, s: Setup) -> float:
+    moments = 2 if s.optimizer == "adamw_8bit" else 8
+    autocast_copy = 2 if s.act_bytes == 2 else 0
+    lora = adapter_params(arch, s) * (4 + 4 + moments + autocast_copy)
+    # a trained copy of the module in the weight dtype, its grad, and two moments in that dtype (or 8-bit)
+    full_moments = 2 if s.optimizer == "adamw_8bit" else 2 * s.act_bytes
+    full = saved_module_params(arch, s) * (2 * s.act_bytes + full_moments)
+    return lora + full
+
+
+def layer_saved_bytes(arch: Arch, s: Setup) -> float:
+    """Bytes per token that autograd keeps for one decoder layer that is not checkpointed:
+    - each RMSNorm: fused keeps its bf16 input and an fp32 rstd; plain keeps an fp32 copy of its
+      input (HF computes the norm in fp32);
+    - the two normed hidden states, inputs of the LoRA A matrices (8-bit bases keep them too);
+    - attention: q, k, v, its output (also o_proj's input) and an fp32 log-sum-exp per head;
+    - MLP: fused SwiGLU keeps gate and up; plain keeps gate, silu(gate) and up; plus their product,
+      down_proj's input;
+    - each adapted projection: its rank-r LoRA A output.
+    """
+    a, h, i = s.act_bytes, arch.hidden, arch.intermediate
+    targets = set(s.targets)
+    keep_all_inputs = s.method == "lora8"
+    norm = (a * h + 4) if s.fused else (4 * h + 4)
+    attn_in = a * h if keep_all_inputs or targets & {"q_proj", "k_proj", "v_proj"} else 0
+    mlp_in = a * h if keep_all_inputs or targets & {"gate_proj", "up_proj"} else 0
+    attention = a * (2 * arch.heads * arch.head_dim + 2 * arch.kv_heads * arch.head_dim) + 4 * arch.heads
+    mlp = (2 if s.fused else 3) * a * i
+    down_in = a * i if keep_all_inputs or "down_proj" in targets else 0
+    lora_mid = a * s.rank * len(targets & set(LINEAR_NAMES))
+    return 2 * norm + attn_in + mlp_in + attention + mlp + down_in + lora_mid
+
+
+def activation_bytes_per_token(arch: Arch, s: Setup) -> float:
+    """All decoder layers, plus what every layer shares (rotary cos/sin, the input ids) and the final norm."""
+    a = s.act_bytes
+    kept = arch.layers - s.checkpoint_layers
+    layers = kept * layer_saved_bytes(arch, s) + s.checkpoint_layers * a * arch.hidden
+    if s.checkpoint_layers == 0 and "embed_tokens" not in s.modules_to_save:
+        # a frozen embedding's output needs no grad, so the first norm keeps nothing (checkpointing
+        # turns input grads on, but then the first layer is a checkpointed one)
+        layers -= (a * arch.hidden + 4) if s.fused else (4 * arch.hidden + 4)
+    shared = 2 * a * arch.head_dim + 8
+    final_norm = (a * arch.hidden + 4) if s.fused else (4 * arch.hidden + 4)
+    head_input = a * arch.hidden if "lm_head" in s.modules_to_save else 0
+    return layers + shared + final_norm + head_input
+
+
+def loss_bytes_per_token(arch: Arch, s: Setup) -> float:
+    if s.fused:
+        # the fused kernel computes d(loss)/d(hidden) in forward and keeps it; logits exist one chunk at a time
+        return s.act_bytes * arch.hidden
+    # fp32 log-probs kept for backward, the logits the model returns, and two fp32 gradients in backward
+    return 4 * arch.vocab + s.act_bytes * arch.vocab + 8 * arch.vocab
+
+
+def working_bytes(arch: Arch, s: Setup) -> float:
+    """Alive only while one layer runs backward: gradients of its hidden states and MLP
+    intermediates, the recomputed layer if it is checkpointed, a dequantized weight for kbit bases."""
+    a = s.act_bytes
+    per_token = a * (3 * arch.hidden + 3 * arch.intermediate)
+    if s.checkpoint_layers:
+        per_token += layer_saved_bytes(arch, s)
+    dequant = 0
+    if s.method in ("lora8", "qlora"):
+        dequant = max(x * y for x, y in arch.linear_shapes().values()) * 2
+    return per_token * s.tokens + dequant
+
+
+def estimate(arch: Arch, s: Setup) -> dict[str, float]:
+    """Predicted peak bytes, by part."""
+    parts = {
+        "weights": weight_bytes(arch, s),
+        "adapter": adapter_bytes(arch, s),
+        "activations": activation_bytes_per_token(arch, s) * s.tokens,
+        "logits_loss": loss_bytes_per_token(arch, s) * s.tokens,
+        "working_set": working_bytes(arch, s),
+    }
+    parts["peak"] = sum(parts.values())
+    return parts
+
+
+def relative_step_cost(arch: Arch, s: Setup) -> float:
+    """Work per token relative to no recomputation: a frozen base costs ~2 units forward and ~2
+    backward; each checkpointed layer adds its forward again."""
+    return (4 + 2 * s.checkpoint_layers / arch.layers) / 4
+
+
+@dataclass(frozen=True)
+class Choice:
+    setup: Setup
+    micro_batch: int
+    parts: dict
+    fits: bool
+
+
+@dataclass
+class Plan:
+    arch: Arch
+    chosen: Choice
+    budget_bytes: float | None
+    max_length: int
+    rows_per_step: int
+    considered: list[Choice]
+
+    def to_dict(self) -> dict:
+        c = self.chosen
+        return {"arch": asdict(self.arch), "budget_gib": gib(self.budget_bytes), "safety_margin": SAFETY_MARGIN,
+                "max_length": self.max_length, "rows_per_optimizer_step": self.rows_per_step,
+                "fits": c.fits, "method": c.setup.method, "micro_batch": c.micro_batch,
+                "grad_accum": self.rows_per_step // c.micro_batch, "checkpoint_layers": c.setup.checkpoint_layers,
+                "fused": c.setup.fused, "tokens_per_micro_batch": c.setup.tokens,
+                "predicted_gib": {k: gib(v) for k, v in c.parts.items()},
+                "relative_step_cost": round(relative_step_cost(self.arch, c.setup), 3),
+                "considered": len(self.considered)}
+
+
+def gib(n: float | None) -> float | None:
+    return None if n is None else round(n / GIB, 3)
+
+
+def candidates(arch: Arch, base: Setup, max_length: int, rows_per_step: int,
+               micro_batch: int | None, checkpoint_layers: int | None, methods: tuple[str, ...]) -> list[Choice]:
+    """Every setting the plan may pick, fastest first: a cheaper method, then less recomputation,
+    then a larger micro-batch (recomputation costs a fixed share of each step; a larger micro-batch
+    only raises occupancy)."""
+    batches = [micro_batch] if micro_batch else [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0]
+    ckpts = [checkpoint_layers] if checkpoint_layers is not None else list(range(arch.layers + 1))
+    out = []
+    for method in methods:
+        for k in ckpts:
+            for m in batches:
+                s = replace(base, method=method, checkpoint_layers=k, tokens=m * max_length)
+                out.append(Choice(s, m, estimate(arch, s), False))
+    return out
+
+
+def make_plan(arch: Arch, base: Setup, max_length: int, rows_per_step: int, budget_bytes: float | None,
+              micro_batch: int | None = None, checkpoint_layers: int | None = None,
+              methods: tuple[str, ...] | None = None) -> Plan:
+    """The fastest candidate whose predicted peak fits the budget less the safety margin. With no
+    budget (CPU) that is the fastest one. When none fits, the plan holds the smallest one, not fitting."""
+    methods = methods or (base.method,)
+    considered = candidates(arch, base, max_length, rows_per_step, micro_batch, checkpoint_layers, methods)
+    usable = None if budget_bytes is None else budget_bytes * (1 - SAFETY_MARGIN)
+    marked = [replace(c, fits=usable is None or c.parts["peak"] <= usable) for c in considered]
+    fitting = [c for c in marked if c.fits]
+    chosen = fitting[0] if fitting else min(marked, key=lambda c: c.parts["peak"])
+    return Plan(arch, chosen, budget_bytes, max_length, rows_per_step, marked)
+
+
+def next_rung_down(plan: Plan) -> str:
+    """What to try after running out of memory with this plan's setting."""
+    s, arch = plan.chosen.setup, plan.arch
+    if s.checkpoint_layers < arch.layers:
+        return f"checkpoint more layers (train.gradient_checkpointing: {min(arch.layers, s.checkpoint_layers + max(1, arch.layers // 4))})"
+    if plan.chosen.micro_batch > 1:
+        return f"a smaller micro-batch (train.micro_batch: {plan.chosen.micro_batch // 2})"
+    lower = METHODS_FASTEST_FIRST[METHODS_FASTEST_FIRST.index(s.method) + 1:]
+    if lower:
+        return f"train.method: {lower[0]}"
+    return "a shorter tokenize.max_length, or a GPU with more memory"
+
+
+def render(plan: Plan) -> str:
+    """The plan as a markdown table, for the log and reports/memory_plan.md."""
+    c, arch = plan.chosen, plan.arch
+    budget = "none (CPU: no GPU memory to plan for)" if plan.budget_bytes is None else f"{gib(plan.budget_bytes):.2f} GiB"
+    lines = [f"memory plan: {arch.layers} layers, hidden {arch.hidden}, vocab {arch.vocab}, "
+             f"{arch.params() / 1e9:.3g} B params; budget {budget} (keeping {SAFETY_MARGIN:.0%} free)",
+             "", "| part | GiB |", "|---|---|"]
+    lines += [f"| {k} | {v / GIB:.3f} |" for k, v in c.parts.items()]
+    verdict = "fits" if c.fits else "DOES NOT FIT"
+    lines += ["", f"chosen: method {c.setup.method}, micro-batch {c.micro_batch} "
+              f"(grad_accum {plan.rows_per_step // c.micro_batch}), {c.setup.tokens} tokens per micro-batch, "
+              f"checkpointing {c.setup.checkpoint_layers}/{arch.layers} layers, "
+              f"fused kernels {'on' if c.setup.fused else 'off'}: {verdict}; "
+              f"relative step cost {relative_step_cost(arch, c.setup):.2f}"]
+    return "\n".join(lines)
+
+
+def setup_for_params(params, arch: Arch, act_bytes: int, fused: bool) -> Setup:
+    """The Setup that TrainParams describe; checkpoint_layers and tokens are filled in by the plan."""
+    targets = LINEAR_NAMES if params.target_modules == "all-linear" else tuple(
+        n for n in LINEAR_NAMES if n in params.target_modules)
+    method = "lora" if params.method == "auto" else params.method
+    return Setup(method=method, fused=fused, rank=params.rank, targets=targets,
+                 modules_to_save=tuple(params.modules_to_save), optimizer=params.optimizer, act_bytes=act_bytes)
+
+
+def fixed_checkpoint_layers(setting, layers: int) -> int | None:
+    """params.gradient_checkpointing as a layer count; None when the plan picks (auto)."""
+    if setting == "auto":
+        return None
+    if isinstance(setting, bool):
+        return layers if setting else 0
+    return max(0, min(int(setting), layers))
+
+
+def plan_for_params(params, arch: Arch, max_length: int, act_bytes: int, fused: bool,
+                    gpu_free_bytes: float | None) -> Plan:
+    """The plan for the train stage: the budget is params.memory_budget_gib, else the GPU's free
+    memory, else (CPU) none. method auto tries lora, lora8 and qlora, fastest first (GPU only)."""
+    from loraflow.errors import LoraflowError
+    rows = params.batch_size * params.grad_accum
+    micro = None if params.micro_batch == "auto" else params.micro_batch
+    if micro is not None and rows % micro:
+        raise LoraflowError(f"train.micro_batch={micro} must divide batch_size * grad_accum = {rows}")
+    budget = params.memory_budget_gib * GIB if params.memory_budget_gib else gpu_free_bytes
+    methods = METHODS_FASTEST_FIRST if params.method == "auto" and gpu_free_bytes is not None else None
+    return make_plan(arch, setup_for_params(params, arch, act_bytes, fused), max_length, rows, budget,
+                     micro_batch=micro, checkpoint_layers=fixed_checkpoint_layers(params.gradient_checkpointing, arch.layers),
+                     methods=methods)

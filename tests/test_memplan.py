@@ -1,0 +1,133 @@
+"""The memory plan's arithmetic (loraflow/memplan.py): hand-computed cases, autograd's own count of
+saved activations, the weights the H200 peers measured, and the choice of settings under a budget."""
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loraflow import memplan
+from loraflow.errors import LoraflowError
+from loraflow.memplan import Arch, Setup
+from loraflow.params import TrainParams
+
+# h=8, i=16, 2 layers, 2 heads of 4 (one kv head), vocab 10, untied head
+TINY = Arch(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1, head_dim=4, vocab=10, tied=False)
+LLAMA_31_8B = Arch(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=128256, tied=False)
+
+
+def test_parameter_counts_by_hand():
+    # per layer: q 8*8 + k 8*4 + v 8*4 + o 8*8 + gate 8*16 + up 8*16 + down 16*8 = 576
+    assert TINY.linear_params() == 2 * 576
+    assert TINY.other_params() == 10 * 8 + 10 * 8 + (2 * 2 + 1) * 8
+    assert LLAMA_31_8B.params() == 8_030_261_248  # Llama-3.1-8B's published count
+
+
+def test_weight_bytes_by_hand():
+    s = Setup(rank=2, act_bytes=2)
+    assert memplan.weight_bytes(TINY, s) == 1352 * 2
+    # int8 linears + an fp32 scale per output row (64 rows a layer) + bf16 rest
+    assert memplan.weight_bytes(TINY, Setup(method="lora8")) == 1152 + 128 * 4 + 200 * 2
+    # nf4: half a byte, an 8-bit scale per 64 and an fp32 scale per 64*256
+    assert memplan.weight_bytes(TINY, Setup(method="qlora")) == pytest.approx(576 + 18 + 1152 / 16384 * 4 + 400)
+
+
+def test_adapter_bytes_by_hand():
+    # r * (in + out) per projection: 2 * (16 + 12 + 12 + 16 + 24 + 24 + 24) = 256 a layer
+    assert memplan.adapter_params(TINY, Setup(rank=2)) == 512
+    # fp32 weight 4 + grad 4 + two fp32 moments 8 + autocast's bf16 copy 2
+    assert memplan.adapter_bytes(TINY, Setup(rank=2)) == 512 * 18
+    assert memplan.adapter_bytes(TINY, Setup(rank=2, act_bytes=4)) == 512 * 16
+    assert memplan.adapter_bytes(TINY, Setup(rank=2, optimizer="adamw_8bit")) == 512 * 12
+
+
+def test_layer_activations_by_hand():
+    # fused: norms 2*(16+4), normed inputs 16+16, attention 2*(2*8+2*4)+4*2, gate/up 2*2*16, down input 32, lora 7*2*2
+    assert memplan.layer_saved_bytes(TINY, Setup(rank=2)) == 40 + 32 + 56 + 64 + 32 + 28
+    # plain: fp32 norm inputs 2*(32+4), gate + silu + up 3*2*16
+    assert memplan.layer_saved_bytes(TINY, Setup(rank=2, fused=False)) == 72 + 32 + 56 + 96 + 32 + 28
+    checkpointed = memplan.activation_bytes_per_token(TINY, Setup(rank=2, checkpoint_layers=2))
+    assert checkpointed == 2 * (2 * 8) + (2 * 2 * 4 + 8) + (2 * 8 + 4)  # two layer inputs, rope+ids, final norm
+
+
+def test_weights_match_what_the_peers_measured_on_the_h200():
+    """../shared/bench/peers-h200.md: torch.cuda.memory_allocated after loading Llama-3.1-8B."""
+    assert memplan.weight_bytes(LLAMA_31_8B, Setup()) / memplan.GIB == pytest.approx(14.96, abs=0.01)
+    assert memplan.weight_bytes(LLAMA_31_8B, Setup(method="qlora")) / memplan.GIB == pytest.approx(5.32, abs=0.02)
+
+
+def saved_bytes_per_token(model, tokens: int) -> float:
+    """What autograd keeps for backward, counted by its own saved-tensor hooks (each storage once)."""
+    storages, params = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        return t
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids)
+    return sum(storages.values())
+
+
+def test_activation_formula_equals_autograds_count_on_the_plain_path():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from loraflow import fastpath
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_attention_heads=8,
+                         num_key_value_heads=2, num_hidden_layers=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config).to(torch.bfloat16),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    fastpath.keep_adapter_inputs_in_compute_dtype(model)
+    model.train()
+    # the slope over token counts cancels what does not grow with tokens
+    measured = (saved_bytes_per_token(model, 256) - saved_bytes_per_token(model, 128)) / 128
+    s = Setup(rank=8, fused=False, act_bytes=2)
+    arch = Arch.from_config(config)
+    predicted = memplan.activation_bytes_per_token(arch, s) + 4 * arch.vocab  # + the fp32 log-probs the loss keeps
+    assert predicted == pytest.approx(measured, rel=0.01)
+
+
+def test_plan_picks_the_fastest_setting_that_fits_a_small_budget():
+    base = Setup(rank=16)
+    unlimited = memplan.make_plan(LLAMA_31_8B, base, 2048, 8, None)
+    assert (unlimited.chosen.setup.checkpoint_layers, unlimited.chosen.micro_batch) == (0, 8)
+    plan = memplan.make_plan(LLAMA_31_8B, base, 2048, 8, 24 * memplan.GIB)
+    c = plan.chosen
+    assert c.fits and c.parts["peak"] <= 24 * memplan.GIB * (1 - memplan.SAFETY_MARGIN)
+    assert 0 < c.setup.checkpoint_layers < 32, "24 GiB needs some, not all, layers checkpointed"
+    # nothing with less recomputation fits, and the next-bigger micro-batch at this setting does not fit
+    assert not any(x.fits for x in plan.considered if x.setup.checkpoint_layers < c.setup.checkpoint_layers)
+    assert not any(x.fits for x in plan.considered
+                   if x.setup.checkpoint_layers == c.setup.checkpoint_layers and x.micro_batch > c.micro_batch)
+
+
+def test_auto_method_falls_to_qlora_and_a_hopeless_budget_names_the_next_rung():
+    params = TrainParams(method="auto", batch_size=1, rank=16, target_modules="all-linear")
+    plan = memplan.plan_for_params(params, LLAMA_31_8B, 2048, act_bytes=2, fused=True, gpu_free_bytes=10 * memplan.GIB)
+    assert plan.chosen.fits and plan.chosen.setup.method == "qlora"
+    tight = TrainParams(method="lora", batch_size=1, memory_budget_gib=12)
+    plan = memplan.plan_for_params(tight, LLAMA_31_8B, 2048, act_bytes=2, fused=True, gpu_free_bytes=None)
+    assert not plan.chosen.fits and memplan.next_rung_down(plan) == "train.method: lora8"
+
+
+def test_train_stage_refuses_a_plan_that_does_not_fit_before_loading_weights(tmp_path, monkeypatch):
+    from tasks import train
+    monkeypatch.chdir(tmp_path)
+    config = SimpleNamespace(num_attention_heads=32, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False)
+    params = TrainParams(method="lora", batch_size=4, memory_budget_gib=16)
+    plan = train.make_plan(params, config, 2048, train.Speed(packing=True, fused=True), torch.bfloat16)
+    with pytest.raises(LoraflowError, match="does not fit.*Next rung down: train.method: lora8"):
+        train.write_plan(plan)
+    written = json.loads((tmp_path / "reports/memory_plan.json").read_text())
+    assert written["fits"] is False and written["budget_gib"] == 16.0
+    assert re.search(r"\| weights \| 14\.9\d+ \|", (tmp_path / "reports/memory_plan.md").read_text())
+
+
+def test_micro_batch_must_divide_the_rows_of_a_step():
+    with pytest.raises(LoraflowError, match="must divide"):
+        memplan.plan_for_params(TrainParams(batch_size=16, micro_batch=3), TINY, 64, 2, True, None)

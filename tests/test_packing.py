@@ -1,0 +1,71 @@
+"""Padding-free packing (loraflow/fastpath.py): on the tiny model, a packed micro-batch gives the
+loss and the LoRA gradients of the same rows padded, and checkpointing some layers changes nothing."""
+import pytest
+import torch
+
+from loraflow import fastpath
+from loraflow.masking import IGNORE_INDEX
+from tasks.train import pad_collator
+
+ROWS = [  # three rows of different lengths; the first label of each is a prompt token (-100)
+    {"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [IGNORE_INDEX] * 4 + [9, 10, 11]},
+    {"input_ids": [12, 13, 14], "labels": [IGNORE_INDEX, 13, 14]},
+    {"input_ids": [20, 21, 22, 23, 24], "labels": [IGNORE_INDEX] * 2 + [22, 23, 24]},
+]
+
+
+def lora_model(model_dir, attn, checkpointed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                                             init_lora_weights=False))  # B != 0, so every LoRA grad is non-trivial
+    fastpath.checkpoint_layers(model, checkpointed)
+    model.train()
+    return model
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_collator_restarts_positions_and_masks_each_rows_first_label():
+    batch = fastpath.packed_collator(0)(ROWS)
+    assert batch["input_ids"].shape == (1, 15)
+    assert batch["position_ids"].tolist() == [list(range(7)) + list(range(3)) + list(range(5))]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 7, 10, 15] and batch["max_length_q"] == 7
+    labels = batch["labels"][0].tolist()
+    assert [labels[i] for i in (0, 7, 10)] == [IGNORE_INDEX] * 3
+    assert sum(x != IGNORE_INDEX for x in labels) == 8
+
+
+@pytest.mark.parametrize("checkpointed", [0, 1])
+def test_packed_batch_gives_the_padded_batchs_loss_and_gradients(tiny_model_dir, checkpointed):
+    padded = lora_model(tiny_model_dir, "sdpa")
+    packed = lora_model(tiny_model_dir, fastpath.register_packed_attention(), checkpointed)
+    loss_a, grads_a = loss_and_grads(padded, pad_collator(0)(ROWS))
+    loss_b, grads_b = loss_and_grads(packed, fastpath.packed_collator(0)(ROWS))
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rows_cannot_see_each_other(tiny_model_dir):
+    """Changing the first row must not change the loss terms of the rows packed after it."""
+    model = lora_model(tiny_model_dir, fastpath.register_packed_attention()).eval()
+    collate = fastpath.packed_collator(0)
+    other = [{"input_ids": [30, 31, 32, 33, 34, 35, 36], "labels": ROWS[0]["labels"]}] + ROWS[1:]
+    with torch.no_grad():
+        a = model(**{k: v for k, v in collate(ROWS).items() if k != "labels"}).logits[0, 7:]
+        b = model(**{k: v for k, v in collate(other).items() if k != "labels"}).logits[0, 7:]
+    torch.testing.assert_close(a, b)
+
+
+def test_checkpointing_picks_exactly_the_first_layers(tiny_model_dir):
+    model = lora_model(tiny_model_dir, "sdpa", checkpointed=1)
+    assert [layer.gradient_checkpointing for layer in fastpath.decoder_layers(model)] == [True, False]

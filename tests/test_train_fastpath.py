@@ -1,0 +1,39 @@
+"""The train stage's fast path changes speed and memory, not the math: on the same data and seed,
+packed micro-batches with some layers checkpointed give the plain path's loss curve and adapter."""
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import BIN, edit_params, make_tiny, make_workspace, read_json, sh
+
+pytestmark = pytest.mark.slow
+DVC = str(BIN / "dvc")
+LOSS_RTOL = 1e-4   # fp32 on CPU: packing and micro-batching only reorder sums
+ADAPTER_ATOL = 1e-5
+
+
+def train(ws, **settings):
+    edit_params(ws, train=settings)
+    sh([DVC, "repro", "--single-item", "train"], ws)
+    return (pd.read_csv(ws / "reports/train_loss.csv"), load_file(str(ws / "models/adapter/adapter_model.safetensors")),
+            read_json(ws, "reports/stages/train.json"), read_json(ws, "reports/memory_plan.json"))
+
+
+def test_packed_micro_batched_checkpointed_training_matches_the_plain_path(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    make_tiny(ws)
+    edit_params(ws, train={"dropout": 0.0})
+    sh([DVC, "repro", "tokenize"], ws)
+    plain_loss, plain_adapter, plain_info, plain_plan = train(ws, packing=False, gradient_checkpointing=False, micro_batch="auto")
+    fast_loss, fast_adapter, fast_info, fast_plan = train(ws, packing=True, gradient_checkpointing=1, micro_batch=4)
+
+    assert (plain_plan["micro_batch"], plain_plan["checkpoint_layers"]) == (16, 0)  # CPU, no budget: the fastest
+    assert (fast_info["micro_batch"], fast_info["checkpoint_layers"], fast_info["packing"]) == (4, 1, True)
+    assert fast_plan["grad_accum"] == 4 and fast_info["steps"] == plain_info["steps"] == 20
+    assert len(plain_loss) == len(fast_loss) > 0
+    for a, b in zip(plain_loss["loss"], fast_loss["loss"]):
+        assert b == pytest.approx(a, rel=LOSS_RTOL)
+    assert plain_adapter.keys() == fast_adapter.keys()
+    for name, tensor in plain_adapter.items():
+        torch.testing.assert_close(fast_adapter[name], tensor, rtol=0, atol=ADAPTER_ATOL, msg=name)
