@@ -135,7 +135,7 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
     quant = quantization_config(setup.method, dtype)
     attn = fastpath.register_packed_attention() if speed.packing else None
     model = load_model(ref, dtype, quantization_config=quant, attn_implementation=attn,
-                       device_map={"": device().index or 0} if quant is not None else None)
+                       device_map={"": device().index or 0} if torch.cuda.is_available() else None)
     model.config.use_cache = False
     if speed.fused:
         fastpath.apply_fused_kernels(model)

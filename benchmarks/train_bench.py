@@ -1,0 +1,147 @@
+"""Training speed and memory on a GPU: loraflow's train-stage path (tasks/train.py with the memory
+plan and the fast path) on a random-init Llama-3.1-8B, beside the plain-HF peer from the same run.
+
+    python benchmarks/train_bench.py make CKPT                      # random bf16 checkpoint (no hub here)
+    python benchmarks/train_bench.py ours CKPT --method lora --seqs 512,2048,8192 --rows 1 --checkpoint 0
+    python benchmarks/train_bench.py ours CKPT --method lora --seqs 2048 --rows 8 --budget-gib 24
+    python benchmarks/train_bench.py peer CKPT lora 2048 1          # benchmarks/peers/gpu_ladder.py's rung
+
+Each `ours` line: the plan's settings and predicted peak by part, the measured peak
+(torch.cuda.max_memory_allocated over the run, what the peers report), tokens/s (median optimizer
+step of steps 2..N), and MFU by the peers' formula.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PEER = ROOT / "benchmarks/peers/gpu_ladder.py"
+N_PARAMS = 8_030_261_248
+PEAK_TFLOPS = 989.0
+
+
+def make(path: str) -> None:
+    subprocess.run([sys.executable, str(PEER), "make", path], check=True)
+
+
+class Rows(torch.utils.data.Dataset):
+    """Random token rows, every token trained (as the peers' rungs)."""
+    def __init__(self, n: int, seq: int, vocab: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = [torch.randint(0, vocab, (seq,), generator=g).tolist() for _ in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def step_timer():
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        """Optimizer-step durations: the gaps between consecutive step ends."""
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+        @property
+        def times(self):
+            return [b - a for a, b in zip(self.ends, self.ends[1:])]
+    return Timer()
+
+
+def ours(args) -> None:
+    from loraflow import memplan
+    from loraflow.modeling import BaseRef, load_config
+    from loraflow.params import TrainParams
+    from tasks import train
+
+    ref = BaseRef(args.ckpt)
+    config = load_config(ref)
+    seqs = [int(s) for s in args.seqs.split(",")]
+    checkpoint = "auto" if args.checkpoint == "auto" else int(args.checkpoint)
+    params = TrainParams(method=args.method, rank=16, alpha=32, target_modules="all-linear", batch_size=args.rows,
+                         gradient_checkpointing=checkpoint, micro_batch="auto" if args.micro == "auto" else int(args.micro),
+                         memory_budget_gib=args.budget_gib, packing=True, fused_kernels=not args.plain,
+                         optimizer=args.optimizer, max_steps=args.steps, save_steps=10**6, logging_steps=10**6, lr=2e-4)
+    speed = train.resolve_speed(params, config.model_type)
+    model, model_setup = None, None
+    for seq in seqs:
+        plan = train.make_plan(params, config, seq, speed, torch.bfloat16)
+        setup = plan.chosen.setup
+        if model is None or (setup.method, setup.checkpoint_layers) != model_setup:
+            model = None
+            gc.collect(); torch.cuda.empty_cache()
+            t0 = time.perf_counter()
+            model = train.build_peft_model(params, ref, torch.bfloat16, setup, speed)
+            load_s = time.perf_counter() - t0
+            model_setup = (setup.method, setup.checkpoint_layers)
+        weights = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        timer = step_timer()
+        data = Rows(args.rows * args.steps, seq, config.vocab_size)
+        trainer = train.make_trainer(params, model, plan, speed, data, None, 0, Path("/tmp/bench_out"),
+                                     torch.bfloat16, [timer])
+        error = None
+        try:
+            trainer.train()
+        except torch.OutOfMemoryError as e:
+            error = str(e).splitlines()[0]
+        peak = torch.cuda.max_memory_allocated()
+        times = timer.times or [float("nan")]
+        step = statistics.median(times)
+        tokens = args.rows * seq
+        tok_s = tokens / step
+        flops = 4 * N_PARAMS + 12 * config.num_hidden_layers * config.hidden_size * seq
+        print(json.dumps({
+            "bench": "ours", "method": setup.method, "seq": seq, "rows_per_step": args.rows,
+            "micro_batch": plan.chosen.micro_batch, "checkpoint_layers": setup.checkpoint_layers,
+            "fused": setup.fused, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
+            "predicted_gib": {k: memplan.gib(v) for k, v in plan.chosen.parts.items()},
+            "measured_peak_gib": memplan.gib(peak), "loaded_gib": memplan.gib(weights),
+            "error_pct": round(100 * (plan.chosen.parts["peak"] - peak) / peak, 1),
+            "peak_reserved_gib": memplan.gib(torch.cuda.max_memory_reserved()),
+            "step_s": round(step, 3), "steps_timed": len(times), "tok_s": round(tok_s), "mfu": round(tok_s * flops / (PEAK_TFLOPS * 1e12), 3),
+            "load_s": round(load_s, 1), "oom": error}), flush=True)
+        trainer.optimizer = None
+        del trainer
+        model.zero_grad(set_to_none=True)
+        gc.collect(); torch.cuda.empty_cache()
+
+
+def peer(args) -> None:
+    subprocess.run([sys.executable, str(PEER), "rung", args.name, args.ckpt, args.seq, args.batch], check=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make"); m.add_argument("ckpt")
+    o = sub.add_parser("ours"); o.add_argument("ckpt")
+    o.add_argument("--method", default="lora"); o.add_argument("--seqs", default="2048")
+    o.add_argument("--rows", type=int, default=1, help="rows per optimizer step")
+    o.add_argument("--micro", default="auto"); o.add_argument("--checkpoint", default="auto")
+    o.add_argument("--budget-gib", type=float, default=None); o.add_argument("--steps", type=int, default=5)
+    o.add_argument("--optimizer", default="adamw"); o.add_argument("--plain", action="store_true")
+    r = sub.add_parser("peer"); r.add_argument("ckpt"); r.add_argument("name"); r.add_argument("seq"); r.add_argument("batch")
+    args = p.parse_args()
+    {"make": lambda a: make(a.ckpt), "ours": ours, "peer": peer}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
