@@ -191,10 +191,18 @@ def estimate(arch: Arch, s: Setup) -> dict[str, float]:
     return parts
 
 
+OCCUPANCY_TOKENS = 800
+"""Micro-batch size at which a step runs at half its best rate per token: on the H200, 8B LoRA ran
+2048-token micro-batches at 0.754 of the rate of 16384-token ones (benchmarks/results/train-h200-run1.jsonl),
+and T / (T + 800) fits that ratio."""
+
+
 def relative_step_cost(arch: Arch, s: Setup) -> float:
-    """Work per token relative to no recomputation: a frozen base costs ~2 units forward and ~2
-    backward; each checkpointed layer adds its forward again."""
-    return (4 + 2 * s.checkpoint_layers / arch.layers) / 4
+    """Time per token relative to no recomputation at full occupancy: a frozen base costs ~2 units
+    forward and ~2 backward, each checkpointed layer adds its forward again, and small micro-batches
+    leave the GPU partly idle."""
+    recompute = (4 + 2 * s.checkpoint_layers / arch.layers) / 4
+    return recompute * (s.tokens + OCCUPANCY_TOKENS) / s.tokens
 
 
 @dataclass(frozen=True)
@@ -232,9 +240,8 @@ def gib(n: float | None) -> float | None:
 
 def candidates(arch: Arch, base: Setup, max_length: int, rows_per_step: int,
                micro_batch: int | None, checkpoint_layers: int | None, methods: tuple[str, ...]) -> list[Choice]:
-    """Every setting the plan may pick, fastest first: a cheaper method, then less recomputation,
-    then a larger micro-batch (recomputation costs a fixed share of each step; a larger micro-batch
-    only raises occupancy)."""
+    """Every setting the plan may pick, fastest first: a cheaper method, then the lowest
+    relative_step_cost (recomputation against micro-batch occupancy)."""
     batches = [micro_batch] if micro_batch else [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0]
     ckpts = [checkpoint_layers] if checkpoint_layers is not None else list(range(arch.layers + 1))
     out = []
@@ -243,7 +250,8 @@ def candidates(arch: Arch, base: Setup, max_length: int, rows_per_step: int,
             for m in batches:
                 s = replace(base, method=method, checkpoint_layers=k, tokens=m * max_length)
                 out.append(Choice(s, m, estimate(arch, s), False))
-    return out
+    rank = {m: i for i, m in enumerate(methods)}
+    return sorted(out, key=lambda c: (rank[c.setup.method], relative_step_cost(arch, c.setup)))
 
 
 def make_plan(arch: Arch, base: Setup, max_length: int, rows_per_step: int, budget_bytes: float | None,
