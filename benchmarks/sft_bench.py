@@ -6,7 +6,8 @@ SFTTrainer with its defaults and TRL with padding-free + Liger, in one run, same
 Row lengths: lognormal with median 350 tokens and sigma 0.9, clipped to [16, 2048] (seed 0): a long
 right tail like instruction/chat SFT sets (most rows a few hundred tokens, a few near the limit).
 Every token is trained. TRL runs with its defaults (batch 8, gradient checkpointing on) except
-max_length=2048, so that it trains the same, untruncated rows.
+max_length=2048, so that it trains the same, untruncated rows (None with padding-free, which TRL
+requires there; no row is longer anyway).
 """
 from __future__ import annotations
 
@@ -97,8 +98,9 @@ def run_trl(ckpt: str, data: list[list[int]], rows_per_step: int, steps: int, pa
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0})
-    extra = {"padding_free": True, "use_liger_kernel": True} if padding_free_liger else {}
-    args = SFTConfig(output_dir="/tmp/sft_trl", max_length=MAX_LEN, max_steps=steps, per_device_train_batch_size=rows_per_step,
+    # TRL refuses max_length with padding-free and no packing; the rows are <= MAX_LEN already
+    extra = {"padding_free": True, "use_liger_kernel": True, "max_length": None} if padding_free_liger else {"max_length": MAX_LEN}
+    args = SFTConfig(output_dir="/tmp/sft_trl", max_steps=steps, per_device_train_batch_size=rows_per_step,
                      save_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True, **extra)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": data}),
                          processing_class=tiny_tokenizer(),

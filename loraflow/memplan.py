@@ -127,7 +127,8 @@ def layer_saved_bytes(arch: Arch, s: Setup) -> float:
     - attention: q, k, v, its output (also o_proj's input) and an fp32 log-sum-exp per head;
     - MLP: fused SwiGLU keeps gate and up; plain keeps gate, silu(gate) and up; plus their product,
       down_proj's input;
-    - each adapted projection: its rank-r LoRA A output.
+    - each adapted projection: its rank-r LoRA A output;
+    - 8-bit bases: the int8 matmul's own fp16 copy of down_proj's input.
     """
     a, h, i = s.act_bytes, arch.hidden, arch.intermediate
     targets = set(s.targets)
@@ -138,6 +139,10 @@ def layer_saved_bytes(arch: Arch, s: Setup) -> float:
     attention = a * (2 * arch.heads * arch.head_dim + 2 * arch.kv_heads * arch.head_dim) + 4 * arch.heads
     mlp = (2 if s.fused else 3) * a * i
     down_in = a * i if keep_all_inputs or "down_proj" in targets else 0
+    if s.method == "lora8":
+        # bitsandbytes' int8 matmul keeps a copy of down_proj's input of its own, beside the one the
+        # adapter keeps (2 * intermediate bytes a token, measured by benchmarks/lora8_probe.py)
+        down_in += 2 * i
     lora_mid = a * s.rank * len(targets & set(LINEAR_NAMES))
     return 2 * norm + attn_in + mlp_in + attention + mlp + down_in + lora_mid
 

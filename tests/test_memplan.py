@@ -47,6 +47,8 @@ def test_layer_activations_by_hand():
     assert memplan.layer_saved_bytes(TINY, Setup(rank=2)) == 40 + 32 + 56 + 64 + 32 + 28
     # plain: fp32 norm inputs 2*(32+4), gate + silu + up 3*2*16
     assert memplan.layer_saved_bytes(TINY, Setup(rank=2, fused=False)) == 72 + 32 + 56 + 96 + 32 + 28
+    # 8-bit: the int8 matmul's own fp16 copy of down_proj's input, 2 * 16
+    assert memplan.layer_saved_bytes(TINY, Setup(rank=2, method="lora8")) == 252 + 32
     checkpointed = memplan.activation_bytes_per_token(TINY, Setup(rank=2, checkpoint_layers=2))
     assert checkpointed == 2 * (2 * 8) + (2 * 2 * 4 + 8) + (2 * 8 + 4)  # two layer inputs, rope+ids, final norm
 
