@@ -13,7 +13,7 @@ what=${1:-all}; methods=${2:-"lora qlora lora8"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt"
 python3 -c "from importlib.metadata import version as v; print({p: v(p) for p in ['torch','transformers','peft','bitsandbytes','liger-kernel','trl','accelerate']})" >> "$OUT/device.txt" 2>&1
 [ -d $CKPT ] || $B make $CKPT 2>&1 | tail -1
-keep() { grep '^{' | sed "s/^{/{\"rung\": \"$1\", /"; }
+keep() { grep '^{"' | sed "s/^{/{\"rung\": \"$1\", /"; }
 if [ "$what" = plan ] || [ "$what" = all ]; then
   for m in $methods; do
     $B ours $CKPT --method $m --seqs 512,2048,8192 --rows 1 --micro 1 --checkpoint 0 --steps 4 2>>"$OUT/err.txt" | keep "plan-$m" >> "$OUT/results.jsonl"
