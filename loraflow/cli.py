@@ -5,6 +5,8 @@
     loraflow repro                         the pipeline with `dvc repro` (what `make run` does)
     loraflow serve --name N --cron "0 3 * * *"   serve the flow as a scheduled deployment
     loraflow lineage                       print raw data -> ... -> metrics for this workspace
+    loraflow plan [--model DIR|ID] [--seq N] [--batch N] [--method M] [--budget-gib G]
+                                           the memory plan the train stage would make, without training
 """
 from __future__ import annotations
 
@@ -31,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--workdir", default=".")
     p_lin = sub.add_parser("lineage", help="print the lineage of this workspace's results")
     p_lin.add_argument("--json", action="store_true", help="print reports/lineage.json as JSON")
+    p_plan = sub.add_parser("plan", help="print the memory plan for training, without training")
+    p_plan.add_argument("--model", help="model directory (a config.json is enough) or hub id; default: models/base")
+    p_plan.add_argument("--seq", type=int, help="longest row in tokens; default: the train split's, else tokenize.max_length")
+    p_plan.add_argument("--batch", type=int, help="rows per optimizer step (train.batch_size)")
+    p_plan.add_argument("--method", choices=["lora", "lora8", "qlora", "auto"])
+    p_plan.add_argument("--budget-gib", type=float, help="GPU memory to plan for (train.memory_budget_gib)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,10 +57,49 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "lineage":
             return lineage(args.json)
+        if args.command == "plan":
+            return plan(args)
     except LoraflowError as e:
         print(f"loraflow {args.command}: error: {e}", file=sys.stderr)
         return 2
     return subprocess.call([str(Path(sys.executable).parent / "dvc"), "repro"])
+
+
+def plan(args) -> int:
+    """The train stage's own planning code, on params.yaml with the flags' changes."""
+    import torch
+    import yaml
+    from loraflow import layout, memplan
+    from loraflow.modeling import BaseRef, compute_dtype, load_config, resolve_base
+    from loraflow.params import TokenizeParams, TrainParams
+    from tasks import train
+    raw = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").exists() else {}
+    changes = {k: v for k, v in {"batch_size": args.batch, "method": args.method,
+                                 "memory_budget_gib": args.budget_gib}.items() if v is not None}
+    params = TrainParams(**{**raw.get("train", {}), **changes})
+    ref = BaseRef(args.model) if args.model else resolve_base(layout.BASE_DIR)
+    config = load_config(ref)
+    seq = args.seq or longest_train_row() or TokenizeParams(**raw.get("tokenize", {})).max_length
+    if torch.cuda.is_available():
+        speed, dtype = train.resolve_speed(params, config.model_type), compute_dtype(params.dtype)
+    else:
+        # plan for the GPU the run is meant for: bf16, and the fast path unless params turn it off
+        speed = train.Speed(packing=params.packing is not False, fused=params.fused_kernels is not False)
+        dtype = torch.bfloat16 if params.dtype == "auto" else compute_dtype(params.dtype)
+        print(f"no GPU here: planning for a CUDA GPU ({str(dtype)[6:]}, packing {speed.packing}, fused kernels {speed.fused})")
+    result = train.make_plan(params, config, seq, speed, dtype)
+    print(memplan.render(result))
+    train.write_plan(result, layout.PLAN_PREVIEW_MD, layout.PLAN_PREVIEW_JSON)
+    print(f"written to {layout.PLAN_PREVIEW_MD} and {layout.PLAN_PREVIEW_JSON}")
+    return 0
+
+
+def longest_train_row() -> int | None:
+    from loraflow import layout
+    if not layout.TRAIN_TOKENS.exists():
+        return None
+    import pandas as pd
+    return int(pd.read_parquet(layout.TRAIN_TOKENS, columns=["input_ids"])["input_ids"].map(len).max())
 
 
 def lineage(as_json: bool) -> int:

@@ -28,6 +28,8 @@ LOSS_CSV = Path("reports/train_loss.csv")
 LOSS_PNG = Path("reports/train_loss.png")
 MEMORY_PLAN_MD = Path("reports/memory_plan.md")
 MEMORY_PLAN_JSON = Path("reports/memory_plan.json")
+PLAN_PREVIEW_MD = Path("reports/memory_plan_preview.md")
+PLAN_PREVIEW_JSON = Path("reports/memory_plan_preview.json")
 
 MERGED_DIR = Path("models/merged")
 MERGE_CHECK = Path("reports/merge_check.json")

@@ -331,7 +331,7 @@ def plan_for_params(params, arch: Arch, max_length: int, act_bytes: int, fused: 
     if micro is not None and rows % micro:
         raise LoraflowError(f"train.micro_batch={micro} must divide batch_size * grad_accum = {rows}")
     budget = params.memory_budget_gib * GIB if params.memory_budget_gib else gpu_free_bytes
-    methods = METHODS_FASTEST_FIRST if params.method == "auto" and gpu_free_bytes is not None else None
+    methods = METHODS_FASTEST_FIRST if params.method == "auto" and budget is not None else None
     return make_plan(arch, setup_for_params(params, arch, act_bytes, fused), max_length, rows, budget,
                      micro_batch=micro, checkpoint_layers=fixed_checkpoint_layers(params.gradient_checkpointing, arch.layers),
                      methods=methods)

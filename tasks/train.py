@@ -114,17 +114,18 @@ def make_plan(params: TrainParams, config, max_length: int, speed: Speed, dtype:
                                    gpu_free_bytes=free)
 
 
-def write_plan(plan: memplan.Plan) -> None:
+def write_plan(plan: memplan.Plan, md: Path = layout.MEMORY_PLAN_MD, as_json: Path = layout.MEMORY_PLAN_JSON) -> None:
+    """Log the plan as a table, write it to reports/, and stop when it does not fit."""
     table = memplan.render(plan)
     for line in table.splitlines():
         log.info("%s", line)
-    write_text(layout.MEMORY_PLAN_MD, "# Memory plan\n\n" + table + "\n")
-    write_text(layout.MEMORY_PLAN_JSON, json.dumps(plan.to_dict(), indent=2))
+    write_text(md, "# Memory plan\n\n" + table + "\n")
+    write_text(as_json, json.dumps(plan.to_dict(), indent=2))
     if not plan.chosen.fits:
         raise LoraflowError(f"the memory plan does not fit: {plan.chosen.parts['peak'] / memplan.GIB:.2f} GiB "
                             f"predicted at best, budget {plan.budget_bytes / memplan.GIB:.2f} GiB less "
                             f"{memplan.SAFETY_MARGIN:.0%}. Next rung down: {memplan.next_rung_down(plan)} "
-                            f"(see {layout.MEMORY_PLAN_MD})")
+                            f"(see {md})")
 
 
 def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: memplan.Setup, speed: Speed):

@@ -134,3 +134,24 @@ def test_train_stage_refuses_a_plan_that_does_not_fit_before_loading_weights(tmp
 def test_micro_batch_must_divide_the_rows_of_a_step():
     with pytest.raises(LoraflowError, match="must divide"):
         memplan.plan_for_params(TrainParams(batch_size=16, micro_batch=3), TINY, 64, 2, True, None)
+
+
+def test_loraflow_plan_command_prints_writes_and_refuses(tmp_path):
+    """`loraflow plan` on its own: the real config of Llama-3.1-8B (no weights needed), this project's params."""
+    import shutil
+    import subprocess
+    from conftest import BIN, ROOT
+    # an instruct base: no modules_to_save beside the adapter
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("modules_to_save: [lm_head]", "modules_to_save: []"))
+    model = str(ROOT / "benchmarks/configs/llama-3.1-8b")
+    run = lambda *a: subprocess.run([str(BIN / "loraflow"), "plan", "--model", model, "--seq", "2048", "--batch", "8", *a],
+                                    cwd=tmp_path, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    ok = run("--budget-gib", "80")
+    assert ok.returncode == 0, ok.stderr
+    assert "| weights | 14.95" in ok.stdout and ": fits;" in ok.stdout
+    written = json.loads((tmp_path / "reports/memory_plan_preview.json").read_text())
+    assert written["fits"] and written["predicted_gib"]["peak"] <= 80 * (1 - memplan.SAFETY_MARGIN)
+    hopeless = run("--budget-gib", "4")
+    assert hopeless.returncode == 2 and "Next rung down" in hopeless.stderr and "Traceback" not in hopeless.stderr
+    auto = run("--budget-gib", "12", "--method", "auto")
+    assert auto.returncode == 0 and "method lora8" in auto.stdout and ": fits;" in auto.stdout  # lora is 16.7 GiB at best
