@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.train_bench import save_random_llama  # noqa: E402
 from loraflow import fastpath  # noqa: E402
 
 T = 4096
@@ -35,14 +36,7 @@ def probe(path, method, targets):
 
 
 def main():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    path = "/dev/shm/probe2"
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        LlamaForCausalLM(cfg).save_pretrained(path)
-    torch.set_default_dtype(torch.float32)
+    path = save_random_llama("/dev/shm/probe2", layers=2)
     for targets in (["q_proj"], ["o_proj"], ["gate_proj"], ["down_proj"], "all-linear"):
         out = {m: round(probe(path, m, targets)) for m in ("lora", "lora8")}
         print(json.dumps({"targets": targets, "bytes_per_token_per_layer": out, "lora8_extra": out["lora8"] - out["lora"]}), flush=True)

@@ -34,6 +34,19 @@ def make(path: str) -> None:
     subprocess.run([sys.executable, str(PEER), "make", path], check=True)
 
 
+def save_random_llama(path: str, layers: int) -> str:
+    """A random bf16 model with Llama-3.1-8B's shapes and `layers` decoder layers, saved on the GPU's host."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        LlamaForCausalLM(cfg).save_pretrained(path)
+    torch.set_default_dtype(torch.float32)
+    return path
+
+
 class Rows(torch.utils.data.Dataset):
     """Random token rows, every token trained (as the peers' rungs)."""
     def __init__(self, n: int, seq: int, vocab: int, seed: int = 0):
