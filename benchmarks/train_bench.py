@@ -34,7 +34,7 @@ def make(path: str) -> None:
     subprocess.run([sys.executable, str(PEER), "make", path], check=True)
 
 
-def save_random_llama(path: str, layers: int) -> str:
+def save_random_llama(path: str, layers: int, max_shard_size: str = "50GB") -> str:
     """A random bf16 model with Llama-3.1-8B's shapes and `layers` decoder layers, saved on the GPU's host."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ def save_random_llama(path: str, layers: int) -> str:
                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        LlamaForCausalLM(cfg).save_pretrained(path)
+        LlamaForCausalLM(cfg).save_pretrained(path, max_shard_size=max_shard_size)
     torch.set_default_dtype(torch.float32)
     return path
 

@@ -78,3 +78,25 @@ def load_model(ref: BaseRef, dtype: torch.dtype, quantization_config=None, devic
     except OSError as e:
         raise LoraflowError(f"{ref.location}: could not load the base model ({e}). Weights must be "
                             "safetensors; for a hub id, check the name, revision and network/HF_HUB_OFFLINE.") from None
+
+
+def quantization_config(method: str, dtype: torch.dtype):
+    if method not in ("lora8", "qlora"):
+        return None
+    if not torch.cuda.is_available():
+        raise LoraflowError(f"train.method={method} needs a CUDA GPU (bitsandbytes kernels). "
+                            "On CPU use train.method: lora.")
+    from transformers import BitsAndBytesConfig
+    if method == "lora8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def local_model_dir(ref: BaseRef) -> Path:
+    """The directory holding the base's safetensors: the path itself, or the hub snapshot in the local cache
+    (fetched when HF_HUB_OFFLINE allows)."""
+    if Path(ref.location).is_dir():
+        return Path(ref.location)
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(ref.location, revision=ref.revision, allow_patterns=["*.safetensors", "*.json"]))

@@ -171,6 +171,10 @@ class MergeParams(Section):
     """Largest allowed absolute logit difference (float32); bf16 merges need about 5e-2."""
     min_greedy_agreement: float = Field(1.0, ge=0, le=1)
     """Share of probe prompts whose greedy continuation must be identical before and after merging."""
+    qlora_base: Literal["dequantized", "original"] = "dequantized"
+    """After QLoRA, merge into the dequantized 4-bit base (what the adapter was trained against, so
+    the merged model computes what training computed) or into the original 16-bit weights. Both are
+    checked against the trained 4-bit model and reported side by side in reports/merge_check.json."""
 
 
 class EvaluateParams(Section):

@@ -2,17 +2,25 @@
 
     python -m tasks.merge       (or: dvc repro merge)
 
-The base is always loaded unquantized (after QLoRA too: the adapter is merged into the 16-bit
-weights, never into 4-bit ones) and the choice is recorded. Before and after merging, the model
-runs on probe prompts from the eval split; the merge fails when the logits differ by more than
-merge.atol or the greedy continuations disagree more than merge.min_greedy_agreement allows.
+The merge streams: one safetensors shard of the base at a time is read, merged and written
+(loraflow/merging.py), so the CPU never holds more than a shard of the model. The merged model is
+then checked against the model that was trained, base + adapter (after QLoRA: the 4-bit base +
+adapter), on probe prompts from the eval split: the largest absolute and relative logit
+differences, and agreement of greedy continuations. The merge fails, publishing nothing, when the
+logits differ by more than merge.atol or fewer than merge.min_greedy_agreement of the greedy
+continuations agree.
+
+After QLoRA both merge bases are checked (the dequantized 4-bit weights and the original 16-bit
+ones) and reported side by side; merge.qlora_base chooses which one is published.
 
 Imports neither prefect, dvc nor pandera: this stage also runs on minimal GPU machines.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import shutil
 
 import pandas as pd
 import torch
@@ -21,7 +29,9 @@ from loraflow import layout
 from loraflow.artifacts import atomic_path, sha256_tree, write_json
 from loraflow.errors import LoraflowError
 from loraflow.generation import greedy_generate
-from loraflow.modeling import compute_dtype, device, load_model, load_tokenizer, resolve_base
+from loraflow.merging import merge_shards
+from loraflow.modeling import (BaseRef, compute_dtype, device, load_model, load_tokenizer, local_model_dir,
+                               quantization_config, resolve_base)
 from loraflow.params import MergeParams
 from loraflow.stage import main
 
@@ -48,42 +58,84 @@ def compare(before: torch.Tensor, after: torch.Tensor, greedy_before: list[str],
             "greedy_agreement": sum(a == b for a, b in zip(greedy_before, greedy_after)) / max(len(greedy_before), 1)}
 
 
-def run(params: MergeParams) -> dict:
-    from peft import PeftModel
+def free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
+
+def trained_model_probe(ref, method: str, dtype: torch.dtype, tokenizer, prompts):
+    """The model as training saw it: the base (4-bit after QLoRA) with the adapter, unmerged."""
+    from peft import PeftModel
+    on_gpu = torch.cuda.is_available()
+    base = load_model(ref, dtype, quantization_config=quantization_config(method, dtype) if method == "qlora" else None,
+                      device_map={"": device().index or 0} if on_gpu else None)
+    model = PeftModel.from_pretrained(base, layout.ADAPTER_DIR).eval()
+    result = probe(model, tokenizer, prompts)
+    free(model)
+    return result
+
+
+def merged_probe(path, dtype: torch.dtype, tokenizer, prompts):
+    model = load_model(BaseRef(str(path)), dtype, device_map={"": device().index or 0} if torch.cuda.is_available() else None)
+    result = probe(model.eval(), tokenizer, prompts)
+    free(model)
+    return result
+
+
+def run(params: MergeParams) -> dict:
     ref = resolve_base(layout.BASE_DIR)
     tokenizer = load_tokenizer(ref)
-    train_info = json.loads((layout.ADAPTER_DIR / "train_info.json").read_text())
+    method = json.loads((layout.ADAPTER_DIR / "train_info.json").read_text())["method"]
     dtype = torch.float32 if params.dtype == "auto" and device().type == "cpu" else compute_dtype(params.dtype)
-    base = load_model(ref, dtype).to(device())
-    model = PeftModel.from_pretrained(base, layout.ADAPTER_DIR).eval()
     prompts = list(pd.read_parquet(layout.EVAL_TOKENS).sort_values("id")["prompt"].head(params.probe_prompts))
+    logits_trained, greedy_trained = trained_model_probe(ref, method, dtype, tokenizer, prompts)
+    base_dir = local_model_dir(ref)
 
-    logits_adapter, greedy_adapter = probe(model, tokenizer, prompts)
-    merged = model.merge_and_unload().eval()
-    logits_merged, greedy_merged = probe(merged, tokenizer, prompts)
-    check = {**compare(logits_adapter, logits_merged, greedy_adapter, greedy_merged),
-             "atol": params.atol, "min_greedy_agreement": params.min_greedy_agreement,
-             "probe_prompts": len(prompts), "dtype": str(dtype).replace("torch.", ""),
-             "adapter_method": train_info["method"],
-             "merged_into": "unquantized base" + (" (adapter trained on its 4-bit nf4 copy)" if train_info["method"] == "qlora" else ""),
-             "base": ref.location, "base_revision": ref.revision, "adapter_sha256": sha256_tree(layout.ADAPTER_DIR)}
-    check["passed"] = check["max_abs_logit_diff"] <= params.atol and check["greedy_agreement"] >= params.min_greedy_agreement
-    write_json(layout.MERGE_CHECK, check)
-    if not check["passed"]:
-        raise LoraflowError(
-            f"merged model differs from base+adapter: max |logit diff| {check['max_abs_logit_diff']:.3g} "
-            f"(merge.atol {params.atol}), greedy agreement {check['greedy_agreement']:.0%} "
-            f"(merge.min_greedy_agreement {params.min_greedy_agreement:.0%}). See {layout.MERGE_CHECK}. In a 16-bit "
-            "dtype, rounding alone can reach about 5e-2: merge in float32 (merge.dtype) or raise merge.atol.")
+    def merge_and_check(out_dir, nf4_base: bool) -> dict:
+        info = merge_shards(base_dir, layout.ADAPTER_DIR, out_dir, out_dtype=dtype, nf4_base=nf4_base,
+                            compute_dtype=dtype, work=device())
+        logits, greedy = merged_probe(out_dir, dtype, tokenizer, prompts)
+        return {**compare(logits_trained, logits, greedy_trained, greedy), "merge": info}
+
+    bases = {"dequantized": True, "original": False} if method == "qlora" else {"original": False}
+    chosen = params.qlora_base if method == "qlora" else "original"
     with atomic_path(layout.MERGED_DIR, is_dir=True) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        results = {chosen: merge_and_check(tmp, bases[chosen])}
+        for other in set(bases) - {chosen}:  # reported beside the chosen one, not published
+            scratch = layout.MERGED_DIR.with_name(f".{layout.MERGED_DIR.name}.{other}")
+            try:
+                results[other] = merge_and_check(scratch, bases[other])
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        check = {**{k: v for k, v in results[chosen].items() if k != "merge"}, "merge": results[chosen]["merge"],
+                 "atol": params.atol, "min_greedy_agreement": params.min_greedy_agreement,
+                 "probe_prompts": len(prompts), "dtype": str(dtype).replace("torch.", ""), "adapter_method": method,
+                 "merged_into": {"original": "the unquantized base",
+                                 "dequantized": "the dequantized 4-bit nf4 base the adapter was trained on"}[chosen],
+                 "base": ref.location, "base_revision": ref.revision, "adapter_sha256": sha256_tree(layout.ADAPTER_DIR)}
+        if method == "qlora":
+            check["qlora_bases"] = {k: {m: v[m] for m in ("max_abs_logit_diff", "max_rel_logit_diff", "greedy_agreement")}
+                                    for k, v in results.items()}
+            check["qlora_base_closest_to_trained"] = min(results, key=lambda k: results[k]["max_abs_logit_diff"])
+        check["passed"] = check["max_abs_logit_diff"] <= params.atol and check["greedy_agreement"] >= params.min_greedy_agreement
+        write_json(layout.MERGE_CHECK, check)
+        if not check["passed"]:
+            raise LoraflowError(
+                f"merged model differs from the trained one (base+adapter): max |logit diff| "
+                f"{check['max_abs_logit_diff']:.3g} (merge.atol {params.atol}), greedy agreement "
+                f"{check['greedy_agreement']:.0%} (merge.min_greedy_agreement {params.min_greedy_agreement:.0%}). "
+                f"See {layout.MERGE_CHECK}. In a 16-bit dtype, rounding alone can reach about 5e-2: merge in "
+                "float32 (merge.dtype) or raise merge.atol.")
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "merge_info.json", {k: check[k] for k in ("base", "base_revision", "merged_into",
                                                                      "adapter_sha256", "dtype")})
-    log.info("merge check passed: max |logit diff| %.2e, greedy agreement %.0f%%",
-             check["max_abs_logit_diff"], 100 * check["greedy_agreement"])
-    return {k: check[k] for k in ("max_abs_logit_diff", "greedy_agreement", "probe_prompts", "dtype", "merged_into")}
+    log.info("merge check passed: max |logit diff| %.2e, greedy agreement %.0f%%; %d shards in %.1fs, peak RSS %.2f GiB",
+             check["max_abs_logit_diff"], 100 * check["greedy_agreement"], check["merge"]["shards"],
+             check["merge"]["seconds"], check["merge"]["peak_rss_gib"])
+    return {k: check[k] for k in ("max_abs_logit_diff", "max_rel_logit_diff", "greedy_agreement", "probe_prompts",
+                                  "dtype", "merged_into")} | {"merge_seconds": check["merge"]["seconds"]}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from loraflow.artifacts import atomic_path, sha256_file, sha256_tree, write_text
 from loraflow.errors import LoraflowError
 from loraflow.faults import maybe_die
 from loraflow.masking import IGNORE_INDEX
-from loraflow.modeling import compute_dtype, device, load_config, load_model, load_tokenizer, resolve_base
+from loraflow.modeling import (compute_dtype, device, load_config, load_model, load_tokenizer, quantization_config,
+                               resolve_base)
 from loraflow.params import TrainParams
 from loraflow.plots import line_plot
 from loraflow.stage import main
@@ -63,19 +64,6 @@ def pad_collator(pad_id: int):
             attn[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": attn}
     return collate
-
-
-def quantization_config(method: str, dtype: torch.dtype):
-    if method not in ("lora8", "qlora"):
-        return None
-    if not torch.cuda.is_available():
-        raise LoraflowError(f"train.method={method} needs a CUDA GPU (bitsandbytes kernels). "
-                            "On CPU use train.method: lora.")
-    from transformers import BitsAndBytesConfig
-    if method == "lora8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
 
 
 def lora_config(params: TrainParams):

@@ -1,0 +1,95 @@
+"""The streaming merge (loraflow/merging.py): shard by shard it gives what peft's merge_and_unload
+gives, into the original or the nf4-dequantized base, and it never holds the whole model in memory."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from loraflow.errors import LoraflowError
+from loraflow.merging import base_shards, is_quantized_linear, merge_shards, nf4_roundtrip
+
+
+def make_sharded_base(path, hidden=32, layers=2, vocab=400, inter=64, shard="40KB"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1))
+    model.save_pretrained(path, safe_serialization=True, max_shard_size=shard)
+    return path
+
+
+def make_adapter(base_dir, adapter_dir, modules_to_save=("lm_head",)):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(1)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                                            modules_to_save=list(modules_to_save), task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.01)  # a trained head differs from the base's
+    peft.save_pretrained(adapter_dir, safe_serialization=True)
+
+
+def peft_merged(base_dir, adapter_dir, nf4_base=False):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if nf4_base:
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if is_quantized_linear(name, p):
+                    p.copy_(nf4_roundtrip(p, torch.bfloat16).float())
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().state_dict()
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    base = make_sharded_base(root / "base")
+    make_adapter(base, root / "adapter")
+    return base, root / "adapter", root
+
+
+@pytest.mark.parametrize("nf4_base", [False, True], ids=["original", "dequantized-nf4"])
+def test_streaming_merge_equals_peft_merge_and_unload(base_and_adapter, nf4_base):
+    base, adapter, root = base_and_adapter
+    assert len(base_shards(base)) >= 3, "the test needs a sharded base"
+    out = root / f"merged-{nf4_base}"
+    info = merge_shards(base, adapter, out, out_dtype=torch.float32, nf4_base=nf4_base)
+    assert info["shards"] == len(base_shards(base)) and info["merged_weights"] == 2 * 7 and info["replaced_weights"] == 1
+    merged = {k: v for shard in base_shards(out) for k, v in load_file(str(shard)).items()}
+    expected = peft_merged(base, adapter, nf4_base)
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+    original = {k: v for shard in base_shards(base) for k, v in load_file(str(shard)).items()}
+    changed = {k for k in original if not torch.equal(original[k], merged[k])}
+    assert len(changed) == 2 * 7 + 1, "every adapted projection and the trained head change, nothing else"
+
+
+def test_an_adapter_for_another_base_is_refused(base_and_adapter, tmp_path):
+    _, adapter, _ = base_and_adapter
+    other = make_sharded_base(tmp_path / "other", layers=1)
+    with pytest.raises(LoraflowError, match="adapter weights have no base weight"):
+        merge_shards(other, adapter, tmp_path / "out")
+
+
+def test_streaming_merge_holds_about_one_shard_not_the_model(tmp_path):
+    """A 110 MB base in 10 MB shards: the merging process grows by far less than the model."""
+    base = make_sharded_base(tmp_path / "big", hidden=512, layers=6, vocab=8000, inter=1536, shard="10MB")
+    make_adapter(base, tmp_path / "adapter", modules_to_save=())
+    model_bytes = sum(p.stat().st_size for p in base_shards(base))
+    child = subprocess.run([sys.executable, "-c", (
+        "import json, sys, torch; from pathlib import Path; from loraflow.merging import merge_shards; "
+        f"print(json.dumps(merge_shards(Path('{base}'), Path('{tmp_path / 'adapter'}'), Path('{tmp_path / 'out'}'))))")],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    info = json.loads(child.stdout.strip().splitlines()[-1])
+    growth = (info["peak_rss_gib"] - info["rss_before_gib"]) * 2**30
+    assert info["shards"] >= 8
+    assert growth < 0.5 * model_bytes, f"grew {growth / 1e6:.0f} MB merging a {model_bytes / 1e6:.0f} MB model"
