@@ -81,15 +81,19 @@ def test_an_adapter_for_another_base_is_refused(base_and_adapter, tmp_path):
 
 
 def test_streaming_merge_holds_about_one_shard_not_the_model(tmp_path):
-    """A 110 MB base in 10 MB shards: the merging process grows by far less than the model."""
-    base = make_sharded_base(tmp_path / "big", hidden=512, layers=6, vocab=8000, inter=1536, shard="10MB")
+    """A 300 MB base in 10 MB shards: the merging process grows by a few of its largest tensors (the
+    16 MB embedding), not by the model."""
+    base = make_sharded_base(tmp_path / "big", hidden=512, layers=12, vocab=8000, inter=3072, shard="10MB")
     make_adapter(base, tmp_path / "adapter", modules_to_save=())
     model_bytes = sum(p.stat().st_size for p in base_shards(base))
     child = subprocess.run([sys.executable, "-c", (
         "import json, sys, torch; from pathlib import Path; from loraflow.merging import merge_shards; "
+        # a first merge sets up what any merge sets up once (BLAS buffers, allocator arenas); the second is measured
+        f"merge_shards(Path('{base}'), Path('{tmp_path / 'adapter'}'), Path('{tmp_path / 'warm'}')); "
         f"print(json.dumps(merge_shards(Path('{base}'), Path('{tmp_path / 'adapter'}'), Path('{tmp_path / 'out'}'))))")],
         cwd=ROOT, capture_output=True, text=True, check=True)
     info = json.loads(child.stdout.strip().splitlines()[-1])
     growth = (info["peak_rss_gib"] - info["rss_before_gib"]) * 2**30
-    assert info["shards"] >= 8
-    assert growth < 0.5 * model_bytes, f"grew {growth / 1e6:.0f} MB merging a {model_bytes / 1e6:.0f} MB model"
+    largest = 8000 * 512 * 4
+    assert info["shards"] >= 20
+    assert growth < min(0.25 * model_bytes, 4 * largest), f"grew {growth / 1e6:.0f} MB merging a {model_bytes / 1e6:.0f} MB model"
