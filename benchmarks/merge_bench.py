@@ -5,12 +5,14 @@
 2. the streaming merge (loraflow/merging.py) in a child process: its time and peak CPU memory;
 3. the merge gate (tasks/merge.py's compare): merged vs base + adapter on 8 probe prompts, logits
    and 32 greedy tokens, in bf16;
+   and again in float32 (merged in float32 against base + adapter in float32);
 4. the same adapter taken as a QLoRA adapter: the trained model is the 4-bit nf4 base + adapter;
    merging into the dequantized 4-bit base and into the original 16-bit base, side by side.
 
     python benchmarks/merge_bench.py          # JSON lines on stdout
 """
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -63,12 +65,12 @@ def probe(model, prompts):
     return logits.cpu(), [g["ids"] for g in greedy]
 
 
-def trained(quantized: bool, prompts):
+def trained(quantized: bool, prompts, dtype=torch.bfloat16):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from loraflow.modeling import quantization_config
-    base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16, device_map={"": 0},
-                                                quantization_config=quantization_config("qlora", torch.bfloat16) if quantized else None)
+    base = AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype, device_map={"": 0},
+                                                quantization_config=quantization_config("qlora", dtype) if quantized else None)
     model = PeftModel.from_pretrained(base, ADAPTER).eval()
     out = probe(model, prompts)
     del model, base
@@ -76,16 +78,16 @@ def trained(quantized: bool, prompts):
     return out
 
 
-def merged(nf4_base: bool, prompts, out_dir: str):
+def merged(nf4_base: bool, prompts, out_dir: str, dtype=torch.bfloat16):
     from transformers import AutoModelForCausalLM
     child = subprocess.run([sys.executable, "-c", (
         "import json, torch; from pathlib import Path; from loraflow.merging import merge_shards; "
-        f"print(json.dumps(merge_shards(Path('{BASE}'), Path('{ADAPTER}'), Path('{out_dir}'), out_dtype=torch.bfloat16, "
+        f"print(json.dumps(merge_shards(Path('{BASE}'), Path('{ADAPTER}'), Path('{out_dir}'), out_dtype=torch.{str(dtype)[6:]}, "
         f"nf4_base={nf4_base}, work='cuda')))")], cwd=ROOT, capture_output=True, text=True)
     if child.returncode:
         raise SystemExit(child.stderr[-2000:])
     info = json.loads(child.stdout.strip().splitlines()[-1])
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.bfloat16, device_map={"": 0}).eval()
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype, device_map={"": 0}).eval()
     out = probe(model, prompts)
     del model
     torch.cuda.empty_cache()
@@ -104,6 +106,11 @@ def main():
     (m_logits, m_greedy), info = merged(False, prompts, "/dev/shm/m-merged")
     print(json.dumps({"case": "lora: merged vs base+adapter (bf16)", **compare(lora_logits, m_logits, lora_greedy, m_greedy),
                       "merge": info}), flush=True)
+    f_logits, f_greedy = trained(False, prompts, torch.float32)
+    (mf_logits, mf_greedy), f_info = merged(False, prompts, "/dev/shm/m-merged-f32", torch.float32)
+    print(json.dumps({"case": "lora: merged vs base+adapter (float32)", **compare(f_logits, mf_logits, f_greedy, mf_greedy),
+                      "merge": f_info}), flush=True)
+    shutil.rmtree("/dev/shm/m-merged-f32")
     q_logits, q_greedy = trained(True, prompts)
     (d_logits, d_greedy), d_info = merged(True, prompts, "/dev/shm/m-merged-nf4")
     print(json.dumps({"case": "qlora: merged into the dequantized nf4 base vs nf4 base+adapter",
