@@ -335,3 +335,23 @@ def plan_for_params(params, arch: Arch, max_length: int, act_bytes: int, fused: 
     return make_plan(arch, setup_for_params(params, arch, act_bytes, fused), max_length, rows, budget,
                      micro_batch=micro, checkpoint_layers=fixed_checkpoint_layers(params.gradient_checkpointing, arch.layers),
                      methods=methods)
+
+
+def generation_bytes(arch: Arch, batch: int, prompt_len: int, new_tokens: int, act_bytes: int = 2) -> float:
+    """GPU memory greedy decoding needs beside the weights: the static KV cache, one layer's prefill
+    working tensors, and last-position logits (prefill keeps only those)."""
+    cache = arch.layers * 2 * arch.kv_heads * arch.head_dim * (prompt_len + new_tokens) * batch * act_bytes
+    prefill = batch * prompt_len * (3 * arch.intermediate + 4 * arch.hidden) * act_bytes
+    logits = batch * arch.vocab * 4 * 2
+    return cache + prefill + logits
+
+
+def generation_batch(arch: Arch, prompt_len: int, new_tokens: int, free_bytes: float, rows: int,
+                     act_bytes: int = 2, cap: int = 256) -> int:
+    """The largest power-of-two batch (at most cap, and no more than the rows need) that fits the free
+    memory less the safety margin."""
+    batch = 1
+    while (batch * 2 <= min(cap, max(rows, 1)) and
+           generation_bytes(arch, batch * 2, prompt_len, new_tokens, act_bytes) <= free_bytes * (1 - SAFETY_MARGIN)):
+        batch *= 2
+    return batch

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 import loraflow
-from loraflow import layout
+from loraflow import layout, memplan
 from loraflow.artifacts import write_json, write_jsonl, write_text
 from loraflow.audit import FLAGS, audit_flags
 from loraflow.generation import greedy_generate
@@ -43,10 +43,23 @@ def eval_rows(params: EvaluateParams) -> pd.DataFrame:
 
 def generate_all(ref: BaseRef, tokenizer, prompts: list[str], params: EvaluateParams) -> list[dict]:
     model = load_model(ref, compute_dtype("auto")).to(device()).eval()
-    out = greedy_generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, batch_size=params.batch_size)
+    batch = generation_batch_size(model, tokenizer, prompts, params)
+    log.info("generating %d rows in batches of %d", len(prompts), batch)
+    out = greedy_generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, batch_size=batch)
     del model
     gc.collect()
     return out
+
+
+def generation_batch_size(model, tokenizer, prompts: list[str], params: EvaluateParams) -> int:
+    """params.batch_size, or (auto) what the memory plan fits beside the loaded weights; 32 on CPU."""
+    if params.batch_size != "auto":
+        return params.batch_size
+    if not torch.cuda.is_available():
+        return 32
+    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    return memplan.generation_batch(memplan.Arch.from_config(model.config), longest, params.max_new_tokens,
+                                    torch.cuda.mem_get_info()[0], len(prompts), act_bytes=model.dtype.itemsize)
 
 
 def score(rows: pd.DataFrame, outputs: list[str], params: EvaluateParams, rouge, exact) -> dict:

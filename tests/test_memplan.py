@@ -155,3 +155,14 @@ def test_loraflow_plan_command_prints_writes_and_refuses(tmp_path):
     assert hopeless.returncode == 2 and "Next rung down" in hopeless.stderr and "Traceback" not in hopeless.stderr
     auto = run("--budget-gib", "12", "--method", "auto")
     assert auto.returncode == 0 and "method lora8" in auto.stdout and ": fits;" in auto.stdout  # lora is 16.7 GiB at best
+
+
+def test_generation_batch_by_hand():
+    # KV cache: 2 layers * (k, v) * 1 kv head * 4 dims * (20 + 12) positions * 2 bytes = 1024 bytes a row
+    # prefill: 20 tokens * (3*16 + 4*8) * 2 = 3200 a row; last-position logits: 10 * 4 * 2 = 80 a row
+    assert memplan.generation_bytes(TINY, 1, 20, 12) == 1024 + 3200 + 80
+    per_row = 1024 + 3200 + 80
+    free = 8 * per_row / (1 - memplan.SAFETY_MARGIN)
+    assert memplan.generation_batch(TINY, 20, 12, free, rows=100) == 8
+    assert memplan.generation_batch(TINY, 20, 12, free, rows=5) == 4   # no bigger than the rows need
+    assert memplan.generation_batch(TINY, 20, 12, free * 1000, rows=10**6) == 256  # capped
