@@ -68,7 +68,8 @@ def main() -> None:
     rows = prompts(a.rows)
     pad = 0
     if a.compiled:  # our decode loop: one static cache shape, the step compiled into a CUDA graph
-        gen = lambda ps, b: greedy_decode_static(model, ps, pad_id=pad, eos_id=None, max_new_tokens=a.new_tokens, batch_size=b)
+        gen = lambda ps, b: greedy_decode_static(model, ps, pad_id=pad, eos_id=None, max_new_tokens=a.new_tokens, batch_size=b,
+                                                 compile_step=True)
     else:
         gen = lambda ps, b: greedy_generate_ids(model, ps, pad_id=pad, eos_id=None, max_new_tokens=a.new_tokens, batch_size=b,
                                                 static_cache=a.static, pad_to_multiple=256 if a.static else 1)
