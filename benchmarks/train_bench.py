@@ -5,6 +5,7 @@ plan and the fast path) on a random-init Llama-3.1-8B, beside the plain-HF peer 
     python benchmarks/train_bench.py ours CKPT --method lora --seqs 512,2048,8192 --rows 1 --checkpoint 0
     python benchmarks/train_bench.py ours CKPT --method lora --seqs 2048 --rows 8 --budget-gib 24
     python benchmarks/train_bench.py peer CKPT lora 2048 1          # benchmarks/peers/gpu_ladder.py's rung
+    python benchmarks/train_bench.py summary results.jsonl          # ours / the peer of the same run, per rung
 
 Each `ours` line: the plan's settings and predicted peak by part, the measured peak
 (torch.cuda.max_memory_allocated over the run, what the peers report), tokens/s (median optimizer
@@ -137,6 +138,27 @@ def ours(args) -> None:
         gc.collect(); torch.cuda.empty_cache()
 
 
+PEER_OF = {"P1": "peer-lora", "P2": "peer-lora", "P3": "peer-qlora"}
+
+
+def summary(args) -> None:
+    """One line per rung from a results file: ours, the peer of the same run, and their ratio."""
+    lines = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.startswith("{")]
+    by_rung = {}
+    for line in lines:
+        by_rung.setdefault(line["rung"], []).append(line)
+    for rung, peer_rung in PEER_OF.items():
+        for ours in by_rung.get(rung, []):
+            for peer in by_rung.get(peer_rung, []):
+                print(f"{rung}: ours {ours['tok_s']} tok/s, peak {ours['measured_peak_gib']} GiB, MFU {ours['mfu']:.1%} | "
+                      f"{peer_rung} {peer['tok_s']} tok/s, peak {peer['peak_alloc_gib']} GiB | ratio {ours['tok_s'] / peer['tok_s']:.2f}x")
+    p4 = {line["who"]: line for line in by_rung.get("P4", [])}
+    for who in ("trl_default", "trl_padding_free_liger"):
+        if "ours" in p4 and who in p4:
+            print(f"P4: ours {p4['ours']['useful_tok_s']} useful tok/s | {who} {p4[who]['useful_tok_s']} | "
+                  f"ratio {p4['ours']['useful_tok_s'] / p4[who]['useful_tok_s']:.2f}x")
+
+
 def peer(args) -> None:
     subprocess.run([sys.executable, str(PEER), "rung", args.name, args.ckpt, args.seq, args.batch], check=False)
 
@@ -152,8 +174,9 @@ def main() -> None:
     o.add_argument("--budget-gib", type=float, default=None); o.add_argument("--steps", type=int, default=5)
     o.add_argument("--optimizer", default="adamw"); o.add_argument("--plain", action="store_true")
     r = sub.add_parser("peer"); r.add_argument("ckpt"); r.add_argument("name"); r.add_argument("seq"); r.add_argument("batch")
+    s = sub.add_parser("summary"); s.add_argument("results")
     args = p.parse_args()
-    {"make": lambda a: make(a.ckpt), "ours": ours, "peer": peer}[args.cmd](args)
+    {"make": lambda a: make(a.ckpt), "ours": ours, "peer": peer, "summary": summary}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-6 training benchmarks on one H200, ours and the peers in one run; JSON lines into $OUT.
-#   bash benchmarks/train_bench.sh [plan|speed|all] [methods for plan, default "lora qlora lora8"]
+#   bash benchmarks/train_bench.sh [plan|speed|all|p3] [methods for plan, default "lora qlora lora8"]
 # plan:  predicted vs measured peak, 8B LoRA / 8-bit / QLoRA x 512, 2048, 8192 tokens, no checkpointing
 # speed: P1 (LoRA 2048, no cap), P2 (24 GiB budget), P3 (QLoRA, 8 GiB budget: 7.2 usable after the
 #        plan's margin), the plain-HF peers, and P4 (variable-length SFT: ours, TRL defaults, TRL
@@ -30,5 +30,12 @@ if [ "$what" = speed ] || [ "$what" = all ]; then
     timeout 150 python3 benchmarks/sft_bench.py $CKPT $who --rows 8 --steps 10 2>>"$OUT/err.txt" | keep P4 >> "$OUT/results.jsonl"
   done
 fi
+if [ "$what" = p3 ]; then  # P3 alone, longer, twice, with its peer twice
+  for i in 1 2; do
+    $B ours $CKPT --method qlora --seqs 2048 --rows 1 --steps 20 --budget-gib 8 2>>"$OUT/err.txt" | keep P3 >> "$OUT/results.jsonl"
+    $B peer $CKPT qlora 2048 1 2>>"$OUT/err.txt" | keep "peer-qlora" >> "$OUT/results.jsonl"
+  done
+fi
+$B summary "$OUT/results.jsonl" | tee "$OUT/summary.txt"
 grep -v "cutedsl\|_ascend\|use_return_dict\|Loading weights\|examples/s\|MatMul8bitLt" "$OUT/err.txt" | tail -8 > "$OUT/err_tail.txt"
 cat "$OUT/results.jsonl" "$OUT/err_tail.txt"
