@@ -138,7 +138,7 @@ def ours(args) -> None:
         gc.collect(); torch.cuda.empty_cache()
 
 
-PEER_OF = {"P1": "peer-lora", "P2": "peer-lora", "P3": "peer-qlora"}
+PEER_OF = {"P1": "lora", "P2": "lora", "P3": "qlora"}  # peer lines keep gpu_ladder.py's own rung name
 
 
 def summary(args) -> None:
