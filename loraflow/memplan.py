@@ -289,9 +289,10 @@ def next_rung_down(plan: Plan) -> str:
 def render(plan: Plan) -> str:
     """The plan as a markdown table, for the log and reports/memory_plan.md."""
     c, arch = plan.chosen, plan.arch
-    budget = "none (CPU: no GPU memory to plan for)" if plan.budget_bytes is None else f"{gib(plan.budget_bytes):.2f} GiB"
+    budget = ("none (CPU: no GPU memory to plan for)" if plan.budget_bytes is None
+              else f"{gib(plan.budget_bytes):.2f} GiB (keeping {SAFETY_MARGIN:.0%} free)")
     lines = [f"memory plan: {arch.layers} layers, hidden {arch.hidden}, vocab {arch.vocab}, "
-             f"{arch.params() / 1e9:.3g} B params; budget {budget} (keeping {SAFETY_MARGIN:.0%} free)",
+             f"{arch.params() / 1e9:.3g} B params; budget {budget}",
              "", "| part | GiB |", "|---|---|"]
     lines += [f"| {k} | {v / GIB:.3f} |" for k, v in c.parts.items()]
     verdict = "fits" if c.fits else "DOES NOT FIT"

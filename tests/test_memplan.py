@@ -166,3 +166,15 @@ def test_generation_batch_by_hand():
     assert memplan.generation_batch(TINY, 20, 12, free, rows=100) == 8
     assert memplan.generation_batch(TINY, 20, 12, free, rows=5) == 4   # no bigger than the rows need
     assert memplan.generation_batch(TINY, 20, 12, free * 1000, rows=10**6) == 256  # capped
+
+
+def test_running_out_of_memory_anyway_names_the_next_rung():
+    from tasks import train
+
+    class OutOfMemoryTrainer:
+        def train(self, resume_from_checkpoint=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    plan = memplan.make_plan(LLAMA_31_8B, Setup(), 2048, 8, 40 * memplan.GIB)
+    assert plan.chosen.setup.checkpoint_layers < 32
+    with pytest.raises(LoraflowError, match=r"out of GPU memory .* Next rung down: checkpoint more layers"):
+        train.train_or_name_next_rung(OutOfMemoryTrainer(), plan, resume=False)
