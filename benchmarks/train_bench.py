@@ -79,6 +79,26 @@ def step_timer():
     return Timer()
 
 
+def profile(trainer) -> None:
+    """Where a step's time goes: the GPU's busy time against the wall clock, and the top kernels and
+    host-side ops (written to $OUT/profile.txt)."""
+    import os
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        trainer.train()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    kernels = sum(e.count for e in events if e.self_device_time_total > 0)
+    text = [f"wall {wall:.2f} s, GPU busy {gpu_us / 1e6:.2f} s ({gpu_us / 1e6 / wall:.0%}), {kernels} GPU ops",
+            events.table(sort_by="self_device_time_total", row_limit=15),
+            events.table(sort_by="self_cpu_time_total", row_limit=15)]
+    Path(os.environ.get("OUT", "/tmp"), "profile.txt").write_text("\n".join(text))
+    print(text[0], flush=True)
+
+
 def ours(args) -> None:
     from loraflow import memplan
     from loraflow.modeling import BaseRef, load_config
@@ -113,7 +133,10 @@ def ours(args) -> None:
                                      torch.bfloat16, [timer])
         error = None
         try:
-            trainer.train()
+            if args.profile:
+                profile(trainer)
+            else:
+                trainer.train()
         except torch.OutOfMemoryError as e:
             error = str(e).splitlines()[0]
         peak = torch.cuda.max_memory_allocated()
@@ -173,6 +196,7 @@ def main() -> None:
     o.add_argument("--micro", default="auto"); o.add_argument("--checkpoint", default="auto")
     o.add_argument("--budget-gib", type=float, default=None); o.add_argument("--steps", type=int, default=5)
     o.add_argument("--optimizer", default="adamw"); o.add_argument("--plain", action="store_true")
+    o.add_argument("--profile", action="store_true", help="torch.profiler over the run: GPU busy share, top ops")
     r = sub.add_parser("peer"); r.add_argument("ckpt"); r.add_argument("name"); r.add_argument("seq"); r.add_argument("batch")
     s = sub.add_parser("summary"); s.add_argument("results")
     args = p.parse_args()
