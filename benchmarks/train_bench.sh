@@ -32,7 +32,7 @@ if [ "$what" = speed ] || [ "$what" = all ]; then
 fi
 if [ "$what" = p3 ]; then  # P3 alone, longer, twice, with its peer twice
   for i in 1 2; do
-    $B ours $CKPT --method qlora --seqs 2048 --rows 1 --steps 20 --budget-gib 8 2>>"$OUT/err.txt" | keep P3 >> "$OUT/results.jsonl"
+    $B ours $CKPT --method qlora --seqs 2048 --rows 1 --steps 20 --budget-gib 8 --optimizer adamw_8bit 2>>"$OUT/err.txt" | keep P3 >> "$OUT/results.jsonl"
     $B peer $CKPT qlora 2048 1 2>>"$OUT/err.txt" | keep "peer-qlora" >> "$OUT/results.jsonl"
   done
 fi

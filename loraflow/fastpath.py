@@ -80,9 +80,10 @@ def register_packed_attention() -> str:
     return PACKED_ATTENTION
 
 
-def apply_fused_kernels(model) -> bool:
-    """Liger's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy on this model instance. False when
-    Liger is not installed or does not know the architecture; the plain modules then stay."""
+def apply_fused_kernels(model, layers: bool = True) -> bool:
+    """Liger's fused linear cross-entropy on this model instance, and with `layers` its fused RMSNorm,
+    SwiGLU and RoPE. False when Liger is not installed or does not know the architecture; the plain
+    modules then stay."""
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
     except ImportError as e:
@@ -91,7 +92,7 @@ def apply_fused_kernels(model) -> bool:
     if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         log.info("no fused kernels for model type %s: plain modules", model.config.model_type)
         return False
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+    _apply_liger_kernel_to_instance(model=model, rope=layers, rms_norm=layers, swiglu=layers,
                                     fused_linear_cross_entropy=True, cross_entropy=False)
     return True
 

@@ -76,7 +76,8 @@ class Setup:
     method: str = "lora"                 # lora | lora8 | qlora
     tokens: int = 2048                   # tokens in one micro-batch (rows x longest row, or packed)
     checkpoint_layers: int = 0           # decoder layers recomputed in backward
-    fused: bool = True                   # fused RMSNorm/SwiGLU and fused linear cross-entropy
+    fused: bool = True                   # fused linear cross-entropy, and the fused layer kernels below
+    fused_layers: bool = True            # fused RMSNorm/SwiGLU/RoPE (only with fused; see candidates())
     rank: int = 16
     targets: tuple[str, ...] = LINEAR_NAMES
     modules_to_save: tuple[str, ...] = ()
@@ -133,11 +134,12 @@ def layer_saved_bytes(arch: Arch, s: Setup) -> float:
     a, h, i = s.act_bytes, arch.hidden, arch.intermediate
     targets = set(s.targets)
     keep_all_inputs = s.method == "lora8"
-    norm = (a * h + 4) if s.fused else (4 * h + 4)
+    fused = s.fused and s.fused_layers
+    norm = (a * h + 4) if fused else (4 * h + 4)
     attn_in = a * h if keep_all_inputs or targets & {"q_proj", "k_proj", "v_proj"} else 0
     mlp_in = a * h if keep_all_inputs or targets & {"gate_proj", "up_proj"} else 0
     attention = a * (2 * arch.heads * arch.head_dim + 2 * arch.kv_heads * arch.head_dim) + 4 * arch.heads
-    mlp = (2 if s.fused else 3) * a * i
+    mlp = (2 if fused else 3) * a * i
     down_in = a * i if keep_all_inputs or "down_proj" in targets else 0
     if s.method == "lora8":
         # bitsandbytes' int8 matmul keeps a copy of down_proj's input of its own, beside the one the
@@ -155,9 +157,9 @@ def activation_bytes_per_token(arch: Arch, s: Setup) -> float:
     if s.checkpoint_layers == 0 and "embed_tokens" not in s.modules_to_save:
         # a frozen embedding's output needs no grad, so the first norm keeps nothing (checkpointing
         # turns input grads on, but then the first layer is a checkpointed one)
-        layers -= (a * arch.hidden + 4) if s.fused else (4 * arch.hidden + 4)
+        layers -= (a * arch.hidden + 4) if s.fused and s.fused_layers else (4 * arch.hidden + 4)
     shared = 2 * a * arch.head_dim + 8
-    final_norm = (a * arch.hidden + 4) if s.fused else (4 * arch.hidden + 4)
+    final_norm = (a * arch.hidden + 4) if s.fused and s.fused_layers else (4 * arch.hidden + 4)
     head_input = a * arch.hidden if "lm_head" in s.modules_to_save else 0
     return layers + shared + final_norm + head_input
 
@@ -233,7 +235,8 @@ class Plan:
                 "max_length": self.max_length, "rows_per_optimizer_step": self.rows_per_step,
                 "fits": c.fits, "method": c.setup.method, "micro_batch": c.micro_batch,
                 "grad_accum": self.rows_per_step // c.micro_batch, "checkpoint_layers": c.setup.checkpoint_layers,
-                "fused": c.setup.fused, "tokens_per_micro_batch": c.setup.tokens,
+                "fused": c.setup.fused, "fused_layers": c.setup.fused and c.setup.fused_layers,
+                "tokens_per_micro_batch": c.setup.tokens,
                 "predicted_gib": {k: gib(v) for k, v in c.parts.items()},
                 "relative_step_cost": round(relative_step_cost(self.arch, c.setup), 3),
                 "considered": len(self.considered)}
@@ -241,6 +244,13 @@ class Plan:
 
 def gib(n: float | None) -> float | None:
     return None if n is None else round(n / GIB, 3)
+
+
+FUSED_LAYERS_MIN_TOKENS = 4096
+"""Below this many tokens per micro-batch the fused layer kernels are left off: each Liger call costs
+about 1 ms of host time (profiled on the H200, benchmarks/results/profile-qlora-p3-h200.txt, where
+the GPU was busy 34% of an 8B QLoRA step at 2048 tokens), more than the plain ops' GPU time saves.
+The fused cross-entropy is one call a step and stays on."""
 
 
 def candidates(arch: Arch, base: Setup, max_length: int, rows_per_step: int,
@@ -253,7 +263,9 @@ def candidates(arch: Arch, base: Setup, max_length: int, rows_per_step: int,
     for method in methods:
         for k in ckpts:
             for m in batches:
-                s = replace(base, method=method, checkpoint_layers=k, tokens=m * max_length)
+                tokens = m * max_length
+                s = replace(base, method=method, checkpoint_layers=k, tokens=tokens,
+                            fused_layers=base.fused and tokens >= FUSED_LAYERS_MIN_TOKENS)
                 out.append(Choice(s, m, estimate(arch, s), False))
     rank = {m: i for i, m in enumerate(methods)}
     return sorted(out, key=lambda c: (rank[c.setup.method], relative_step_cost(arch, c.setup)))
@@ -299,7 +311,8 @@ def render(plan: Plan) -> str:
     lines += ["", f"chosen: method {c.setup.method}, micro-batch {c.micro_batch} "
               f"(grad_accum {plan.rows_per_step // c.micro_batch}), {c.setup.tokens} tokens per micro-batch, "
               f"checkpointing {c.setup.checkpoint_layers}/{arch.layers} layers, "
-              f"fused kernels {'on' if c.setup.fused else 'off'}: {verdict}; "
+              f"fused cross-entropy {'on' if c.setup.fused else 'off'}, fused layer kernels "
+              f"{'on' if c.setup.fused and c.setup.fused_layers else 'off'}: {verdict}; "
               f"relative step cost {relative_step_cost(arch, c.setup):.2f}"]
     return "\n".join(lines)
 

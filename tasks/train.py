@@ -127,7 +127,7 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
                        device_map={"": device().index or 0} if torch.cuda.is_available() else None)
     model.config.use_cache = False
     if speed.fused:
-        fastpath.apply_fused_kernels(model)
+        fastpath.apply_fused_kernels(model, layers=setup.fused_layers)
     # No prepare_model_for_kbit_training: it upcasts the embedding, the output head and every norm
     # to fp32 (about 2 GiB at 8B), which training a LoRA adapter does not need.
     model = get_peft_model(model, lora_config(params))
