@@ -2,6 +2,7 @@
 saved activations, the weights the H200 peers measured, and the choice of settings under a budget."""
 import json
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -178,3 +179,13 @@ def test_running_out_of_memory_anyway_names_the_next_rung():
     assert plan.chosen.setup.checkpoint_layers < 32
     with pytest.raises(LoraflowError, match=r"out of GPU memory .* Next rung down: checkpoint more layers"):
         train.train_or_name_next_rung(OutOfMemoryTrainer(), plan, resume=False)
+
+
+def test_fused_layer_kernels_only_for_large_micro_batches():
+    """Below FUSED_LAYERS_MIN_TOKENS the plan leaves Liger's per-layer kernels off (host-bound there)
+    and counts the plain modules' activations; the fused cross-entropy stays."""
+    small = memplan.make_plan(LLAMA_31_8B, Setup(), 2048, 1, None).chosen.setup
+    large = memplan.make_plan(LLAMA_31_8B, Setup(), 2048, 4, None).chosen.setup
+    assert small.fused and not small.fused_layers and large.fused_layers
+    assert memplan.layer_saved_bytes(LLAMA_31_8B, small) == memplan.layer_saved_bytes(LLAMA_31_8B, replace(small, fused=False))
+    assert memplan.loss_bytes_per_token(LLAMA_31_8B, small) == 2 * 4096  # still the fused loss
