@@ -58,19 +58,17 @@ def greedy_decode_static(model, prompts: list[list[int]], *, pad_id: int, eos_id
         rows = idx + [idx[-1]] * (batch_size - len(idx))
         lengths = torch.tensor([len(prompts[i]) for i in rows])
         # every batch prefills the common width: a prefill that starts later in the static cache gave
-        # different logits in transformers 5.17 (tests/test_generation.py caught it), so not yet
-        own = width
-        ids = torch.full((batch_size, own), pad_id, dtype=torch.long)
+        # different logits in transformers 5.17 (tests/test_generation.py caught it)
+        ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
         mask = torch.ones((batch_size, cache_len), dtype=torch.long)  # generated positions: causality masks the future
         for r, i in enumerate(rows):
-            ids[r, own - len(prompts[i]):] = torch.as_tensor(prompts[i])
+            ids[r, width - len(prompts[i]):] = torch.as_tensor(prompts[i])
             mask[r, :width - len(prompts[i])] = 0
         ids, mask, lengths = ids.to(dev), mask.to(dev), lengths.to(dev)
-        positions = (mask[:, width - own:width].cumsum(-1) - 1).clamp(min=0)
+        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         cache.reset()
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       cache_position=torch.arange(width - own, width, device=dev), use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
+                       cache_position=torch.arange(width, device=dev), use_cache=True, logits_to_keep=1).logits[:, -1]
         new = torch.full((batch_size, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(batch_size, dtype=torch.bool, device=dev)
         for k in range(max_new_tokens):
