@@ -18,7 +18,7 @@ Each term is bytes per parameter or bytes per token, from what the step keeps al
 
 The per-token terms are checked against autograd's saved-tensor hooks on CPU (tests/test_memplan.py)
 and the whole peak against torch.cuda.max_memory_allocated on the H200
-(benchmarks/results/memplan-h200.md).
+(benchmarks/results/train-h200.md).
 """
 from __future__ import annotations
 
@@ -120,10 +120,15 @@ def adapter_bytes(arch: Arch, s: Setup) -> float:
     return lora + full
 
 
+def norm_saved_bytes(arch: Arch, s: Setup) -> float:
+    """What one RMSNorm keeps per token: fused, its input and an fp32 rstd; plain (HF computes in
+    fp32), an fp32 copy of its input and the rstd."""
+    return (s.act_bytes * arch.hidden + 4) if s.fused and s.fused_layers else (4 * arch.hidden + 4)
+
+
 def layer_saved_bytes(arch: Arch, s: Setup) -> float:
     """Bytes per token that autograd keeps for one decoder layer that is not checkpointed:
-    - each RMSNorm: fused keeps its bf16 input and an fp32 rstd; plain keeps an fp32 copy of its
-      input (HF computes the norm in fp32);
+    - each RMSNorm: norm_saved_bytes;
     - the two normed hidden states, inputs of the LoRA A matrices (8-bit bases keep them too);
     - attention: q, k, v, its output (also o_proj's input) and an fp32 log-sum-exp per head;
     - MLP: fused SwiGLU keeps gate and up; plain keeps gate, silu(gate) and up; plus their product,
@@ -134,12 +139,11 @@ def layer_saved_bytes(arch: Arch, s: Setup) -> float:
     a, h, i = s.act_bytes, arch.hidden, arch.intermediate
     targets = set(s.targets)
     keep_all_inputs = s.method == "lora8"
-    fused = s.fused and s.fused_layers
-    norm = (a * h + 4) if fused else (4 * h + 4)
+    norm = norm_saved_bytes(arch, s)
     attn_in = a * h if keep_all_inputs or targets & {"q_proj", "k_proj", "v_proj"} else 0
     mlp_in = a * h if keep_all_inputs or targets & {"gate_proj", "up_proj"} else 0
     attention = a * (2 * arch.heads * arch.head_dim + 2 * arch.kv_heads * arch.head_dim) + 4 * arch.heads
-    mlp = (2 if fused else 3) * a * i
+    mlp = (2 if s.fused and s.fused_layers else 3) * a * i
     down_in = a * i if keep_all_inputs or "down_proj" in targets else 0
     if s.method == "lora8":
         # bitsandbytes' int8 matmul keeps a copy of down_proj's input of its own, beside the one the
@@ -157,9 +161,9 @@ def activation_bytes_per_token(arch: Arch, s: Setup) -> float:
     if s.checkpoint_layers == 0 and "embed_tokens" not in s.modules_to_save:
         # a frozen embedding's output needs no grad, so the first norm keeps nothing (checkpointing
         # turns input grads on, but then the first layer is a checkpointed one)
-        layers -= (a * arch.hidden + 4) if s.fused and s.fused_layers else (4 * arch.hidden + 4)
+        layers -= norm_saved_bytes(arch, s)
     shared = 2 * a * arch.head_dim + 8
-    final_norm = (a * arch.hidden + 4) if s.fused and s.fused_layers else (4 * arch.hidden + 4)
+    final_norm = norm_saved_bytes(arch, s)
     head_input = a * arch.hidden if "lm_head" in s.modules_to_save else 0
     return layers + shared + final_norm + head_input
 
@@ -317,7 +321,7 @@ def render(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def setup_for_params(params, arch: Arch, act_bytes: int, fused: bool) -> Setup:
+def setup_for_params(params, act_bytes: int, fused: bool) -> Setup:
     """The Setup that TrainParams describe; checkpoint_layers and tokens are filled in by the plan."""
     targets = LINEAR_NAMES if params.target_modules == "all-linear" else tuple(
         n for n in LINEAR_NAMES if n in params.target_modules)
@@ -346,7 +350,7 @@ def plan_for_params(params, arch: Arch, max_length: int, act_bytes: int, fused: 
         raise LoraflowError(f"train.micro_batch={micro} must divide batch_size * grad_accum = {rows}")
     budget = params.memory_budget_gib * GIB if params.memory_budget_gib else gpu_free_bytes
     methods = METHODS_FASTEST_FIRST if params.method == "auto" and budget is not None else None
-    return make_plan(arch, setup_for_params(params, arch, act_bytes, fused), max_length, rows, budget,
+    return make_plan(arch, setup_for_params(params, act_bytes, fused), max_length, rows, budget,
                      micro_batch=micro, checkpoint_layers=fixed_checkpoint_layers(params.gradient_checkpointing, arch.layers),
                      methods=methods)
 

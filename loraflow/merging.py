@@ -79,7 +79,7 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, list[int]]
     known up front, so each tensor can be produced, written and dropped in turn."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, (dtype, shape) in specs.items():
-        size = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+        size = torch.Size(shape).numel() * dtype.itemsize
         header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -98,7 +98,7 @@ def resolve_speed(params: TrainParams, model_type: str) -> Speed:
 def make_plan(params: TrainParams, config, max_length: int, speed: Speed, dtype: torch.dtype) -> memplan.Plan:
     free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
     return memplan.plan_for_params(params, memplan.Arch.from_config(config), max_length,
-                                   act_bytes=torch.tensor([], dtype=dtype).element_size(), fused=speed.fused,
+                                   act_bytes=dtype.itemsize, fused=speed.fused,
                                    gpu_free_bytes=free)
 
 
