@@ -7,6 +7,7 @@ safetensors, and remote code runs only when params.base.trust_remote_code is on.
 """
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,18 @@ def resolve_base(base_dir: Path | str) -> BaseRef:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_map() -> dict | None:
+    """Load weights straight onto the GPU when there is one (quantized weights must be); None: the CPU."""
+    return {"": device().index or 0} if torch.cuda.is_available() else None
+
+
+def release_memory() -> None:
+    """Give freed model memory back; call it after the last reference to a model is dropped."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def compute_dtype(name: str) -> torch.dtype:

@@ -10,7 +10,6 @@ Imports neither prefect, dvc nor pandera: this stage also runs on minimal GPU ma
 """
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from loraflow import layout, memplan
 from loraflow.artifacts import write_json, write_jsonl, write_text
 from loraflow.audit import FLAGS, audit_flags
 from loraflow.generation import greedy_generate
-from loraflow.modeling import BaseRef, compute_dtype, device, load_model, load_tokenizer, resolve_base
+from loraflow.modeling import BaseRef, compute_dtype, device, load_model, load_tokenizer, release_memory, resolve_base
 from loraflow.params import EvaluateParams
 from loraflow.stage import main
 
@@ -47,7 +46,7 @@ def generate_all(ref: BaseRef, tokenizer, prompts: list[str], params: EvaluatePa
     log.info("generating %d rows in batches of %d", len(prompts), batch)
     out = greedy_generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, batch_size=batch)
     del model
-    gc.collect()
+    release_memory()
     return out
 
 

@@ -17,7 +17,6 @@ Imports neither prefect, dvc nor pandera: this stage also runs on minimal GPU ma
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import shutil
@@ -30,8 +29,8 @@ from loraflow.artifacts import atomic_path, sha256_tree, write_json
 from loraflow.errors import LoraflowError
 from loraflow.generation import greedy_generate
 from loraflow.merging import merge_shards
-from loraflow.modeling import (BaseRef, compute_dtype, device, load_model, load_tokenizer, local_model_dir,
-                               quantization_config, resolve_base)
+from loraflow.modeling import (BaseRef, compute_dtype, device, device_map, load_model, load_tokenizer,
+                               local_model_dir, quantization_config, release_memory, resolve_base)
 from loraflow.params import MergeParams
 from loraflow.stage import main
 
@@ -58,29 +57,23 @@ def compare(before: torch.Tensor, after: torch.Tensor, greedy_before: list[str],
             "greedy_agreement": sum(a == b for a, b in zip(greedy_before, greedy_after)) / max(len(greedy_before), 1)}
 
 
-def free(model) -> None:
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def trained_model_probe(ref, method: str, dtype: torch.dtype, tokenizer, prompts):
     """The model as training saw it: the base (4-bit after QLoRA) with the adapter, unmerged."""
     from peft import PeftModel
-    on_gpu = torch.cuda.is_available()
     base = load_model(ref, dtype, quantization_config=quantization_config(method, dtype) if method == "qlora" else None,
-                      device_map={"": device().index or 0} if on_gpu else None)
+                      device_map=device_map())
     model = PeftModel.from_pretrained(base, layout.ADAPTER_DIR).eval()
     result = probe(model, tokenizer, prompts)
-    free(model)
+    del model, base
+    release_memory()
     return result
 
 
 def merged_probe(path, dtype: torch.dtype, tokenizer, prompts):
-    model = load_model(BaseRef(str(path)), dtype, device_map={"": device().index or 0} if torch.cuda.is_available() else None)
+    model = load_model(BaseRef(str(path)), dtype, device_map=device_map())
     result = probe(model.eval(), tokenizer, prompts)
-    free(model)
+    del model
+    release_memory()
     return result
 
 

@@ -29,8 +29,8 @@ from loraflow.artifacts import atomic_path, sha256_file, sha256_tree, write_text
 from loraflow.errors import LoraflowError
 from loraflow.faults import maybe_die
 from loraflow.masking import IGNORE_INDEX
-from loraflow.modeling import (compute_dtype, device, load_config, load_model, load_tokenizer, quantization_config,
-                               resolve_base)
+from loraflow.modeling import (compute_dtype, device, device_map, load_config, load_model, load_tokenizer,
+                               quantization_config, resolve_base)
 from loraflow.params import TrainParams
 from loraflow.plots import line_plot
 from loraflow.stage import main
@@ -124,7 +124,7 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
     quant = quantization_config(setup.method, dtype)
     attn = fastpath.register_packed_attention() if speed.packing else None
     model = load_model(ref, dtype, quantization_config=quant, attn_implementation=attn,
-                       device_map={"": device().index or 0} if torch.cuda.is_available() else None)
+                       device_map=device_map())
     model.config.use_cache = False
     if speed.fused:
         fastpath.apply_fused_kernels(model, layers=setup.fused_layers)
