@@ -21,14 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from gpu_ladder import cfg as llama_8b  # noqa: E402  (the peers' Llama-3.1-8B config: one model for both)
 from loraflow.generation import greedy_decode_static, greedy_generate_ids  # noqa: E402
-
-
-def llama_8b():
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                       rope_theta=500000.0, tie_word_embeddings=False)
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
