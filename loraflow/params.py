@@ -154,7 +154,8 @@ class TrainParams(Section):
     packing: bool | Literal["auto"] = "auto"
     """Padding-free packing of each micro-batch's rows (attention stays within each row). auto: on a GPU."""
     fused_kernels: bool | Literal["auto"] = "auto"
-    """Liger's fused RMSNorm/SwiGLU/RoPE and fused linear cross-entropy. auto: on a GPU when installed."""
+    """Liger's fused linear cross-entropy, plus its fused RMSNorm/SwiGLU/RoPE when the plan's
+    micro-batch has 4096 tokens or more (memplan.FUSED_LAYERS_MIN_TOKENS). auto: on a GPU when installed."""
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """AdamW with fp32 moments, or bitsandbytes' 8-bit AdamW (GPU)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
