@@ -5,7 +5,11 @@ sits in the last column, and returned in the caller's order.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger("loraflow.generation")
 
 
 @torch.no_grad()
@@ -38,62 +42,121 @@ def greedy_generate_ids(model, prompts: list[list[int]], *, pad_id: int, eos_id:
 
 
 @torch.no_grad()
-def greedy_decode_static(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
-                         batch_size: int, compile_step: bool = False, check_every: int = 16) -> list[dict]:
-    """greedy_generate_ids with our own decode loop over one static KV cache, so every decode step has
-    the same shapes (batch_size x (longest prompt + max_new_tokens)) and compiles once into a CUDA
-    graph (compile_step, CUDA; it costs about 35 s per model for the 8B, so it pays off only on large
-    eval sets). Rows are sorted by length and left-padded; a short last batch is filled with copies
-    of its last row, whose outputs are dropped."""
-    from transformers import StaticCache
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    width = -(-max(map(len, prompts)) // 64) * 64
-    cache_len = width + max_new_tokens
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
-    step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if compile_step else model.forward
+def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
+                       batch_size: int, cuda_graph: bool | None = None, check_every: int = 16,
+                       prefill_tokens: int = 16384) -> list[dict]:
+    """greedy_generate_ids, batch-invariant and fast: each row is computed exactly as it would be alone
+    (loraflow.batch_invariant), so the result does not depend on batch_size.
+
+    Rows are sorted by length and right-padded; each row's KV cache starts at position 0 of its own
+    slot. Prefill runs in chunks of at most `prefill_tokens` tokens. The decode step has one shape
+    for every batch (a short last batch is filled with copies of its last row, dropped after), so on
+    CUDA it is captured once into a CUDA graph and replayed: no Python or launch cost per token.
+    The loop stops early once every row has emitted eos_id (checked every `check_every` tokens)."""
+    from loraflow.batch_invariant import RowKVCache, batch_invariant
     dev = model.device
+    cuda_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    cache = RowKVCache(model.config, batch_size, max(map(len, prompts)) + max_new_tokens, model.dtype, dev)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    token = torch.full((batch_size,), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(batch_size, dtype=torch.bool, device=dev)
+    # one spare column takes whatever the graph's warm-up calls record past the last token
+    new = torch.full((batch_size, max_new_tokens + 1), pad_id, dtype=torch.long, device=dev)
+    k = torch.zeros(1, dtype=torch.long, device=dev)  # index of the token being recorded
+
+    def forward(ids, decode: bool):
+        start = cache.positions[cache.rows]
+        return decoder(input_ids=ids, position_ids=start[:, None] + torch.arange(ids.shape[1], device=dev),
+                       past_key_values=cache, use_cache=True, loraflow_positions=start,
+                       loraflow_decode=decode).last_hidden_state
+
+    def record(logits):
+        nxt = torch.where(done, pad_id, logits.argmax(-1))
+        new.index_copy_(1, k, nxt[:, None])
+        if eos_id is not None:
+            done.logical_or_(nxt == eos_id)
+        token.copy_(nxt)
+        k.add_(1).clamp_(max=max_new_tokens)
+
+    def decode_step():  # everything on the device, so a CUDA graph can hold it
+        record(head(forward(token[:, None], decode=True)[:, -1]))
+        cache.positions.add_(1)
+
     results: list[dict | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = idx + [idx[-1]] * (batch_size - len(idx))
-        lengths = torch.tensor([len(prompts[i]) for i in rows])
-        # every batch prefills the common width: a prefill that starts later in the static cache gave
-        # different logits in transformers 5.17 (tests/test_generation.py caught it)
-        ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
-        mask = torch.ones((batch_size, cache_len), dtype=torch.long)  # generated positions: causality masks the future
-        for r, i in enumerate(rows):
-            ids[r, width - len(prompts[i]):] = torch.as_tensor(prompts[i])
-            mask[r, :width - len(prompts[i])] = 0
-        ids, mask, lengths = ids.to(dev), mask.to(dev), lengths.to(dev)
-        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-        cache.reset()
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       cache_position=torch.arange(width, device=dev), use_cache=True, logits_to_keep=1).logits[:, -1]
-        new = torch.full((batch_size, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-        done = torch.zeros(batch_size, dtype=torch.bool, device=dev)
-        for k in range(max_new_tokens):
-            token = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), logits.argmax(-1))
-            new[:, k] = token
-            if eos_id is not None:
-                done |= token == eos_id
-                if (k + 1) % check_every == 0 and bool(done.all()):
+    with batch_invariant(model):
+        step = capture(decode_step) if cuda_graph and max_new_tokens > 1 else decode_step
+        for first in range(0, len(order), batch_size):
+            idx = order[first:first + batch_size]
+            rows = idx + [idx[-1]] * (batch_size - len(idx))
+            lengths = torch.tensor([len(prompts[i]) for i in rows], device=dev)
+            done.zero_()
+            k.zero_()
+            cache.positions.zero_()
+            logits = []
+            for lo, hi in prefill_chunks([len(prompts[i]) for i in rows], prefill_tokens):
+                ids = torch.full((hi - lo, len(prompts[rows[hi - 1]])), pad_id, dtype=torch.long)
+                for r in range(lo, hi):
+                    ids[r - lo, :len(prompts[rows[r]])] = torch.as_tensor(prompts[rows[r]])
+                cache.rows = slice(lo, hi)
+                hidden = forward(ids.to(dev), decode=False)
+                logits.append(head(hidden[torch.arange(hi - lo, device=dev), lengths[lo:hi] - 1]))
+            cache.rows = slice(None)
+            record(torch.cat(logits))
+            cache.positions.copy_(lengths)
+            for n in range(1, max_new_tokens):
+                if eos_id is not None and n % check_every == 0 and bool(done.all()):
                     break
-            if k + 1 == max_new_tokens:
-                break
-            logits = step(input_ids=token[:, None], attention_mask=mask, position_ids=(lengths + k)[:, None],
-                          past_key_values=cache, cache_position=torch.tensor([width + k], device=dev),
-                          use_cache=True).logits[:, -1].clone()
-        for i, out in zip(idx, new.tolist()):
-            ended = eos_id is not None and eos_id in out
-            results[i] = {"ids": out[:out.index(eos_id)] if ended else out, "ended": ended}
+                step()
+            for i, out in zip(idx, new[:, :max_new_tokens].tolist()):
+                ended = eos_id is not None and eos_id in out
+                results[i] = {"ids": out[:out.index(eos_id)] if ended else out, "ended": ended}
     return results
+
+
+def prefill_chunks(lengths: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Split rows sorted by length into [lo, hi) runs whose padded size (rows x longest) stays within
+    max_tokens; a row longer than that goes alone."""
+    chunks, lo = [], 0
+    for hi in range(1, len(lengths) + 1):
+        if hi - lo > 1 and (hi - lo) * lengths[hi - 1] > max_tokens:
+            chunks.append((lo, hi - 1))
+            lo = hi - 1
+    chunks.append((lo, len(lengths)))
+    return chunks
+
+
+def capture(fn):
+    """fn captured into a CUDA graph; returns its replay. Two warm-up calls on a side stream first
+    (they compile the kernels and settle the allocator), as torch.cuda.graphs requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def greedy_ids(model, prompts: list[list[int]], **kw) -> list[dict]:
+    """The batch-invariant loop where the model type allows it, else HF generate (batched; rows are
+    then not guaranteed to match one-at-a-time in reduced precision)."""
+    from loraflow.batch_invariant import unsupported_reason
+    reason = unsupported_reason(model)
+    if reason is None:
+        return greedy_decode_rows(model, prompts, **kw)
+    log.warning("generation: HF generate, not the batch-invariant loop: %s", reason)
+    return greedy_generate_ids(model, prompts, **kw)
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[dict]:
     """For each prompt: the decoded text up to the first end-of-turn, whether one came before the
     cap, and the number of new tokens."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    outs = greedy_decode_static(model, encoded, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                                max_new_tokens=max_new_tokens, batch_size=min(batch_size, len(encoded)))
+    outs = greedy_ids(model, encoded, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                      max_new_tokens=max_new_tokens, batch_size=min(batch_size, len(encoded)))
     return [{"text": tokenizer.decode(o["ids"], skip_special_tokens=True).strip(), "ended": o["ended"],
              "new_tokens": len(o["ids"]) + int(o["ended"])} for o in outs]

@@ -1,0 +1,124 @@
+"""Batch-invariant forward passes for generation: each row of a batch is computed exactly as it would be
+alone, so batched greedy outputs equal one-row-at-a-time outputs token for token, in bf16 on a GPU too.
+
+Inside `batch_invariant(model)`:
+- every plain nn.Linear and every Llama-style RMSNorm runs a fixed-configuration kernel
+  (loraflow.invariant_kernels) on CUDA;
+- attention reads a `RowKVCache`, where each row's keys start at position 0 of its own slot
+  (right padding), so a row's keys sit at the same positions whatever the batch;
+- on CPU the same structure runs on PyTorch ops (float32 there, which the tests compare).
+Only the model types below are taken; others fall back to HF generate (see loraflow.generation).
+Quantized (bitsandbytes) linears are left as they are, so their rows are not guaranteed invariant.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+
+ATTENTION = "loraflow_rows"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# RMSNorms with LlamaRMSNorm's formula: fp32 variance, cast to the input dtype, then times weight
+NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `batch_invariant` cannot run this model, or None."""
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "use_sliding_window", False) or (config.model_type == "mistral" and config.sliding_window):
+        return "sliding-window attention"
+    return None
+
+
+class RowKVCache:
+    """K/V buffers (batch, kv_heads, capacity, head_dim) per layer. `positions[b]` is where row b's
+    queries of the current call start (0 in prefill); `rows` selects the batch rows a prefill chunk
+    writes. Zero-filled, so unwritten slots are finite and masked attention adds exact zeros."""
+
+    def __init__(self, config, batch: int, capacity: int, dtype: torch.dtype, device):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (batch, config.num_key_value_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.rows = slice(None)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        k, v = self.keys[layer_idx][self.rows], self.values[layer_idx][self.rows]
+        index = (self.positions[self.rows, None] + torch.arange(key.shape[2], device=key.device))
+        index = index[:, None, :, None].expand_as(key)
+        k.scatter_(2, index, key)
+        v.scatter_(2, index, value)
+        return k, v
+
+    def reset(self) -> None:
+        for t in (*self.keys, *self.values):
+            t.zero_()
+
+
+def reference_attention(q, k, v, positions, scale):
+    """PyTorch version of the kernels' attention: query i of row b sits at positions[b] + i and sees
+    keys 0..that position. q (B, H, Lq, D); k, v (B, Hkv, capacity, D); returns (B, Lq, H, D)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    query_pos = positions[:, None] + torch.arange(q.shape[2], device=q.device)
+    visible = torch.arange(k.shape[2], device=q.device)[None, None, :] <= query_pos[:, :, None]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    return (probs @ v.float()).to(q.dtype).transpose(1, 2)
+
+
+def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function over a RowKVCache; the loop passes the query positions and the
+    phase (prefill or decode), which picks the kernel, as keyword arguments of the model call."""
+    positions, decode = kwargs["loraflow_positions"], kwargs["loraflow_decode"]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if query.is_cuda:
+        from loraflow import invariant_kernels
+        return invariant_kernels.attention(query, key, value, positions, scale, decode), None
+    return reference_attention(query, key, value, positions, scale), None
+
+
+def _linear(module: nn.Linear, x):
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        from loraflow import invariant_kernels
+        return invariant_kernels.matmul(x, module.weight, module.bias)
+    return nn.functional.linear(x, module.weight, module.bias)
+
+
+def _rms_norm(module, original, x):
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        from loraflow import invariant_kernels
+        return invariant_kernels.rms_norm(x, module.weight, module.variance_epsilon)
+    return original(x)
+
+
+@contextmanager
+def batch_invariant(model):
+    """Run `model` with the batch-invariant linears, norms and row attention; restored on exit."""
+    from transformers import AttentionInterface
+    reason = unsupported_reason(model)
+    if reason:
+        raise ValueError(f"batch-invariant generation does not support {reason}")
+    AttentionInterface.register(ATTENTION, row_attention)  # no mask function: the kernels mask by position
+    patched = []
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.forward = partial(_linear, m)
+            patched.append(m)
+        elif type(m).__name__ in NORM_CLASSES:
+            m.forward = partial(_rms_norm, m, m.forward)
+            patched.append(m)
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        for m in patched:
+            del m.forward  # back to the class's forward

@@ -1,0 +1,183 @@
+"""Batch-invariant GPU kernels (Triton) for generation: a row's result never depends on which other
+rows share its batch, nor on how much padding they bring.
+
+cuBLAS and PyTorch's reductions pick their algorithm (tile shape, split-K, how many blocks share a
+row) from the whole tensor's shape, so the same row rounds differently at batch 1 and at batch 256;
+in bf16 on near-tied logits that flips greedy tokens. Here every kernel has one fixed configuration
+and reduces each row in one fixed order:
+- `matmul`: no split-K; each output element sums its K blocks in order, whatever M is;
+- `rms_norm`: one program per row;
+- `attention_prefill` / `attention_decode`: one program per (row, head), keys walked from position 0
+  in fixed blocks; keys past a query's position are masked to exact zeros, so padding and a longer
+  cache add nothing to any sum.
+Prefill and decode use different attention kernels, chosen by the phase the caller names, never by
+the shapes, so a one-row run and a batched run take the same kernel for the same token.
+The kernels also run under TRITON_INTERPRET=1 on CPU, which is how CI checks them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# One configuration for every shape: a different tile or warp count may change the MMA instruction
+# and so the rounding. 64x128x64 with 4 warps runs as one Hopper warpgroup (wgmma).
+MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_GROUP_M, MM_WARPS, MM_STAGES = 64, 128, 64, 8, 4, 4
+PREFILL_BLOCK_M, PREFILL_BLOCK_N = 64, 64
+DECODE_BLOCK_N = 32
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped order: programs that share a weight tile run together, so it is read from HBM once
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x N can pass 2**31
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=offs_m[:, None] < M, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_n[None, :] < N, other=0.0)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+            w = tl.load(w_ptrs, mask=(offs_n[None, :] < N) & (offs_k[:, None] < k_left), other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ weight (N, K).T + bias, as nn.Linear computes it."""
+    K, N = x.shape[-1], weight.shape[0]
+    a = x.reshape(-1, K).contiguous()
+    w = weight.contiguous()
+    M = a.shape[0]
+    c = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, MM_BLOCK_M) * triton.cdiv(N, MM_BLOCK_N),)
+    _matmul_kernel[grid](a, w, bias if bias is not None else w, c, M, N, K, a.stride(0), w.stride(0), c.stride(0),
+                         HAS_BIAS=bias is not None, EVEN_K=K % MM_BLOCK_K == 0, BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N,
+                         BLOCK_K=MM_BLOCK_K, GROUP_M=MM_GROUP_M, num_warps=MM_WARPS, num_stages=MM_STAGES)
+    return c.view(*x.shape[:-1], N)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * N + offs, mask=offs < N, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, axis=0) / N
+    normed = (x * (1.0 / tl.sqrt(var + eps))).to(y_ptr.dtype.element_ty)   # as LlamaRMSNorm: cast, then weight
+    w = tl.load(w_ptr + offs, mask=offs < N, other=0.0)
+    tl.store(y_ptr + row * N + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=offs < N)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    N = x.shape[-1]
+    a = x.reshape(-1, N).contiguous()
+    y = torch.empty_like(a)
+    _rms_norm_kernel[(a.shape[0],)](a, weight, y, N, eps, BLOCK=triton.next_power_of_2(N))
+    return y.view(x.shape)
+
+
+@triton.jit
+def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, Lq, H, GROUPS, scale,
+                              sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, so_b, so_l, so_h,
+                              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # queries sit at positions 0..Lq-1 of their row (right padding): key n is visible to query m iff n <= m
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
+    k_base = k_ptr + b * sk_b + (h // GROUPS) * sk_h
+    v_base = v_ptr + b * sk_b + (h // GROUPS) * sk_h
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, Lq)
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[None, :] * sk_l + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
+        s = tl.dot(q, k) * scale
+        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])   # masked keys: exactly 0, so padding adds nothing
+        alpha = tl.exp(m_i - m_new)      # exactly 1 after a block with nothing visible
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * so_b + offs_m[:, None] * so_l + h * so_h + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=offs_m[:, None] < Lq)
+
+
+@triton.jit
+def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, H, GROUPS, scale,
+                             sq_b, sq_h, sk_b, sk_h, sk_l, so_b, so_h,
+                             D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one new query per row at position pos[b]; the G query heads that share a KV head go together.
+    # CUDA-core dot products (no MMA): the work is tiny and its rounding cannot depend on a tile shape.
+    b, kvh = tl.program_id(0), tl.program_id(1)
+    pos = tl.load(pos_ptr + b)
+    offs_g = tl.arange(0, G)
+    offs_d = tl.arange(0, D)
+    heads = kvh * GROUPS + offs_g
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=offs_g[:, None] < GROUPS, other=0.0)
+    q = q.to(tl.float32)
+    k_base = k_ptr + b * sk_b + kvh * sk_h
+    v_base = v_ptr + b * sk_b + kvh * sk_h
+    m_i = tl.full([G], float("-inf"), tl.float32)
+    l_i = tl.zeros([G], tl.float32)
+    acc = tl.zeros([G, D], tl.float32)
+    for start in range(0, pos + 1, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        visible = offs_n <= pos
+        k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=visible[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=visible[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * so_b + heads[:, None] * so_h + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=offs_g[:, None] < GROUPS)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float,
+              decode: bool) -> torch.Tensor:
+    """q (B, H, Lq, D); k, v (B, Hkv, cache, D), each row's keys from position 0. Prefill: queries at
+    0..Lq-1. Decode: Lq == 1, the query at positions[b]. Returns (B, Lq, H, D)."""
+    B, H, Lq, D = q.shape
+    groups = H // k.shape[1]
+    assert k.stride(-1) == 1 and v.stride() == k.stride() and q.stride(-1) == 1
+    o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    if decode:
+        _attention_decode_kernel[(B, k.shape[1])](
+            q, k, v, o, positions, H, groups, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+            o.stride(0), o.stride(2), D=D, G=triton.next_power_of_2(groups), BLOCK_N=DECODE_BLOCK_N)
+    else:
+        _attention_prefill_kernel[(triton.cdiv(Lq, PREFILL_BLOCK_M), B * H)](
+            q, k, v, o, Lq, H, groups, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            k.stride(2), o.stride(0), o.stride(1), o.stride(2), D=D, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N)
+    return o

@@ -1,0 +1,68 @@
+"""Checks of loraflow.invariant_kernels: close to PyTorch, and each row bitwise the same alone as in a
+padded batch. On CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is
+imported, so tests/test_invariant_kernels.py runs this file in its own process), in fp16 since the
+interpreter mishandles bf16 loads; on a GPU (benchmarks/generate_bench.sh) in bf16.
+Prints OK when every check passes."""
+import os
+
+import torch  # noqa: E402
+
+from loraflow import invariant_kernels as ik  # noqa: E402
+from loraflow.batch_invariant import reference_attention  # noqa: E402
+
+torch.manual_seed(0)
+interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+assert interpreted or torch.cuda.is_available(), "needs a GPU, or TRITON_INTERPRET=1"
+h = torch.float16 if interpreted else torch.bfloat16
+TOL = 2e-2 if interpreted else 6e-2
+torch.set_default_device("cpu" if interpreted else "cuda")
+
+
+def same(a, b, what):
+    assert torch.equal(a, b), f"{what}: not bitwise equal (max diff {(a.float() - b.float()).abs().max()})"
+
+
+# matmul: close to torch, and each row the same whatever rows come with it (K even and odd; bias)
+for K, bias in [(128, False), (200, True)]:
+    a, w = torch.randn(70, K, dtype=h), torch.randn(150, K, dtype=h) / K ** 0.5
+    b = torch.randn(150, dtype=h) if bias else None
+    full = ik.matmul(a, w, b)
+    ref = a.float() @ w.float().T + (b.float() if bias else 0)
+    assert (full.float() - ref).abs().max() < TOL, (full.float() - ref).abs().max()
+    same(ik.matmul(a[5:6], w, b), full[5:6], "matmul one row")
+    same(ik.matmul(a[3:40], w, b), full[3:40], "matmul 37 rows")
+    same(ik.matmul(a.view(7, 10, K), w, b).view(70, -1), full, "matmul 3-d input")
+
+# rms_norm
+x, weight = torch.randn(9, 48, dtype=h), torch.rand(48, dtype=h) + 0.5
+y = ik.rms_norm(x, weight, 1e-6)
+ref = weight.float() * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(h).float()
+assert (y.float() - ref).abs().max() < TOL
+same(ik.rms_norm(x[4:5], weight, 1e-6), y[4:5], "rms_norm one row")
+
+# attention: rows right-padded to the longest in a batch of 3 vs each row alone, in a cache of another size
+B, H, Hkv, D, lengths = 3, 4, 2, 32, [5, 70, 19]
+L = max(lengths)
+q = torch.randn(B, L, H, D, dtype=h).transpose(1, 2)  # transformers' layout: (B, H, L, D), not contiguous
+k, v = torch.randn(B, Hkv, L + 30, D, dtype=h), torch.randn(B, Hkv, L + 30, D, dtype=h)
+zero = torch.zeros(B, dtype=torch.long)
+out = ik.attention(q, k, v, zero, D ** -0.5, decode=False)
+ref = reference_attention(q, k, v, zero, D ** -0.5)
+for b, n in enumerate(lengths):
+    assert (out[b, :n].float() - ref[b, :n].float()).abs().max() < TOL
+    alone = ik.attention(q[b:b + 1, :, :n], k[b:b + 1, :, :n + 7].contiguous(), v[b:b + 1, :, :n + 7].contiguous(),
+                         zero[:1], D ** -0.5, decode=False)
+    same(alone[0], out[b, :n], f"prefill row {b}")
+
+# decode: one query per row at its own position
+pos = torch.tensor([4, 69, 18])
+q1 = torch.randn(B, 1, H, D, dtype=h).transpose(1, 2)
+out = ik.attention(q1, k, v, pos, D ** -0.5, decode=True)
+ref = reference_attention(q1, k, v, pos, D ** -0.5)
+assert (out.float() - ref.float()).abs().max() < TOL
+for b in range(B):
+    n = int(pos[b]) + 1
+    alone = ik.attention(q1[b:b + 1], k[b:b + 1, :, :n].contiguous(), v[b:b + 1, :, :n].contiguous(), pos[b:b + 1],
+                         D ** -0.5, decode=True)
+    same(alone[0], out[b], f"decode row {b}")
+print("OK", h, torch.get_default_device())
