@@ -83,10 +83,16 @@ def row_attention(module, query, key, value, attention_mask, scaling=None, dropo
     return reference_attention(query, key, value, positions, scale), None
 
 
+class Phase:
+    """Which phase the generation loop is in. The linears' kernel configuration follows it (set by the
+    loop, never inferred from shapes, so a row alone and in a batch take the same kernel)."""
+    decode = False
+
+
 def _linear(module: nn.Linear, x):
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         from loraflow import invariant_kernels
-        return invariant_kernels.matmul(x, module.weight, module.bias)
+        return invariant_kernels.matmul(x, module.weight, module.bias, decode=Phase.decode)
     return nn.functional.linear(x, module.weight, module.bias)
 
 
@@ -119,6 +125,7 @@ def batch_invariant(model):
     try:
         yield
     finally:
+        Phase.decode = False
         config._attn_implementation = previous
         for m in patched:
             del m.forward  # back to the class's forward

@@ -53,7 +53,7 @@ def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: 
     for every batch (a short last batch is filled with copies of its last row, dropped after), so on
     CUDA it is captured once into a CUDA graph and replayed: no Python or launch cost per token.
     The loop stops early once every row has emitted eos_id (checked every `check_every` tokens)."""
-    from loraflow.batch_invariant import RowKVCache, batch_invariant
+    from loraflow.batch_invariant import Phase, RowKVCache, batch_invariant
     dev = model.device
     cuda_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -66,6 +66,7 @@ def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: 
     k = torch.zeros(1, dtype=torch.long, device=dev)  # index of the token being recorded
 
     def forward(ids, decode: bool):
+        Phase.decode = decode
         start = cache.positions[cache.rows]
         return decoder(input_ids=ids, position_ids=start[:, None] + torch.arange(ids.shape[1], device=dev),
                        past_key_values=cache, use_cache=True, loraflow_positions=start,
@@ -80,7 +81,8 @@ def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: 
         k.add_(1).clamp_(max=max_new_tokens)
 
     def decode_step():  # everything on the device, so a CUDA graph can hold it
-        record(head(forward(token[:, None], decode=True)[:, -1]))
+        hidden = forward(token[:, None], decode=True)[:, -1]
+        record(head(hidden))  # lm_head with the decode configuration too
         cache.positions.add_(1)
 
     results: list[dict | None] = [None] * len(prompts)

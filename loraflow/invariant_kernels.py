@@ -20,11 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-# One configuration for every shape: a different tile or warp count may change the MMA instruction
-# and so the rounding. 64x128x64 with 4 warps runs as one Hopper warpgroup (wgmma).
-MM_BLOCK_M, MM_BLOCK_N, MM_BLOCK_K, MM_GROUP_M, MM_WARPS, MM_STAGES = 64, 128, 64, 8, 4, 4
+# One configuration per phase, never per shape: a different tile or warp count may change the MMA
+# instruction and so the rounding. The caller names the phase (prefill or decode), so a row's token
+# takes the same kernel whether it is alone or in a batch of 256. Picked by
+# benchmarks/invariant_kernel_probe.py on the H200 at the 8B's shapes (M, N, K, GROUP_M, warps, stages).
+MM_PREFILL = (128, 128, 64, 8, 8, 3)
+MM_DECODE = (128, 64, 64, 8, 4, 4)
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 64, 64
-DECODE_BLOCK_N = 32
+DECODE_BLOCK_N, DECODE_WARPS = 64, 4
 
 
 @triton.jit
@@ -62,17 +65,18 @@ def _matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn,
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ weight (N, K).T + bias, as nn.Linear computes it."""
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, decode: bool = False) -> torch.Tensor:
+    """x (..., K) @ weight (N, K).T + bias, as nn.Linear computes it, with the phase's configuration."""
+    block_m, block_n, block_k, group_m, warps, stages = MM_DECODE if decode else MM_PREFILL
     K, N = x.shape[-1], weight.shape[0]
     a = x.reshape(-1, K).contiguous()
     w = weight.contiguous()
     M = a.shape[0]
     c = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(M, MM_BLOCK_M) * triton.cdiv(N, MM_BLOCK_N),)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _matmul_kernel[grid](a, w, bias if bias is not None else w, c, M, N, K, a.stride(0), w.stride(0), c.stride(0),
-                         HAS_BIAS=bias is not None, EVEN_K=K % MM_BLOCK_K == 0, BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N,
-                         BLOCK_K=MM_BLOCK_K, GROUP_M=MM_GROUP_M, num_warps=MM_WARPS, num_stages=MM_STAGES)
+                         HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
+                         BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages)
     return c.view(*x.shape[:-1], N)
 
 
@@ -131,33 +135,32 @@ def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, Lq, H, GROUPS, scale,
 @triton.jit
 def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, H, GROUPS, scale,
                              sq_b, sq_h, sk_b, sk_h, sk_l, so_b, so_h,
-                             D: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr):
-    # one new query per row at position pos[b]; the G query heads that share a KV head go together.
-    # CUDA-core dot products (no MMA): the work is tiny and its rounding cannot depend on a tile shape.
+                             D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one new query per row, at position pos[b]. The query heads that share a KV head are the rows of
+    # one tile (padded to BLOCK_G >= 16 for the MMA), so each K/V block is read once for all of them.
     b, kvh = tl.program_id(0), tl.program_id(1)
     pos = tl.load(pos_ptr + b)
-    offs_g = tl.arange(0, G)
+    offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     heads = kvh * GROUPS + offs_g
     q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=offs_g[:, None] < GROUPS, other=0.0)
-    q = q.to(tl.float32)
     k_base = k_ptr + b * sk_b + kvh * sk_h
     v_base = v_ptr + b * sk_b + kvh * sk_h
-    m_i = tl.full([G], float("-inf"), tl.float32)
-    l_i = tl.zeros([G], tl.float32)
-    acc = tl.zeros([G, D], tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
     for start in range(0, pos + 1, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         visible = offs_n <= pos
-        k = tl.load(k_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=visible[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale
+        k = tl.load(k_base + offs_n[None, :] * sk_l + offs_d[:, None], mask=visible[None, :], other=0.0)
+        s = tl.dot(q, k) * scale
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=visible[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+        v = tl.load(v_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=visible[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * so_b + heads[:, None] * so_h + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -175,7 +178,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
     if decode:
         _attention_decode_kernel[(B, k.shape[1])](
             q, k, v, o, positions, H, groups, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-            o.stride(0), o.stride(2), D=D, G=triton.next_power_of_2(groups), BLOCK_N=DECODE_BLOCK_N)
+            o.stride(0), o.stride(2), D=D, BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_N=DECODE_BLOCK_N,
+            num_warps=DECODE_WARPS)
     else:
         _attention_prefill_kernel[(triton.cdiv(Lq, PREFILL_BLOCK_M), B * H)](
             q, k, v, o, Lq, H, groups, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),

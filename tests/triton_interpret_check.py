@@ -23,15 +23,15 @@ def same(a, b, what):
 
 
 # matmul: close to torch, and each row the same whatever rows come with it (K even and odd; bias)
-for K, bias in [(128, False), (200, True)]:
+for K, bias, decode in [(128, False, False), (200, True, False), (200, True, True)]:
     a, w = torch.randn(70, K, dtype=h), torch.randn(150, K, dtype=h) / K ** 0.5
     b = torch.randn(150, dtype=h) if bias else None
-    full = ik.matmul(a, w, b)
+    full = ik.matmul(a, w, b, decode)
     ref = a.float() @ w.float().T + (b.float() if bias else 0)
     assert (full.float() - ref).abs().max() < TOL, (full.float() - ref).abs().max()
-    same(ik.matmul(a[5:6], w, b), full[5:6], "matmul one row")
-    same(ik.matmul(a[3:40], w, b), full[3:40], "matmul 37 rows")
-    same(ik.matmul(a.view(7, 10, K), w, b).view(70, -1), full, "matmul 3-d input")
+    same(ik.matmul(a[5:6], w, b, decode), full[5:6], "matmul one row")
+    same(ik.matmul(a[3:40], w, b, decode), full[3:40], "matmul 37 rows")
+    same(ik.matmul(a.view(7, 10, K), w, b, decode).view(70, -1), full, "matmul 3-d input")
 
 # rms_norm
 x, weight = torch.randn(9, 48, dtype=h), torch.rand(48, dtype=h) + 0.5
