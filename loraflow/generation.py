@@ -1,13 +1,18 @@
 """Batched greedy generation, shared by the merge check, the evaluate stage and the benchmarks.
 
-Prompts are sorted by length so each batch pads little, left-padded so every row's next token
-sits in the last column, and returned in the caller's order.
+Prompts are sorted by length so each batch pads little, and results come back in the caller's order.
+- `greedy_decode_rows`, the default: batch-invariant (each row's tokens are exactly those it gets
+  alone, in bf16 on a GPU too), right-padded, decode step in a CUDA graph on a GPU.
+- `greedy_generate_ids`: HF `generate`, left-padded; for model types the batch-invariant loop does
+  not take, and as the one-row peer in benchmarks/generate_bench.py.
 """
 from __future__ import annotations
 
 import logging
 
 import torch
+
+from loraflow.memplan import PREFILL_CHUNK_TOKENS
 
 log = logging.getLogger("loraflow.generation")
 
@@ -44,7 +49,7 @@ def greedy_generate_ids(model, prompts: list[list[int]], *, pad_id: int, eos_id:
 @torch.no_grad()
 def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
                        batch_size: int, cuda_graph: bool | None = None, check_every: int = 16,
-                       prefill_tokens: int = 16384) -> list[dict]:
+                       prefill_tokens: int = PREFILL_CHUNK_TOKENS) -> list[dict]:
     """greedy_generate_ids, batch-invariant and fast: each row is computed exactly as it would be alone
     (loraflow.batch_invariant), so the result does not depend on batch_size.
 

@@ -355,11 +355,17 @@ def plan_for_params(params, arch: Arch, max_length: int, act_bytes: int, fused: 
                      methods=methods)
 
 
+# loraflow.generation prefills a batch in chunks of at most this many (padded) tokens
+PREFILL_CHUNK_TOKENS = 16384
+
+
 def generation_bytes(arch: Arch, batch: int, prompt_len: int, new_tokens: int, act_bytes: int = 2) -> float:
-    """GPU memory greedy decoding needs beside the weights: the static KV cache, one layer's prefill
-    working tensors, and last-position logits (prefill keeps only those)."""
+    """GPU memory greedy decoding needs beside the weights: the KV cache (every row's slot holds the
+    longest prompt plus the new tokens), one layer's working tensors for a prefill chunk, and
+    last-position logits (prefill keeps only those)."""
     cache = arch.layers * 2 * arch.kv_heads * arch.head_dim * (prompt_len + new_tokens) * batch * act_bytes
-    prefill = batch * prompt_len * (3 * arch.intermediate + 4 * arch.hidden) * act_bytes
+    chunk_tokens = min(batch * prompt_len, max(PREFILL_CHUNK_TOKENS, prompt_len))
+    prefill = chunk_tokens * (3 * arch.intermediate + 4 * arch.hidden) * act_bytes
     logits = batch * arch.vocab * 4 * 2
     return cache + prefill + logits
 

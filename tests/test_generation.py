@@ -1,4 +1,5 @@
 """Batched greedy generation equals one row at a time; the merge comparison catches a difference."""
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,3 +43,55 @@ def test_static_cache_decode_loop_equals_one_row_hf_generate(tiny_model_dir):
     no_eos = greedy_decode_rows(model, prompts, batch_size=3, **{**kw, "eos_id": None})
     assert no_eos == [greedy_generate_ids(model, [p], batch_size=1, **{**kw, "eos_id": None})[0] for p in prompts]
     assert all(len(r["ids"]) == 10 for r in no_eos)
+
+
+def tiny_causal_lm(model_type: str, **extra):
+    from transformers import AutoConfig
+    config = AutoConfig.for_model(model_type, vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type,extra", [("qwen2", {}), ("qwen3", {"head_dim": 16}), ("mistral", {"sliding_window": None})])
+def test_row_loop_matches_hf_generate_on_other_architectures(model_type, extra):
+    """q/k/v biases (Qwen2), per-head q/k norms (Qwen3) and Mistral go through the same row loop."""
+    from loraflow.generation import greedy_decode_rows, greedy_generate_ids
+    model = tiny_causal_lm(model_type, **extra)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 9, 1, 17, 5)]
+    kw = dict(pad_id=0, eos_id=None, max_new_tokens=8)
+    assert greedy_decode_rows(model, prompts, batch_size=2, **kw) == \
+        [greedy_generate_ids(model, [p], batch_size=1, **kw)[0] for p in prompts]
+
+
+def test_row_loop_output_does_not_depend_on_batch_or_prefill_chunks(tiny_model_dir):
+    from loraflow.generation import greedy_decode_rows
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (12, 2, 30, 7, 7, 19)]
+    kw = dict(pad_id=0, eos_id=None, max_new_tokens=6)
+    alone = [greedy_decode_rows(model, [p], batch_size=1, **kw)[0] for p in prompts]
+    assert greedy_decode_rows(model, prompts, batch_size=6, **kw) == alone
+    assert greedy_decode_rows(model, prompts, batch_size=4, prefill_tokens=20, **kw) == alone  # prefill in chunks
+
+
+def test_prefill_chunks_bound_padded_tokens():
+    from loraflow.generation import prefill_chunks
+    assert prefill_chunks([2, 3, 5, 5, 9], 10) == [(0, 2), (2, 4), (4, 5)]
+    assert prefill_chunks([40], 10) == [(0, 1)]  # a row longer than the bound goes alone
+    assert prefill_chunks([1, 1, 1], 100) == [(0, 3)]
+
+
+def test_unsupported_model_type_falls_back_to_hf_generate(caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from loraflow.generation import greedy_generate_ids, greedy_ids
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=64)).eval()
+    prompts = [[5, 6, 7], [8, 9]]
+    kw = dict(pad_id=0, eos_id=None, max_new_tokens=4)
+    with caplog.at_level("WARNING", logger="loraflow.generation"):
+        out = greedy_ids(model, prompts, batch_size=2, **kw)
+    assert "not the batch-invariant loop: model type 'gpt2'" in caplog.text
+    assert out == greedy_generate_ids(model, prompts, batch_size=2, **kw)
