@@ -24,6 +24,7 @@ MASK_AUDIT_PNG = Path("reports/mask_audit.png")
 
 ADAPTER_DIR = Path("models/adapter")
 CHECKPOINTS_DIR = Path("models/checkpoints")
+LAUNCH_DIR = Path("models/launch")  # the params and accelerate config of a multi-GPU train run (scratch)
 LOSS_CSV = Path("reports/train_loss.csv")
 LOSS_PNG = Path("reports/train_loss.png")
 MEMORY_PLAN_MD = Path("reports/memory_plan.md")

@@ -84,20 +84,34 @@ class Setup:
     optimizer: str = "adamw"             # adamw (fp32 moments) | adamw_8bit
     act_bytes: int = 2                   # compute dtype: 2 for bf16/fp16, 4 for fp32
     double_quant: bool = True
+    shards: int = 1                      # FSDP processes (FULL_SHARD); 1: one GPU
+
+
+def linear_weight_bytes(arch: Arch, s: Setup) -> float:
+    """The decoder layers' projection weights as the method stores them, all layers, unsharded."""
+    linear = arch.linear_params()
+    if s.method == "lora":
+        return linear * s.act_bytes
+    if s.method == "lora8":
+        rows = arch.layers * sum(out for _, out in arch.linear_shapes().values())
+        return linear * 1 + rows * 4
+    if s.method == "qlora":
+        scales = linear / 64 + linear / (64 * 256) * 4 if s.double_quant else linear / 64 * 4
+        return linear * 0.5 + scales
+    raise ValueError(f"unknown method {s.method!r}")
 
 
 def weight_bytes(arch: Arch, s: Setup) -> float:
-    other = arch.other_params() * s.act_bytes
-    linear = arch.linear_params()
-    if s.method == "lora":
-        return linear * s.act_bytes + other
-    if s.method == "lora8":
-        rows = arch.layers * sum(out for _, out in arch.linear_shapes().values())
-        return linear * 1 + rows * 4 + other
-    if s.method == "qlora":
-        scales = linear / 64 + linear / (64 * 256) * 4 if s.double_quant else linear / 64 * 4
-        return linear * 0.5 + scales + other
-    raise ValueError(f"unknown method {s.method!r}")
+    """This GPU's share of the base weights (all of them on one GPU)."""
+    return (linear_weight_bytes(arch, s) + arch.other_params() * s.act_bytes) / s.shards
+
+
+def fsdp_gather_bytes(arch: Arch, s: Setup) -> float:
+    """Under FSDP, the units gathered in full at once: the root unit (embeddings, final norm, lm_head)
+    and two decoder layers (the one running and the one prefetched)."""
+    if s.shards == 1:
+        return 0.0
+    return arch.other_params() * s.act_bytes + 2 * linear_weight_bytes(arch, s) / arch.layers
 
 
 def adapter_params(arch: Arch, s: Setup) -> int:
@@ -117,7 +131,7 @@ def adapter_bytes(arch: Arch, s: Setup) -> float:
     # a trained copy of the module in the weight dtype, its grad, and two moments in that dtype (or 8-bit)
     full_moments = 2 if s.optimizer == "adamw_8bit" else 2 * s.act_bytes
     full = saved_module_params(arch, s) * (2 * s.act_bytes + full_moments)
-    return lora + full
+    return (lora + full) / s.shards  # FULL_SHARD splits them with the weights
 
 
 def norm_saved_bytes(arch: Arch, s: Setup) -> float:
@@ -198,6 +212,8 @@ def estimate(arch: Arch, s: Setup) -> dict[str, float]:
         "logits_loss": loss_bytes_per_token(arch, s) * s.tokens,
         "working_set": working_bytes(arch, s),
     }
+    if s.shards > 1:
+        parts["fsdp_gathered"] = fsdp_gather_bytes(arch, s)
     parts["peak"] = sum(parts.values())
     return parts
 
@@ -307,8 +323,10 @@ def render(plan: Plan) -> str:
     c, arch = plan.chosen, plan.arch
     budget = ("none (CPU: no GPU memory to plan for)" if plan.budget_bytes is None
               else f"{gib(plan.budget_bytes):.2f} GiB (keeping {SAFETY_MARGIN:.0%} free)")
+    shards = c.setup.shards
+    per_gpu = f"; per GPU, sharded over {shards} GPUs (FSDP FULL_SHARD)" if shards > 1 else ""
     lines = [f"memory plan: {arch.layers} layers, hidden {arch.hidden}, vocab {arch.vocab}, "
-             f"{arch.params() / 1e9:.3g} B params; budget {budget}",
+             f"{arch.params() / 1e9:.3g} B params; budget {budget}{per_gpu}",
              "", "| part | GiB |", "|---|---|"]
     lines += [f"| {k} | {v / GIB:.3f} |" for k, v in c.parts.items()]
     verdict = "fits" if c.fits else "DOES NOT FIT"
@@ -321,13 +339,14 @@ def render(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def setup_for_params(params, act_bytes: int, fused: bool) -> Setup:
+def setup_for_params(params, act_bytes: int, fused: bool, shards: int = 1) -> Setup:
     """The Setup that TrainParams describe; checkpoint_layers and tokens are filled in by the plan."""
     targets = LINEAR_NAMES if params.target_modules == "all-linear" else tuple(
         n for n in LINEAR_NAMES if n in params.target_modules)
     method = "lora" if params.method == "auto" else params.method
     return Setup(method=method, fused=fused, rank=params.rank, targets=targets,
-                 modules_to_save=tuple(params.modules_to_save), optimizer=params.optimizer, act_bytes=act_bytes)
+                 modules_to_save=tuple(params.modules_to_save), optimizer=params.optimizer, act_bytes=act_bytes,
+                 shards=shards)
 
 
 def fixed_checkpoint_layers(setting, layers: int) -> int | None:
@@ -340,17 +359,26 @@ def fixed_checkpoint_layers(setting, layers: int) -> int | None:
 
 
 def plan_for_params(params, arch: Arch, max_length: int, act_bytes: int, fused: bool,
-                    gpu_free_bytes: float | None) -> Plan:
-    """The plan for the train stage: the budget is params.memory_budget_gib, else the GPU's free
-    memory, else (CPU) none. method auto tries lora, lora8 and qlora, fastest first (GPU only)."""
+                    gpu_free_bytes: float | None, processes: int = 1, shards: int = 1) -> Plan:
+    """The plan for one training process: the budget is params.memory_budget_gib, else the GPU's free
+    memory, else (CPU) none. With several processes each takes batch_size * grad_accum / processes
+    rows per step; `shards` of them share the weights (FSDP). method auto tries lora, lora8 and qlora,
+    fastest first (GPU only; no lora8 when sharded)."""
     from loraflow.errors import LoraflowError
-    rows = params.batch_size * params.grad_accum
+    total = params.batch_size * params.grad_accum
+    if total % processes:
+        raise LoraflowError(f"batch_size * grad_accum = {total} rows per step cannot be split evenly over "
+                            f"{processes} GPUs (train.num_gpus); make it a multiple of {processes}")
+    rows = total // processes
     micro = None if params.micro_batch == "auto" else params.micro_batch
     if micro is not None and rows % micro:
-        raise LoraflowError(f"train.micro_batch={micro} must divide batch_size * grad_accum = {rows}")
+        raise LoraflowError(f"train.micro_batch={micro} must divide the {rows} rows per step of each "
+                            f"process (batch_size * grad_accum / GPUs)")
     budget = params.memory_budget_gib * GIB if params.memory_budget_gib else gpu_free_bytes
-    methods = METHODS_FASTEST_FIRST if params.method == "auto" and budget is not None else None
-    return make_plan(arch, setup_for_params(params, act_bytes, fused), max_length, rows, budget,
+    methods = None
+    if params.method == "auto" and budget is not None:
+        methods = tuple(m for m in METHODS_FASTEST_FIRST if shards == 1 or m != "lora8")
+    return make_plan(arch, setup_for_params(params, act_bytes, fused, shards), max_length, rows, budget,
                      micro_batch=micro, checkpoint_layers=fixed_checkpoint_layers(params.gradient_checkpointing, arch.layers),
                      methods=methods)
 

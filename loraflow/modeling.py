@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,12 @@ def device() -> torch.device:
 
 
 def device_map() -> dict | None:
-    """Load weights straight onto the GPU when there is one (quantized weights must be); None: the CPU."""
-    return {"": device().index or 0} if torch.cuda.is_available() else None
+    """Load weights straight onto this process's GPU when there is one (quantized weights must be);
+    None: the CPU, or FSDP, which loads on CPU and moves each shard to its GPU itself."""
+    from loraflow import distributed
+    if not torch.cuda.is_available() or distributed.fsdp_enabled():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
 def release_memory() -> None:
@@ -93,17 +98,25 @@ def load_model(ref: BaseRef, dtype: torch.dtype, quantization_config=None, devic
                             "safetensors; for a hub id, check the name, revision and network/HF_HUB_OFFLINE.") from None
 
 
-def quantization_config(method: str, dtype: torch.dtype):
+LORA8_UNSHARDABLE = ("train.method=lora8 cannot be sharded across GPUs (FSDP shards no int8 weights); "
+                     "use lora or qlora with train.num_gpus above 1")
+
+
+def quantization_config(method: str, dtype: torch.dtype, sharded: bool = False):
+    """bitsandbytes settings for the method. sharded (FSDP): the 4-bit weights are stored in the
+    compute dtype, since FSDP shards only floating-point tensors."""
     if method not in ("lora8", "qlora"):
         return None
     if not torch.cuda.is_available():
         raise LoraflowError(f"train.method={method} needs a CUDA GPU (bitsandbytes kernels). "
                             "On CPU use train.method: lora.")
+    if sharded and method == "lora8":
+        raise LoraflowError(LORA8_UNSHARDABLE)
     from transformers import BitsAndBytesConfig
     if method == "lora8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype if sharded else torch.uint8)
 
 
 def local_model_dir(ref: BaseRef) -> Path:

@@ -160,6 +160,17 @@ class TrainParams(Section):
     """AdamW with fp32 moments, or bitsandbytes' 8-bit AdamW (GPU)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype: auto is float32 on CPU and bfloat16 on a GPU."""
+    num_gpus: int | Literal["auto"] = 1
+    """GPUs of this machine to train on. Above 1 the stage relaunches itself through accelerate with
+    FSDP, one process per GPU (loraflow/distributed.py); auto: every visible GPU. batch_size *
+    grad_accum rows per optimizer step stay the same, split across the GPUs."""
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _at_least_one_gpu(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("num_gpus must be at least 1, or auto")
+        return v
 
 
 class MergeParams(Section):

@@ -41,6 +41,8 @@ def main(stage: str, run: Callable[[Section], dict], section: str | None = None)
     except LoraflowError as e:
         print(redact(f"loraflow {stage}: error: {e}"), file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one of several training processes: the main one (rank 0) writes the summary
     summary = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2), **summary}
     write_json(stage_summary(stage), summary)
     log.info("%s done in %.1fs: %s", stage, summary["seconds"],

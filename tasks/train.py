@@ -23,14 +23,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
-from loraflow import fastpath, layout, memplan
+from loraflow import distributed, fastpath, layout, memplan
 from loraflow.artifacts import atomic_path, sha256_file, sha256_tree, write_text
 from loraflow.errors import LoraflowError
 from loraflow.faults import maybe_die
 from loraflow.masking import IGNORE_INDEX
-from loraflow.modeling import (compute_dtype, device, device_map, load_config, load_model, load_tokenizer,
-                               quantization_config, resolve_base)
+from loraflow.modeling import (LORA8_UNSHARDABLE, compute_dtype, device, device_map, load_config, load_model,
+                               load_tokenizer, quantization_config, resolve_base)
 from loraflow.params import TrainParams
 from loraflow.plots import line_plot
 from loraflow.stage import main
@@ -96,10 +97,15 @@ def resolve_speed(params: TrainParams, model_type: str) -> Speed:
 
 
 def make_plan(params: TrainParams, config, max_length: int, speed: Speed, dtype: torch.dtype) -> memplan.Plan:
+    """This process's plan; with several processes every one plans for the GPU with the least free
+    memory, so all pick the same micro-batch."""
     free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    if free is not None:
+        free = distributed.min_across_processes(free)
+    processes = distributed.world_size()
     return memplan.plan_for_params(params, memplan.Arch.from_config(config), max_length,
-                                   act_bytes=dtype.itemsize, fused=speed.fused,
-                                   gpu_free_bytes=free)
+                                   act_bytes=dtype.itemsize, fused=speed.fused, gpu_free_bytes=free,
+                                   processes=processes, shards=processes if distributed.fsdp_enabled() else 1)
 
 
 def write_plan(plan: memplan.Plan, md: Path = layout.MEMORY_PLAN_MD, as_json: Path = layout.MEMORY_PLAN_JSON) -> None:
@@ -121,7 +127,7 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
     plan's checkpointing, wrapped with a fresh LoRA adapter."""
     from peft import get_peft_model
     torch.manual_seed(params.seed)  # LoRA A matrices are drawn at wrap time
-    quant = quantization_config(setup.method, dtype)
+    quant = quantization_config(setup.method, dtype, sharded=distributed.fsdp_enabled())
     attn = fastpath.register_packed_attention() if speed.packing else None
     model = load_model(ref, dtype, quantization_config=quant, attn_implementation=attn,
                        device_map=device_map())
@@ -140,6 +146,7 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
 def fingerprint(params: TrainParams, ref) -> str:
     """Everything that shapes the run: a checkpoint from another fingerprint must not be resumed."""
     h = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True).encode())
+    h.update(str(distributed.world_size()).encode())  # a checkpoint of another process count is not resumed
     h.update(sha256_file(layout.TRAIN_TOKENS).encode())
     h.update(json.dumps([ref.location, ref.revision]).encode())
     if Path(ref.location).is_dir():
@@ -147,17 +154,23 @@ def fingerprint(params: TrainParams, ref) -> str:
     return h.hexdigest()
 
 
-def prepare_checkpoints(ckpt_dir: Path, fp: str) -> bool:
-    """True when ckpt_dir holds a checkpoint of this very run to resume from."""
+def resumable(ckpt_dir: Path, fp: str) -> bool:
+    """True when ckpt_dir holds a checkpoint of this very run."""
     marker = ckpt_dir / FINGERPRINT_FILE
     same = marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp
-    if same and any(ckpt_dir.glob("checkpoint-*")):
-        return True
-    if ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True)
-    marker.write_text(json.dumps({"fingerprint": fp}))
-    return False
+    return same and any(ckpt_dir.glob("checkpoint-*"))
+
+
+def prepare_checkpoints(ckpt_dir: Path, fp: str) -> bool:
+    """True when ckpt_dir holds a checkpoint of this very run to resume from; else starts it clean.
+    Only the main process writes; the others wait for it and then read the same answer."""
+    if distributed.is_main_process() and not resumable(ckpt_dir, fp):
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True)
+        (ckpt_dir / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
+    distributed.barrier()
+    return resumable(ckpt_dir, fp)
 
 
 def progress_callback():
@@ -190,6 +203,7 @@ def training_args(params: TrainParams, out_dir: Path, dtype: torch.dtype, plan: 
         save_total_limit=1, seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=True,
         bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16, use_cpu=not on_gpu,
         remove_unused_columns=False, dataloader_num_workers=0, optim=optim,
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
         # gradient checkpointing is set on the model itself, per layer, by the plan
         gradient_checkpointing=False,
     )
@@ -199,8 +213,14 @@ def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, t
                  out_dir: Path, dtype: torch.dtype, callbacks=()):
     from transformers import Trainer
     collator = fastpath.packed_collator(pad_id) if speed.packing else pad_collator(pad_id)
-    return Trainer(model=model, args=training_args(params, out_dir, dtype, plan), train_dataset=train_ds,
-                   eval_dataset=eval_ds, data_collator=collator, callbacks=list(callbacks))
+    trainer = Trainer(model=model, args=training_args(params, out_dir, dtype, plan), train_dataset=train_ds,
+                      eval_dataset=eval_ds, data_collator=collator, callbacks=list(callbacks))
+    if trainer.is_fsdp_enabled:
+        # FSDP1 without use_orig_params flattens each wrapped unit into one tensor: PEFT's policy gives
+        # the trainable LoRA weights units of their own, apart from the frozen base weights
+        from peft.utils.other import fsdp_auto_wrap_policy
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+    return trainer
 
 
 def train_or_name_next_rung(trainer, plan: memplan.Plan, resume: bool):
@@ -232,6 +252,36 @@ def save_loss_curve(history: list[dict]) -> list[dict]:
 
 
 def run(params: TrainParams) -> dict:
+    """Train here, or with train.num_gpus above 1, in one process per GPU through accelerate FSDP."""
+    gpus = distributed.resolve_num_gpus(params.num_gpus, torch.cuda.device_count())
+    if gpus > 1 and distributed.world_size() == 1:
+        if params.method == "lora8":
+            raise LoraflowError(LORA8_UNSHARDABLE)
+        return launch_processes(params, gpus, fsdp=True)
+    return train_here(params)
+
+
+def launch_processes(params: TrainParams, processes: int, fsdp: bool) -> dict:
+    """Relaunch this stage in `processes` processes with exactly these params: FSDP on GPUs, or plain
+    data parallel (which runs on CPU too, over gloo: the tests use it). Returns the main process's
+    summary."""
+    params_file = layout.LAUNCH_DIR / "params.yaml"
+    write_text(params_file, yaml.safe_dump({"train": params.model_dump()}, sort_keys=True))
+    config = distributed.accelerate_config(processes, fsdp=fsdp)
+    log.info("launching %d training processes (%s) through accelerate", processes, config["distributed_type"])
+    distributed.launch(config, layout.LAUNCH_DIR / "accelerate_config.yaml", str(params_file))
+    summary = json.loads(layout.stage_summary("train").read_text())
+    summary.pop("stage", None)
+    return {**summary, "launch_config": config}
+
+
+def train_here(params: TrainParams) -> dict:
+    """The training itself: in this process, or in each process `accelerate launch` started (then
+    the main one writes every output)."""
+    if distributed.world_size() > 1:
+        from accelerate import PartialState
+        PartialState()  # joins the process group: the plan and the checkpoint setup below synchronize
+    main_process = distributed.is_main_process()
     ref = resolve_base(layout.BASE_DIR)
     tokenizer = load_tokenizer(ref)
     train_df, eval_df = pd.read_parquet(layout.TRAIN_TOKENS), pd.read_parquet(layout.EVAL_TOKENS)
@@ -240,7 +290,10 @@ def run(params: TrainParams) -> dict:
     speed = resolve_speed(params, config.model_type)
     longest = int(max(train_df["input_ids"].map(len).max(), eval_df["input_ids"].map(len).max()))
     plan = make_plan(params, config, longest, speed, dtype)
-    write_plan(plan)
+    if main_process:
+        write_plan(plan)
+    elif not plan.chosen.fits:
+        raise LoraflowError("the memory plan does not fit (the main process names the next rung down)")
     setup = plan.chosen.setup
     model = build_peft_model(params, ref, dtype, setup, speed)
     trainable, total = model.get_nb_trainable_parameters()
@@ -257,9 +310,15 @@ def run(params: TrainParams) -> dict:
     result = train_or_name_next_rung(trainer, plan, resume)
     seconds = time.perf_counter() - t0
     eval_loss = trainer.evaluate()["eval_loss"]
+    # under FSDP each process holds a shard: gather the full weights (every process takes part)
+    state = trainer.accelerator.get_state_dict(trainer.model) if distributed.world_size() > 1 else None
+    peaks = distributed.gather_from_processes(
+        round(torch.cuda.max_memory_allocated() / memplan.GIB, 3) if torch.cuda.is_available() else None)
+    if not main_process:
+        return {}
 
     with atomic_path(layout.ADAPTER_DIR, is_dir=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         stable_adapter_config(tmp / "adapter_config.json")
         tokenizer.save_pretrained(tmp)
         write_text(tmp / "train_info.json", json.dumps({
@@ -270,8 +329,10 @@ def run(params: TrainParams) -> dict:
     return {"method": setup.method, "device": str(device()), "dtype": str(dtype).replace("torch.", ""),
             "micro_batch": plan.chosen.micro_batch, "checkpoint_layers": setup.checkpoint_layers,
             "packing": speed.packing, "fused_kernels": speed.fused,
+            "processes": distributed.world_size(), "fsdp": distributed.fsdp_enabled(),
             "predicted_peak_gib": round(plan.chosen.parts["peak"] / memplan.GIB, 3),
-            "measured_peak_gib": round(torch.cuda.max_memory_allocated() / memplan.GIB, 3) if torch.cuda.is_available() else None,
+            "measured_peak_gib": max(peaks) if peaks[0] is not None else None,
+            "measured_peak_gib_per_process": peaks,
             "trainable_parameters": trainable, "total_parameters": total, "steps": trainer.state.global_step,
             "resumed": resume, "train_loss_first": points[0]["loss"] if points else None,
             "train_loss_last": points[-1]["loss"] if points else None, "train_loss_mean": round(result.training_loss, 4),
