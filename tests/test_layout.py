@@ -23,8 +23,9 @@ def test_every_layout_path_is_a_declared_output():
     for stage in dvc_stages().values():
         declared |= paths(stage.get("outs")) | paths(stage.get("metrics")) | paths(stage.get("plots"))
     wanted = {str(v) for k, v in vars(layout).items() if isinstance(v, Path) and k.isupper()}
-    # an input, two folders, and the train stage's scratch space
+    # an input, two folders, and the train stage's scratch space (checkpoints, multi-GPU launch files)
     wanted -= {str(layout.BASE_CORPUS), str(layout.TOKENS_DIR), str(layout.STAGE_SUMMARIES), str(layout.CHECKPOINTS_DIR),
+               str(layout.LAUNCH_DIR),
                str(layout.RUN_RECORD),  # ... and the flow's own record of its last run
                str(layout.PLAN_PREVIEW_MD), str(layout.PLAN_PREVIEW_JSON)}  # ... and `loraflow plan`'s, run by hand
     assert wanted - declared == set()
