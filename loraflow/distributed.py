@@ -44,8 +44,7 @@ def fsdp_enabled() -> bool:
     """True inside a process that `accelerate launch` started with FSDP, on a GPU (accelerate applies
     FSDP only there)."""
     import torch
-    return (world_size() > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-            and torch.cuda.is_available())
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and torch.cuda.is_available()
 
 
 def resolve_num_gpus(setting: int | str, available: int) -> int:

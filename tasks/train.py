@@ -311,7 +311,8 @@ def train_here(params: TrainParams) -> dict:
     seconds = time.perf_counter() - t0
     eval_loss = trainer.evaluate()["eval_loss"]
     # under FSDP each process holds a shard: gather the full weights (every process takes part)
-    state = trainer.accelerator.get_state_dict(trainer.model) if distributed.world_size() > 1 else None
+    sharded = trainer.is_fsdp_enabled or distributed.world_size() > 1
+    state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     peaks = distributed.gather_from_processes(
         round(torch.cuda.max_memory_allocated() / memplan.GIB, 3) if torch.cuda.is_available() else None)
     if not main_process:
@@ -329,7 +330,7 @@ def train_here(params: TrainParams) -> dict:
     return {"method": setup.method, "device": str(device()), "dtype": str(dtype).replace("torch.", ""),
             "micro_batch": plan.chosen.micro_batch, "checkpoint_layers": setup.checkpoint_layers,
             "packing": speed.packing, "fused_kernels": speed.fused,
-            "processes": distributed.world_size(), "fsdp": distributed.fsdp_enabled(),
+            "processes": distributed.world_size(), "fsdp": bool(trainer.is_fsdp_enabled),
             "predicted_peak_gib": round(plan.chosen.parts["peak"] / memplan.GIB, 3),
             "measured_peak_gib": max(peaks) if peaks[0] is not None else None,
             "measured_peak_gib_per_process": peaks,
