@@ -232,6 +232,29 @@ def train_or_name_next_rung(trainer, plan: memplan.Plan, resume: bool):
                             f"Next rung down: {memplan.next_rung_down(plan)}") from None
 
 
+def adapter_key_map(model) -> dict[str, str]:
+    """For each tensor PEFT saves in an adapter, the model state-dict key it comes from. Read before
+    training: FSDP1 renames the modules it wraps, and PEFT finds the adapter's keys by module name, so
+    after wrapping it finds none (peft 0.21). The gathered FSDP state dict keeps the plain names."""
+    from peft import get_peft_model_state_dict
+    keys = list(model.state_dict().keys())
+    markers = {k: torch.tensor(i) for i, k in enumerate(keys)}  # PEFT selects by key; the values mark the source
+    return {name: keys[int(t)] for name, t in get_peft_model_state_dict(model, state_dict=markers).items()}
+
+
+def save_adapter(model, tensors: dict, out_dir: Path) -> None:
+    """The adapter in PEFT's own format: adapter_model.safetensors and adapter_config.json."""
+    import copy
+
+    from safetensors.torch import save_file
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(out_dir))
+
+
 def stable_adapter_config(path: Path) -> None:
     """PEFT writes the resolved target modules from a set, in hash-seed order: sort them, so the same
     run gives the same bytes and DVC does not see a change where there is none."""
@@ -296,6 +319,7 @@ def train_here(params: TrainParams) -> dict:
         raise LoraflowError("the memory plan does not fit (the main process names the next rung down)")
     setup = plan.chosen.setup
     model = build_peft_model(params, ref, dtype, setup, speed)
+    adapter_keys = adapter_key_map(model)  # before FSDP renames the modules
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s on %s (%s): %d trainable of %d parameters, %d train rows; packing %s, fused kernels %s",
              setup.method, device(), dtype, trainable, total, len(train_df), speed.packing, speed.fused)
@@ -312,14 +336,14 @@ def train_here(params: TrainParams) -> dict:
     eval_loss = trainer.evaluate()["eval_loss"]
     # under FSDP each process holds a shard: gather the full weights (every process takes part)
     sharded = trainer.is_fsdp_enabled or distributed.world_size() > 1
-    state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
+    state = trainer.accelerator.get_state_dict(trainer.model) if sharded else model.state_dict()
     peaks = distributed.gather_from_processes(
         round(torch.cuda.max_memory_allocated() / memplan.GIB, 3) if torch.cuda.is_available() else None)
     if not main_process:
         return {}
 
     with atomic_path(layout.ADAPTER_DIR, is_dir=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        save_adapter(model, {name: state[key] for name, key in adapter_keys.items()}, tmp)
         stable_adapter_config(tmp / "adapter_config.json")
         tokenizer.save_pretrained(tmp)
         write_text(tmp / "train_info.json", json.dumps({

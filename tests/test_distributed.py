@@ -96,3 +96,41 @@ def test_two_processes_over_gloo_train_one_adapter_with_the_one_process_math(tmp
     assert two_adapter.keys() == one_adapter.keys()
     for name, tensor in one_adapter.items():
         torch.testing.assert_close(two_adapter[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_adapter_is_found_in_the_gathered_state_dict_of_an_fsdp_wrapped_model(tmp_path):
+    """FSDP1 (it runs on CPU over gloo in one process) renames the modules it wraps, which hides the
+    adapter from PEFT's own save; adapter_key_map, read before wrapping, finds it in the gathered state."""
+    import os
+
+    import torch.distributed as dist
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import free_port
+    from tasks.train import adapter_key_map, save_adapter
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    expected = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    keys = adapter_key_map(model)
+    assert set(keys) == set(expected)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu"),
+                       use_orig_params=False)
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+            gathered = wrapped.state_dict()
+        assert get_peft_model_state_dict(model, state_dict=gathered) == {}  # what PEFT's own save would write
+        save_adapter(model, {name: gathered[key] for name, key in keys.items()}, tmp_path / "adapter")
+    finally:
+        dist.destroy_process_group()
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    for name, tensor in get_peft_model_state_dict(loaded).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
