@@ -27,10 +27,15 @@ PY
   python - "$method" <<'PY'
 import sys, torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+saved = load_file("models/adapter/adapter_model.safetensors")
 base = AutoModelForCausalLM.from_pretrained("models/base", dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(base, "models/adapter")
-n = sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_)
-print(f"{sys.argv[1]}: adapter loads with PEFT, {n} LoRA parameters")
+lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+trained_b = sum(int(t.abs().sum() > 0) for k, t in saved.items() if "lora_B" in k)
+assert len(saved) == len(lora) > 0, f"adapter file holds {len(saved)} tensors, the model has {len(lora)} LoRA tensors"
+assert trained_b == len(saved) // 2, f"only {trained_b} of {len(saved) // 2} lora_B are nonzero: not trained"
+print(f"{sys.argv[1]}: adapter has all {len(saved)} LoRA tensors, every lora_B trained; loads with PEFT")
 PY
 done
