@@ -33,9 +33,11 @@ saved = load_file("models/adapter/adapter_model.safetensors")
 base = AutoModelForCausalLM.from_pretrained("models/base", dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(base, "models/adapter")
 lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
-trained_b = sum(int(t.abs().sum() > 0) for k, t in saved.items() if "lora_B" in k)
-assert len(saved) == len(lora) > 0, f"adapter file holds {len(saved)} tensors, the model has {len(lora)} LoRA tensors"
-assert trained_b == len(saved) // 2, f"only {trained_b} of {len(saved) // 2} lora_B are nonzero: not trained"
-print(f"{sys.argv[1]}: adapter has all {len(saved)} LoRA tensors, every lora_B trained; loads with PEFT")
+saved_lora = {k: t for k, t in saved.items() if "lora_" in k}
+trained_b = sum(int(t.abs().sum() > 0) for k, t in saved_lora.items() if "lora_B" in k)
+assert len(saved_lora) == len(lora) > 0, f"adapter file holds {len(saved_lora)} LoRA tensors, the model has {len(lora)}"
+assert trained_b == len(lora) // 2, f"only {trained_b} of {len(lora) // 2} lora_B are nonzero: not trained"
+others = sorted(k for k in saved if "lora_" not in k)  # modules_to_save (params: lm_head)
+print(f"{sys.argv[1]}: adapter has all {len(lora)} LoRA tensors, every lora_B trained, plus {others}; loads with PEFT")
 PY
 done
