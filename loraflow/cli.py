@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--batch", type=int, help="rows per optimizer step (train.batch_size)")
     p_plan.add_argument("--method", choices=["lora", "lora8", "qlora", "auto"])
     p_plan.add_argument("--budget-gib", type=float, help="GPU memory to plan for (train.memory_budget_gib)")
+    p_plan.add_argument("--gpus", type=int, help="plan per GPU for training sharded over this many GPUs (FSDP; train.num_gpus)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,7 +88,7 @@ def plan(args) -> int:
         speed = train.Speed(packing=params.packing is not False, fused=params.fused_kernels is not False)
         dtype = torch.bfloat16 if params.dtype == "auto" else compute_dtype(params.dtype)
         print(f"no GPU here: planning for a CUDA GPU ({str(dtype)[6:]}, packing {speed.packing}, fused kernels {speed.fused})")
-    result = train.make_plan(params, config, seq, speed, dtype)
+    result = train.make_plan(params, config, seq, speed, dtype, fsdp_gpus=args.gpus if args.gpus and args.gpus > 1 else None)
     print(memplan.render(result))
     train.write_plan(result, layout.PLAN_PREVIEW_MD, layout.PLAN_PREVIEW_JSON)
     print(f"written to {layout.PLAN_PREVIEW_MD} and {layout.PLAN_PREVIEW_JSON}")

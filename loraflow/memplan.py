@@ -256,7 +256,7 @@ class Plan:
                 "fits": c.fits, "method": c.setup.method, "micro_batch": c.micro_batch,
                 "grad_accum": self.rows_per_step // c.micro_batch, "checkpoint_layers": c.setup.checkpoint_layers,
                 "fused": c.setup.fused, "fused_layers": c.setup.fused and c.setup.fused_layers,
-                "tokens_per_micro_batch": c.setup.tokens,
+                "tokens_per_micro_batch": c.setup.tokens, "gpus_sharing_weights": c.setup.shards,
                 "predicted_gib": {k: gib(v) for k, v in c.parts.items()},
                 "relative_step_cost": round(relative_step_cost(self.arch, c.setup), 3),
                 "considered": len(self.considered)}

@@ -96,16 +96,19 @@ def resolve_speed(params: TrainParams, model_type: str) -> Speed:
     return Speed(packing=packing, fused=fused)
 
 
-def make_plan(params: TrainParams, config, max_length: int, speed: Speed, dtype: torch.dtype) -> memplan.Plan:
+def make_plan(params: TrainParams, config, max_length: int, speed: Speed, dtype: torch.dtype,
+              fsdp_gpus: int | None = None) -> memplan.Plan:
     """This process's plan; with several processes every one plans for the GPU with the least free
-    memory, so all pick the same micro-batch."""
+    memory, so all pick the same micro-batch. fsdp_gpus: plan one of that many FSDP processes
+    (`loraflow plan --gpus`) instead of the processes this one was launched with."""
     free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
     if free is not None:
         free = distributed.min_across_processes(free)
-    processes = distributed.world_size()
+    processes = fsdp_gpus or distributed.world_size()
+    shards = fsdp_gpus or (processes if distributed.fsdp_enabled() else 1)
     return memplan.plan_for_params(params, memplan.Arch.from_config(config), max_length,
                                    act_bytes=dtype.itemsize, fused=speed.fused, gpu_free_bytes=free,
-                                   processes=processes, shards=processes if distributed.fsdp_enabled() else 1)
+                                   processes=processes, shards=shards)
 
 
 def write_plan(plan: memplan.Plan, md: Path = layout.MEMORY_PLAN_MD, as_json: Path = layout.MEMORY_PLAN_JSON) -> None:

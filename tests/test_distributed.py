@@ -134,3 +134,19 @@ def test_adapter_is_found_in_the_gathered_state_dict_of_an_fsdp_wrapped_model(tm
     loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     for name, tensor in get_peft_model_state_dict(loaded).items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_plan_command_plans_per_gpu_for_fsdp(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from loraflow import cli
+    config_dir = Path(__file__).resolve().parent.parent / "benchmarks/configs/llama-3.1-8b"
+    monkeypatch.chdir(tmp_path)
+    args = ["plan", "--model", str(config_dir), "--seq", "2048", "--batch", "8", "--method", "lora", "--budget-gib", "139"]
+    assert cli.main(args) == 0
+    one = read_json(tmp_path, "reports/memory_plan_preview.json")
+    assert cli.main(args + ["--gpus", "2"]) == 0
+    two = read_json(tmp_path, "reports/memory_plan_preview.json")
+    assert two["gpus_sharing_weights"] == 2 and one["gpus_sharing_weights"] == 1
+    assert two["predicted_gib"]["weights"] == pytest.approx(one["predicted_gib"]["weights"] / 2, abs=1e-3)
+    assert two["predicted_gib"]["fsdp_gathered"] > 0 and two["rows_per_optimizer_step"] == 4
