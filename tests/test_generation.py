@@ -28,8 +28,8 @@ def test_compare_reports_logit_and_greedy_differences():
     assert compare(a, a, ["x"], ["x"])["max_abs_logit_diff"] == 0.0
 
 
-def test_static_cache_decode_loop_equals_one_row_hf_generate(tiny_model_dir):
-    """Our fixed-shape decode loop (the one compiled into a CUDA graph on a GPU; eager here) gives what
+def test_row_loop_equals_one_row_hf_generate(tiny_model_dir):
+    """Our batch-invariant decode loop (the one captured in a CUDA graph on a GPU; eager here) gives what
     HF generate gives one row at a time, token for token, rows of different lengths and a short last batch."""
     from loraflow.generation import greedy_decode_rows, greedy_generate_ids
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
