@@ -65,16 +65,19 @@ def main() -> None:
                "build_s": round(time.perf_counter() - t0, 1), "ours": {}}
     # first call: Triton compiles the kernels (once per machine; cached on disk after)
     _, results["first_call_s"] = timed(lambda: greedy_decode_rows(model, rows[:8], batch_size=8, **{**kw, "max_new_tokens": 4}))
-    batched_out = None
+    batched_out, outputs = None, {}
     for b in a.batch:
         torch.cuda.reset_peak_memory_stats()
         out, s = timed(lambda: greedy_decode_rows(model, rows, batch_size=b, **kw))
         _, prefill_s = timed(lambda: greedy_decode_rows(model, rows, batch_size=b, **{**kw, "max_new_tokens": 1}))
-        batched_out = out
+        batched_out = outputs[b] = out
         results["ours"][b] = {"seconds": round(s, 2), "prefill_seconds": round(prefill_s, 2),
                               "tokens_per_s": round(a.rows * a.new_tokens / s, 1),
                               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         print(json.dumps({"batch": b, **results["ours"][b]}), flush=True)
+    # every row, at every batch size: batch invariance means the same tokens
+    first = outputs[a.batch[0]]
+    results["identical_across_batch_sizes"] = {f"{a.batch[0]} vs {b}": f"{same(first, outputs[b])}/{a.rows}" for b in a.batch[1:]}
     peer_rows = rows[:a.peer_rows]
     # the same loop one row at a time: batch invariance means these equal the batched rows exactly
     alone, s = timed(lambda: [greedy_decode_rows(model, [r], batch_size=1, **kw)[0] for r in peer_rows])
