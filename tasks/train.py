@@ -142,6 +142,8 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
     model = get_peft_model(model, lora_config(params))
     if dtype != torch.float32:
         fastpath.keep_adapter_inputs_in_compute_dtype(model)
+    if speed.fused and setup.method == "qlora" and not distributed.fsdp_enabled():
+        log.info("fused QLoRA projections: %d", fastpath.fuse_qlora_projections(model))
     fastpath.checkpoint_layers(model, setup.checkpoint_layers)
     return model
 
