@@ -95,6 +95,7 @@ def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: 
             lengths = torch.tensor([len(prompts[i]) for i in rows], device=dev)
             done.zero_()
             k.zero_()
+            new.fill_(pad_id)  # an early stop leaves later columns unwritten
             cache.positions.zero_()
             logits = []
             for lo, hi in prefill_chunks([len(prompts[i]) for i in rows], prefill_tokens):
