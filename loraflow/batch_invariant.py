@@ -60,6 +60,13 @@ class RowKVCache:
             t.zero_()
 
 
+class Phase:
+    """Which phase the generation loop is in (prefill or decode). The linears' and attention's kernel
+    configurations follow it: set by the loop, never inferred from shapes, so a row alone and in a
+    batch take the same kernel."""
+    decode = False
+
+
 def reference_attention(q, k, v, positions, scale):
     """PyTorch version of the kernels' attention: query i of row b sits at positions[b] + i and sees
     keys 0..that position. q (B, H, Lq, D); k, v (B, Hkv, capacity, D); returns (B, Lq, H, D)."""
@@ -73,20 +80,14 @@ def reference_attention(q, k, v, positions, scale):
 
 
 def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function over a RowKVCache; the loop passes the query positions and the
-    phase (prefill or decode), which picks the kernel, as keyword arguments of the model call."""
-    positions, decode = kwargs["loraflow_positions"], kwargs["loraflow_decode"]
+    """transformers attention function over a RowKVCache; the loop passes the query positions as a
+    keyword argument of the model call, and the phase (Phase.decode) picks the kernel."""
+    positions, decode = kwargs["loraflow_positions"], Phase.decode
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if query.is_cuda:
         from loraflow import invariant_kernels
         return invariant_kernels.attention(query, key, value, positions, scale, decode), None
     return reference_attention(query, key, value, positions, scale), None
-
-
-class Phase:
-    """Which phase the generation loop is in. The linears' kernel configuration follows it (set by the
-    loop, never inferred from shapes, so a row alone and in a batch take the same kernel)."""
-    decode = False
 
 
 def _linear(module: nn.Linear, x):

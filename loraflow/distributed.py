@@ -84,13 +84,13 @@ def accelerate_config(num_processes: int, fsdp: bool = True) -> dict:
     }}
 
 
-def launch(config: dict, config_path: Path, params_file: str, env: dict | None = None) -> None:
+def launch(config: dict, config_path: Path, params_file: str) -> None:
     """Write config to config_path and run the train stage under `accelerate launch` with it; raise
     with the exit code when a process fails (their logs go to this process's stderr)."""
     write_text(config_path, yaml.safe_dump(config, sort_keys=True))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
            "--module", "tasks.train", "--params", params_file]
-    done = subprocess.run(cmd, env={**os.environ, **(env or {})})
+    done = subprocess.run(cmd)
     if done.returncode != 0:
         raise LoraflowError(f"distributed training failed (exit code {done.returncode}) in "
                             f"{config['num_processes']} processes; the processes' errors are above. "

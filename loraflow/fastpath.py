@@ -131,9 +131,8 @@ class _QLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, scale, base):
-        import bitsandbytes.functional as bnbf
         flat = x.reshape(-1, x.shape[-1])
-        weight = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(x.dtype)
+        weight = _dequantized(base, x.dtype)
         xa = flat @ lora_a.to(x.dtype).t()
         y = torch.addmm(flat @ weight.t(), xa, lora_b.to(x.dtype).t(), alpha=scale)
         if base.bias is not None:
@@ -144,16 +143,20 @@ class _QLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        import bitsandbytes.functional as bnbf
         flat, xa, lora_a, lora_b = ctx.saved_tensors
         dy = grad_y.reshape(-1, grad_y.shape[-1]).to(flat.dtype)
-        base = ctx.base
-        weight = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dy.dtype)
+        weight = _dequantized(ctx.base, dy.dtype)
         dy_b = (dy @ lora_b.to(dy.dtype)) * ctx.scale
         grad_x = torch.addmm(dy @ weight, dy_b, lora_a.to(dy.dtype))
         grad_a = (dy_b.t() @ flat).to(lora_a.dtype)
         grad_b = ((dy.t() @ xa) * ctx.scale).to(lora_b.dtype)
         return grad_x.view(ctx.x_shape), grad_a, grad_b, None, None
+
+
+def _dequantized(base, dtype: torch.dtype) -> torch.Tensor:
+    """A bitsandbytes Linear4bit's weight, dequantized."""
+    import bitsandbytes.functional as bnbf
+    return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
 
 
 def fuse_qlora_projections(model) -> int:

@@ -37,9 +37,14 @@ def greedy_generate_ids(model, prompts: list[list[int]], *, pad_id: int, eos_id:
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              eos_token_id=eos_id, pad_token_id=pad_id)
         for i, new in zip(idx, out[:, width:].tolist()):
-            ended = eos_id is not None and eos_id in new
-            results[i] = {"ids": new[:new.index(eos_id)] if ended else new, "ended": ended}
+            results[i] = until_eos(new, eos_id)
     return results
+
+
+def until_eos(ids: list[int], eos_id: int | None) -> dict:
+    """The generated ids up to the first eos_id, and whether one came before the cap."""
+    ended = eos_id is not None and eos_id in ids
+    return {"ids": ids[:ids.index(eos_id)] if ended else ids, "ended": ended}
 
 
 @torch.no_grad()
@@ -70,8 +75,7 @@ def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: 
         Phase.decode = decode
         start = cache.positions[cache.rows]
         return decoder(input_ids=ids, position_ids=start[:, None] + torch.arange(ids.shape[1], device=dev),
-                       past_key_values=cache, use_cache=True, loraflow_positions=start,
-                       loraflow_decode=decode).last_hidden_state
+                       past_key_values=cache, use_cache=True, loraflow_positions=start).last_hidden_state
 
     def record(logits):
         nxt = torch.where(done, pad_id, logits.argmax(-1))
@@ -113,8 +117,7 @@ def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: 
                     break
                 step()
             for i, out in zip(idx, new[:, :max_new_tokens].tolist()):
-                ended = eos_id is not None and eos_id in out
-                results[i] = {"ids": out[:out.index(eos_id)] if ended else out, "ended": ended}
+                results[i] = until_eos(out, eos_id)
     return results
 
 

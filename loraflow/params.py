@@ -196,7 +196,7 @@ class EvaluateParams(Section):
     max_new_tokens: int = Field(48, ge=1)
     """Generation cap; hitting it without an EOS is flagged as never-ending."""
     batch_size: int | Literal["auto"] = "auto"
-    """Rows generated together (left-padded). auto: on a GPU the largest power of two up to 256 whose
+    """Rows generated together (each in its own KV cache slot). auto: on a GPU the largest power of two up to 256 whose
     KV cache fits the free memory (loraflow/memplan.py); 32 on CPU."""
     exact_match_families: list[str] = ["capital", "language", "antonym", "next_day", "next_month",
                                        "addition", "category", "sentiment"]
