@@ -107,24 +107,27 @@ def ours(args) -> None:
 
     ref = BaseRef(args.ckpt)
     config = load_config(ref)
+    if args.fused_layers_min_tokens is not None:
+        memplan.FUSED_LAYERS_MIN_TOKENS = args.fused_layers_min_tokens
     seqs = [int(s) for s in args.seqs.split(",")]
     checkpoint = "auto" if args.checkpoint == "auto" else int(args.checkpoint)
     params = TrainParams(method=args.method, rank=16, alpha=32, target_modules="all-linear", batch_size=args.rows,
                          gradient_checkpointing=checkpoint, micro_batch="auto" if args.micro == "auto" else int(args.micro),
                          memory_budget_gib=args.budget_gib, packing=True, fused_kernels=not args.plain,
-                         optimizer=args.optimizer, max_steps=args.steps, save_steps=10**6, logging_steps=10**6, lr=2e-4)
+                         optimizer=args.optimizer, max_steps=args.steps, save_steps=10**6, logging_steps=10**6, lr=2e-4,
+                         embedding_on_cpu={"auto": "auto", "true": True, "false": False}[args.embedding_on_cpu])
     speed = train.resolve_speed(params, config.model_type)
     model, model_setup = None, None
     for seq in seqs:
         plan = train.make_plan(params, config, seq, speed, torch.bfloat16)
         setup = plan.chosen.setup
-        if model is None or (setup.method, setup.checkpoint_layers) != model_setup:
+        if model is None or (setup.method, setup.checkpoint_layers, setup.fused_layers, setup.embedding_on_cpu) != model_setup:
             model = None
             gc.collect(); torch.cuda.empty_cache()
             t0 = time.perf_counter()
             model = train.build_peft_model(params, ref, torch.bfloat16, setup, speed)
             load_s = time.perf_counter() - t0
-            model_setup = (setup.method, setup.checkpoint_layers)
+            model_setup = (setup.method, setup.checkpoint_layers, setup.fused_layers, setup.embedding_on_cpu)
         weights = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         timer = step_timer()
@@ -148,7 +151,8 @@ def ours(args) -> None:
         print(json.dumps({
             "bench": "ours", "method": setup.method, "seq": seq, "rows_per_step": args.rows,
             "micro_batch": plan.chosen.micro_batch, "checkpoint_layers": setup.checkpoint_layers,
-            "fused": setup.fused, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
+            "fused": setup.fused, "fused_layers": setup.fused and setup.fused_layers,
+            "embedding_on_cpu": setup.embedding_on_cpu, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
             "predicted_gib": {k: memplan.gib(v) for k, v in plan.chosen.parts.items()},
             "measured_peak_gib": memplan.gib(peak), "loaded_gib": memplan.gib(weights),
             "error_pct": round(100 * (plan.chosen.parts["peak"] - peak) / peak, 1),
@@ -197,6 +201,9 @@ def main() -> None:
     o.add_argument("--budget-gib", type=float, default=None); o.add_argument("--steps", type=int, default=5)
     o.add_argument("--optimizer", default="adamw"); o.add_argument("--plain", action="store_true")
     o.add_argument("--profile", action="store_true", help="torch.profiler over the run: GPU busy share, top ops")
+    o.add_argument("--embedding-on-cpu", default="auto", choices=["auto", "true", "false"])
+    o.add_argument("--fused-layers-min-tokens", type=int, default=None,
+                   help="override memplan.FUSED_LAYERS_MIN_TOKENS (when Liger's per-layer kernels turn on)")
     r = sub.add_parser("peer"); r.add_argument("ckpt"); r.add_argument("name"); r.add_argument("seq"); r.add_argument("batch")
     s = sub.add_parser("summary"); s.add_argument("results")
     args = p.parse_args()

@@ -3,7 +3,7 @@
 #   bash benchmarks/train_bench.sh [plan|speed|all|p3] [methods for plan, default "lora qlora lora8"]
 # plan:  predicted vs measured peak, 8B LoRA / 8-bit / QLoRA x 512, 2048, 8192 tokens, no checkpointing
 # speed: P1 (LoRA 2048, no cap), P2 (24 GiB budget), P3 (QLoRA, 8 GiB budget: 7.2 usable after the
-#        plan's margin), the plain-HF peers, and P4 (variable-length SFT: ours, TRL defaults, TRL
+#        plan's margin; 8-bit AdamW as the peer), the plain-HF peers, and P4 (variable-length SFT: ours, TRL defaults, TRL
 #        padding-free + Liger)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,7 +22,7 @@ fi
 if [ "$what" = speed ] || [ "$what" = all ]; then
   $B ours $CKPT --method lora --seqs 2048 --rows 8 --steps 5 2>>"$OUT/err.txt" | keep P1 >> "$OUT/results.jsonl"
   $B ours $CKPT --method lora --seqs 2048 --rows 8 --steps 5 --budget-gib 24 2>>"$OUT/err.txt" | keep P2 >> "$OUT/results.jsonl"
-  $B ours $CKPT --method qlora --seqs 2048 --rows 1 --steps 6 --budget-gib 8 2>>"$OUT/err.txt" | keep P3 >> "$OUT/results.jsonl"
+  $B ours $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit 2>>"$OUT/err.txt" | keep P3 >> "$OUT/results.jsonl"
   for rung in lora qlora lora_liger; do
     $B peer $CKPT $rung 2048 1 2>>"$OUT/err.txt" | keep "peer-$rung" >> "$OUT/results.jsonl"
   done
@@ -30,9 +30,9 @@ if [ "$what" = speed ] || [ "$what" = all ]; then
     timeout 150 python3 benchmarks/sft_bench.py $CKPT $who --rows 8 --steps 10 2>>"$OUT/err.txt" | keep P4 >> "$OUT/results.jsonl"
   done
 fi
-if [ "$what" = p3 ]; then  # P3 alone, longer, twice, with its peer twice
+if [ "$what" = p3 ]; then  # P3 alone, twice, with its peer after each; 8 rows a step, as P1 and P2
   for i in 1 2; do
-    $B ours $CKPT --method qlora --seqs 2048 --rows 1 --steps 20 --budget-gib 8 --optimizer adamw_8bit 2>>"$OUT/err.txt" | keep P3 >> "$OUT/results.jsonl"
+    $B ours $CKPT --method qlora --seqs 2048 --rows 8 --steps 8 --budget-gib 8 --optimizer adamw_8bit 2>>"$OUT/err.txt" | keep P3 >> "$OUT/results.jsonl"
     $B peer $CKPT qlora 2048 1 2>>"$OUT/err.txt" | keep "peer-qlora" >> "$OUT/results.jsonl"
   done
 fi

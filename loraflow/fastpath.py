@@ -123,6 +123,40 @@ def keep_adapter_inputs_in_compute_dtype(model) -> None:
             m.cast_input_dtype_enabled = False
 
 
+class CpuEmbedding(torch.nn.Module):
+    """A frozen input embedding kept in CPU memory: ids are looked up there and the rows copied to the
+    ids' device. The original module is held outside the registered state, so moving the model
+    (Trainer's model.to(device)) leaves it where it is; the lookup is exact, so the math is unchanged."""
+
+    def __init__(self, embedding: torch.nn.Module):
+        super().__init__()
+        self._table = [embedding.to("cpu")]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._table[0].weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._table[0](ids.to("cpu")).to(ids.device)
+
+
+def keep_input_embedding_on_cpu(model) -> int:
+    """Swap the (frozen, untied) input embedding for a CpuEmbedding; returns the GPU bytes freed.
+    Call it before checkpoint_layers, whose input-grad hook goes on the embedding module."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.get_input_embeddings()
+    if isinstance(embedding, CpuEmbedding):
+        return 0
+    head = base.get_output_embeddings()
+    if head is not None and head.weight is embedding.weight:
+        raise ValueError("the input embedding is tied to the output head, which stays on the GPU")
+    if embedding.weight.requires_grad:
+        raise ValueError("the input embedding is trained, so it stays on the GPU")
+    freed = embedding.weight.numel() * embedding.weight.element_size() if embedding.weight.is_cuda else 0
+    base.set_input_embeddings(CpuEmbedding(embedding))
+    return freed
+
+
 class _QLoraLinear(torch.autograd.Function):
     """y = x W^T + scale (x A^T) B^T for a 4-bit base, as one autograd node: W is dequantized in
     forward and again in backward (never kept), and the LoRA matmuls run in the input's dtype, as

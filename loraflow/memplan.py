@@ -6,7 +6,8 @@ any weight is loaded, and the fastest settings that fit a budget.
 Each term is bytes per parameter or bytes per token, from what the step keeps alive:
 - weights: bf16 (lora), int8 + one fp32 scale per output row (lora8), or nf4 packed two per byte
   with 8-bit block scales and fp32 second-level scales (qlora, double quant); embeddings, the
-  output head and norms stay bf16, as bitsandbytes leaves them.
+  output head and norms stay bf16, as bitsandbytes leaves them. The frozen input embedding may be
+  kept in CPU memory instead (embedding_on_cpu: 1 GiB at 8B, a fifth of a QLoRA base).
 - adapter: LoRA A/B in fp32 (peft's default), their fp32 grads, the optimizer's two moments, and
   the bf16 copy autocast keeps for the step. modules_to_save are whole copies in the weight dtype.
 - activations: the tensors autograd saves per token in a LLaMA-style decoder layer (listed in
@@ -85,6 +86,7 @@ class Setup:
     act_bytes: int = 2                   # compute dtype: 2 for bf16/fp16, 4 for fp32
     double_quant: bool = True
     shards: int = 1                      # FSDP processes (FULL_SHARD); 1: one GPU
+    embedding_on_cpu: bool = False       # the frozen input embedding is looked up in CPU memory
 
 
 def linear_weight_bytes(arch: Arch, s: Setup) -> float:
@@ -101,9 +103,16 @@ def linear_weight_bytes(arch: Arch, s: Setup) -> float:
     raise ValueError(f"unknown method {s.method!r}")
 
 
+def embedding_can_leave_gpu(arch: Arch, s: Setup) -> bool:
+    """The input embedding may live in CPU memory when it is frozen, not shared with the output head,
+    and not sharded."""
+    return not arch.tied and "embed_tokens" not in s.modules_to_save and s.shards == 1
+
+
 def weight_bytes(arch: Arch, s: Setup) -> float:
     """This GPU's share of the base weights (all of them on one GPU)."""
-    return (linear_weight_bytes(arch, s) + arch.other_params() * s.act_bytes) / s.shards
+    on_cpu = arch.vocab * arch.hidden if s.embedding_on_cpu else 0
+    return (linear_weight_bytes(arch, s) + (arch.other_params() - on_cpu) * s.act_bytes) / s.shards
 
 
 def fsdp_gather_bytes(arch: Arch, s: Setup) -> float:
@@ -257,6 +266,7 @@ class Plan:
                 "grad_accum": self.rows_per_step // c.micro_batch, "checkpoint_layers": c.setup.checkpoint_layers,
                 "fused": c.setup.fused, "fused_layers": c.setup.fused and c.setup.fused_layers,
                 "tokens_per_micro_batch": c.setup.tokens, "gpus_sharing_weights": c.setup.shards,
+                "embedding_on_cpu": c.setup.embedding_on_cpu,
                 "predicted_gib": {k: gib(v) for k, v in c.parts.items()},
                 "relative_step_cost": round(relative_step_cost(self.arch, c.setup), 3),
                 "considered": len(self.considered)}
@@ -273,31 +283,40 @@ the GPU was busy 34% of an 8B QLoRA step at 2048 tokens), more than the plain op
 The fused cross-entropy is one call a step and stays on."""
 
 
-def candidates(arch: Arch, base: Setup, max_length: int, rows_per_step: int,
-               micro_batch: int | None, checkpoint_layers: int | None, methods: tuple[str, ...]) -> list[Choice]:
+def candidates(arch: Arch, base: Setup, max_length: int, rows_per_step: int, micro_batch: int | None,
+               checkpoint_layers: int | None, methods: tuple[str, ...], place_embedding: bool = False) -> list[Choice]:
     """Every setting the plan may pick, fastest first: a cheaper method, then the lowest
-    relative_step_cost (recomputation against micro-batch occupancy)."""
+    relative_step_cost (recomputation against micro-batch occupancy), then the embedding on the GPU
+    (its CPU lookup and copy cost a few ms a micro-batch). place_embedding: try the embedding in CPU
+    memory as well as on the GPU; else keep base.embedding_on_cpu."""
     batches = [micro_batch] if micro_batch else [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0]
     ckpts = [checkpoint_layers] if checkpoint_layers is not None else list(range(arch.layers + 1))
+    if place_embedding and embedding_can_leave_gpu(arch, base):
+        offloads = [False, True]
+    else:
+        offloads = [base.embedding_on_cpu]
     out = []
     for method in methods:
         for k in ckpts:
             for m in batches:
-                tokens = m * max_length
-                s = replace(base, method=method, checkpoint_layers=k, tokens=tokens,
-                            fused_layers=base.fused and tokens >= FUSED_LAYERS_MIN_TOKENS)
-                out.append(Choice(s, m, estimate(arch, s), False))
+                for offload in offloads:
+                    tokens = m * max_length
+                    s = replace(base, method=method, checkpoint_layers=k, tokens=tokens, embedding_on_cpu=offload,
+                                fused_layers=base.fused and tokens >= FUSED_LAYERS_MIN_TOKENS)
+                    out.append(Choice(s, m, estimate(arch, s), False))
     rank = {m: i for i, m in enumerate(methods)}
-    return sorted(out, key=lambda c: (rank[c.setup.method], relative_step_cost(arch, c.setup)))
+    return sorted(out, key=lambda c: (rank[c.setup.method], relative_step_cost(arch, c.setup),
+                                      c.setup.embedding_on_cpu))
 
 
 def make_plan(arch: Arch, base: Setup, max_length: int, rows_per_step: int, budget_bytes: float | None,
               micro_batch: int | None = None, checkpoint_layers: int | None = None,
-              methods: tuple[str, ...] | None = None) -> Plan:
+              methods: tuple[str, ...] | None = None, place_embedding: bool = False) -> Plan:
     """The fastest candidate whose predicted peak fits the budget less the safety margin. With no
     budget (CPU) that is the fastest one. When none fits, the plan holds the smallest one, not fitting."""
     methods = methods or (base.method,)
-    considered = candidates(arch, base, max_length, rows_per_step, micro_batch, checkpoint_layers, methods)
+    considered = candidates(arch, base, max_length, rows_per_step, micro_batch, checkpoint_layers, methods,
+                            place_embedding)
     usable = None if budget_bytes is None else budget_bytes * (1 - SAFETY_MARGIN)
     marked = [replace(c, fits=usable is None or c.parts["peak"] <= usable) for c in considered]
     fitting = [c for c in marked if c.fits]
@@ -308,6 +327,8 @@ def make_plan(arch: Arch, base: Setup, max_length: int, rows_per_step: int, budg
 def next_rung_down(plan: Plan) -> str:
     """What to try after running out of memory with this plan's setting."""
     s, arch = plan.chosen.setup, plan.arch
+    if not s.embedding_on_cpu and embedding_can_leave_gpu(arch, s):
+        return "the input embedding in CPU memory (train.embedding_on_cpu: true)"
     if s.checkpoint_layers < arch.layers:
         return f"checkpoint more layers (train.gradient_checkpointing: {min(arch.layers, s.checkpoint_layers + max(1, arch.layers // 4))})"
     if plan.chosen.micro_batch > 1:
@@ -334,7 +355,8 @@ def render(plan: Plan) -> str:
               f"(grad_accum {plan.rows_per_step // c.micro_batch}), {c.setup.tokens} tokens per micro-batch, "
               f"checkpointing {c.setup.checkpoint_layers}/{arch.layers} layers, "
               f"fused cross-entropy {'on' if c.setup.fused else 'off'}, fused layer kernels "
-              f"{'on' if c.setup.fused and c.setup.fused_layers else 'off'}: {verdict}; "
+              f"{'on' if c.setup.fused and c.setup.fused_layers else 'off'}, input embedding "
+              f"{'in CPU memory' if c.setup.embedding_on_cpu else 'on the GPU'}: {verdict}; "
               f"relative step cost {relative_step_cost(arch, c.setup):.2f}"]
     return "\n".join(lines)
 
@@ -346,7 +368,7 @@ def setup_for_params(params, act_bytes: int, fused: bool, shards: int = 1) -> Se
     method = "lora" if params.method == "auto" else params.method
     return Setup(method=method, fused=fused, rank=params.rank, targets=targets,
                  modules_to_save=tuple(params.modules_to_save), optimizer=params.optimizer, act_bytes=act_bytes,
-                 shards=shards)
+                 shards=shards, embedding_on_cpu=params.embedding_on_cpu is True)
 
 
 def fixed_checkpoint_layers(setting, layers: int) -> int | None:
@@ -378,9 +400,13 @@ def plan_for_params(params, arch: Arch, max_length: int, act_bytes: int, fused: 
     methods = None
     if params.method == "auto" and budget is not None:
         methods = tuple(m for m in METHODS_FASTEST_FIRST if shards == 1 or m != "lora8")
-    return make_plan(arch, setup_for_params(params, act_bytes, fused, shards), max_length, rows, budget,
-                     micro_batch=micro, checkpoint_layers=fixed_checkpoint_layers(params.gradient_checkpointing, arch.layers),
-                     methods=methods)
+    base = setup_for_params(params, act_bytes, fused, shards)
+    if base.embedding_on_cpu and not embedding_can_leave_gpu(arch, base):
+        raise LoraflowError("train.embedding_on_cpu=true needs an input embedding that is frozen (not in "
+                            "modules_to_save), not tied to the output head, and not sharded (num_gpus 1)")
+    return make_plan(arch, base, max_length, rows, budget, micro_batch=micro,
+                     checkpoint_layers=fixed_checkpoint_layers(params.gradient_checkpointing, arch.layers),
+                     methods=methods, place_embedding=params.embedding_on_cpu == "auto")
 
 
 # loraflow.generation prefills a batch in chunks of at most this many (padded) tokens

@@ -144,6 +144,9 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
         fastpath.keep_adapter_inputs_in_compute_dtype(model)
     if speed.fused and setup.method == "qlora" and not distributed.fsdp_enabled():
         log.info("fused QLoRA projections: %d", fastpath.fuse_qlora_projections(model))
+    if setup.embedding_on_cpu:
+        freed = fastpath.keep_input_embedding_on_cpu(model)
+        log.info("input embedding kept in CPU memory: %.2f GiB of GPU memory freed", freed / memplan.GIB)
     fastpath.checkpoint_layers(model, setup.checkpoint_layers)
     return model
 

@@ -129,7 +129,9 @@ def test_train_stage_refuses_a_plan_that_does_not_fit_before_loading_weights(tmp
         train.write_plan(plan)
     written = json.loads((tmp_path / "reports/memory_plan.json").read_text())
     assert written["fits"] is False and written["budget_gib"] == 16.0
-    assert re.search(r"\| weights \| 14\.9\d+ \|", (tmp_path / "reports/memory_plan.md").read_text())
+    table = (tmp_path / "reports/memory_plan.md").read_text()
+    # the smallest setting it holds has the embedding in CPU memory: 14.96 GiB less 0.98
+    assert re.search(r"\| weights \| 13\.9\d+ \|", table) and "input embedding in CPU memory" in table
 
 
 def test_micro_batch_must_divide_the_rows_of_a_step():
@@ -177,6 +179,10 @@ def test_running_out_of_memory_anyway_names_the_next_rung():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     plan = memplan.make_plan(LLAMA_31_8B, Setup(), 2048, 8, 40 * memplan.GIB)
     assert plan.chosen.setup.checkpoint_layers < 32
+    # the cheapest rung first: the embedding to CPU memory costs a copy a micro-batch, not a recomputation
+    with pytest.raises(LoraflowError, match=r"out of GPU memory .* Next rung down: the input embedding in CPU memory"):
+        train.train_or_name_next_rung(OutOfMemoryTrainer(), plan, resume=False)
+    plan = memplan.make_plan(LLAMA_31_8B, Setup(embedding_on_cpu=True), 2048, 8, 40 * memplan.GIB)
     with pytest.raises(LoraflowError, match=r"out of GPU memory .* Next rung down: checkpoint more layers"):
         train.train_or_name_next_rung(OutOfMemoryTrainer(), plan, resume=False)
 
@@ -189,3 +195,29 @@ def test_fused_layer_kernels_only_for_large_micro_batches():
     assert small.fused and not small.fused_layers and large.fused_layers
     assert memplan.layer_saved_bytes(LLAMA_31_8B, small) == memplan.layer_saved_bytes(LLAMA_31_8B, replace(small, fused=False))
     assert memplan.loss_bytes_per_token(LLAMA_31_8B, small) == 2 * 4096  # still the fused loss
+
+
+def test_embedding_in_cpu_memory_by_hand():
+    # the 10 x 8 input embedding leaves the GPU; the head and norms stay
+    on_cpu = memplan.weight_bytes(TINY, Setup(rank=2, embedding_on_cpu=True))
+    assert on_cpu == memplan.weight_bytes(TINY, Setup(rank=2)) - 10 * 8 * 2
+    assert memplan.weight_bytes(LLAMA_31_8B, Setup(method="qlora", embedding_on_cpu=True)) / memplan.GIB == pytest.approx(5.32 - 0.98, abs=0.02)
+
+
+def test_plan_moves_the_embedding_to_cpu_only_when_that_lets_a_faster_setting_fit():
+    """8B QLoRA in 8 GiB: with the embedding on the GPU only micro-batch 1 fits; with it in CPU memory,
+    micro-batch 2. Given room, or a tied head, the embedding stays on the GPU."""
+    qlora = TrainParams(method="qlora", batch_size=8, optimizer="adamw_8bit", memory_budget_gib=8)
+    tight = memplan.plan_for_params(qlora, LLAMA_31_8B, 2048, 2, True, None).chosen
+    assert tight.fits and tight.setup.embedding_on_cpu and tight.micro_batch == 2
+    kept = memplan.plan_for_params(qlora.model_copy(update={"embedding_on_cpu": False}), LLAMA_31_8B, 2048, 2, True, None).chosen
+    assert kept.fits and not kept.setup.embedding_on_cpu and kept.micro_batch == 1
+    assert memplan.relative_step_cost(LLAMA_31_8B, tight.setup) < memplan.relative_step_cost(LLAMA_31_8B, kept.setup)
+    roomy = memplan.plan_for_params(qlora.model_copy(update={"memory_budget_gib": 40}), LLAMA_31_8B, 2048, 2, True, None)
+    assert not roomy.chosen.setup.embedding_on_cpu
+    tied = replace(LLAMA_31_8B, tied=True)
+    assert not any(c.setup.embedding_on_cpu for c in memplan.plan_for_params(qlora, tied, 2048, 2, True, None).considered)
+    with pytest.raises(LoraflowError, match="embedding_on_cpu=true needs"):
+        memplan.plan_for_params(qlora.model_copy(update={"embedding_on_cpu": True}), tied, 2048, 2, True, None)
+    no_room = memplan.make_plan(LLAMA_31_8B, Setup(method="qlora"), 2048, 1, 5 * memplan.GIB)
+    assert memplan.next_rung_down(no_room) == "the input embedding in CPU memory (train.embedding_on_cpu: true)"

@@ -69,3 +69,28 @@ def test_rows_cannot_see_each_other(tiny_model_dir):
 def test_checkpointing_picks_exactly_the_first_layers(tiny_model_dir):
     model = lora_model(tiny_model_dir, "sdpa", checkpointed=1)
     assert [layer.gradient_checkpointing for layer in fastpath.decoder_layers(model)] == [True, False]
+
+
+def test_embedding_in_cpu_memory_stays_there_and_changes_no_gradient(tiny_model_dir):
+    """The swapped-in CpuEmbedding is not a registered parameter (so model.to(device) leaves it), and
+    with checkpointing (whose input-grad hook sits on the embedding) loss and LoRA grads are unchanged."""
+    batch = {k: v for k, v in fastpath.packed_collator(0)(ROWS).items()}
+    plain = lora_model(tiny_model_dir, "sdpa", checkpointed=2)
+    moved = lora_model(tiny_model_dir, "sdpa")
+    fastpath.keep_input_embedding_on_cpu(moved)
+    fastpath.checkpoint_layers(moved, 2)
+    embedding = moved.get_input_embeddings()
+    assert isinstance(embedding, fastpath.CpuEmbedding)
+    assert all(p is not embedding.weight for p in moved.parameters())
+    moved.to(torch.float64)
+    assert embedding.weight.dtype == torch.float32  # left alone by the move
+    moved.to(torch.float32)
+    loss_a, grads_a = loss_and_grads(plain, batch)
+    loss_b, grads_b = loss_and_grads(moved, batch)
+    assert loss_b == loss_a and grads_a.keys() == grads_b.keys()
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="trained"):
+        trained = lora_model(tiny_model_dir, "sdpa")
+        trained.get_input_embeddings().weight.requires_grad_(True)
+        fastpath.keep_input_embedding_on_cpu(trained)

@@ -26,11 +26,13 @@ def test_packed_micro_batched_checkpointed_training_matches_the_plain_path(tmp_p
     edit_params(ws, train={"dropout": 0.0})
     sh([DVC, "repro", "tokenize"], ws)
     plain_loss, plain_adapter, plain_info, plain_plan = train(ws, packing=False, gradient_checkpointing=False, micro_batch="auto")
-    fast_loss, fast_adapter, fast_info, fast_plan = train(ws, packing=True, gradient_checkpointing=1, micro_batch=4)
+    fast_loss, fast_adapter, fast_info, fast_plan = train(ws, packing=True, gradient_checkpointing=1, micro_batch=4,
+                                                          embedding_on_cpu=True)
 
     assert (plain_plan["micro_batch"], plain_plan["checkpoint_layers"]) == (16, 0)  # CPU, no budget: the fastest
     assert (fast_info["micro_batch"], fast_info["checkpoint_layers"], fast_info["packing"]) == (4, 1, True)
     assert fast_plan["grad_accum"] == 4 and fast_info["steps"] == plain_info["steps"] == 20
+    assert fast_plan["embedding_on_cpu"] and not plain_plan["embedding_on_cpu"]
     assert len(plain_loss) == len(fast_loss) > 0
     for a, b in zip(plain_loss["loss"], fast_loss["loss"]):
         assert b == pytest.approx(a, rel=LOSS_RTOL)
