@@ -233,12 +233,21 @@ OCCUPANCY_TOKENS = 800
 and T / (T + 800) fits that ratio."""
 
 
+EMBEDDING_ON_CPU_COST = 0.02
+"""Share of step time the CPU lookup and copy of the input embedding's rows cost. On the H200, P2
+(8B LoRA, 4 x 2048 tokens) with the embedding in CPU memory and one layer fewer checkpointed (1.0%
+less work by relative_step_cost) ran 0.4% slower than with it on the GPU
+(benchmarks/results/train-h200-run9-p1-p2.jsonl), so the move costs about 1.4%; 2% keeps the plan
+from moving it for a gain that small."""
+
+
 def relative_step_cost(arch: Arch, s: Setup) -> float:
     """Time per token relative to no recomputation at full occupancy: a frozen base costs ~2 units
-    forward and ~2 backward, each checkpointed layer adds its forward again, and small micro-batches
-    leave the GPU partly idle."""
+    forward and ~2 backward, each checkpointed layer adds its forward again, small micro-batches
+    leave the GPU partly idle, and the embedding in CPU memory adds its copy."""
     recompute = (4 + 2 * s.checkpoint_layers / arch.layers) / 4
-    return recompute * (s.tokens + OCCUPANCY_TOKENS) / s.tokens
+    offload = 1 + EMBEDDING_ON_CPU_COST if s.embedding_on_cpu else 1
+    return recompute * offload * (s.tokens + OCCUPANCY_TOKENS) / s.tokens
 
 
 @dataclass(frozen=True)
@@ -286,9 +295,9 @@ The fused cross-entropy is one call a step and stays on."""
 def candidates(arch: Arch, base: Setup, max_length: int, rows_per_step: int, micro_batch: int | None,
                checkpoint_layers: int | None, methods: tuple[str, ...], place_embedding: bool = False) -> list[Choice]:
     """Every setting the plan may pick, fastest first: a cheaper method, then the lowest
-    relative_step_cost (recomputation against micro-batch occupancy), then the embedding on the GPU
-    (its CPU lookup and copy cost a few ms a micro-batch). place_embedding: try the embedding in CPU
-    memory as well as on the GPU; else keep base.embedding_on_cpu."""
+    relative_step_cost (recomputation, micro-batch occupancy, the embedding's copy), then the
+    embedding on the GPU. place_embedding: try the embedding in CPU memory as well as on the GPU;
+    else keep base.embedding_on_cpu."""
     batches = [micro_batch] if micro_batch else [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0]
     ckpts = [checkpoint_layers] if checkpoint_layers is not None else list(range(arch.layers + 1))
     if place_embedding and embedding_can_leave_gpu(arch, base):

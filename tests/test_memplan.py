@@ -215,6 +215,10 @@ def test_plan_moves_the_embedding_to_cpu_only_when_that_lets_a_faster_setting_fi
     assert memplan.relative_step_cost(LLAMA_31_8B, tight.setup) < memplan.relative_step_cost(LLAMA_31_8B, kept.setup)
     roomy = memplan.plan_for_params(qlora.model_copy(update={"memory_budget_gib": 40}), LLAMA_31_8B, 2048, 2, True, None)
     assert not roomy.chosen.setup.embedding_on_cpu
+    # P2 (LoRA in 24 GiB): the freed GiB would spare one recomputed layer, which does not pay for the copy
+    p2 = memplan.plan_for_params(TrainParams(method="lora", batch_size=8, memory_budget_gib=24), LLAMA_31_8B, 2048, 2, True, None)
+    assert not p2.chosen.setup.embedding_on_cpu and p2.chosen.setup.checkpoint_layers == 31
+    assert any(c.fits and c.setup.embedding_on_cpu and c.setup.checkpoint_layers == 30 for c in p2.considered)
     tied = replace(LLAMA_31_8B, tied=True)
     assert not any(c.setup.embedding_on_cpu for c in memplan.plan_for_params(qlora, tied, 2048, 2, True, None).considered)
     with pytest.raises(LoraflowError, match="embedding_on_cpu=true needs"):
