@@ -157,6 +157,11 @@ def keep_input_embedding_on_cpu(model) -> int:
     return freed
 
 
+def params_kept_on_cpu(model) -> int:
+    """Parameters a CpuEmbedding holds outside the registered state, which model.parameters() misses."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, CpuEmbedding))
+
+
 class _QLoraLinear(torch.autograd.Function):
     """y = x W^T + scale (x A^T) B^T for a 4-bit base, as one autograd node: W is dequantized in
     forward and again in backward (never kept), and the LoRA matmuls run in the input's dtype, as

@@ -329,6 +329,7 @@ def train_here(params: TrainParams) -> dict:
     model = build_peft_model(params, ref, dtype, setup, speed)
     adapter_keys = adapter_key_map(model)  # before FSDP renames the modules
     trainable, total = model.get_nb_trainable_parameters()
+    total += fastpath.params_kept_on_cpu(model)
     log.info("%s on %s (%s): %d trainable of %d parameters, %d train rows; packing %s, fused kernels %s",
              setup.method, device(), dtype, trainable, total, len(train_df), speed.packing, speed.fused)
 

@@ -33,6 +33,7 @@ def test_packed_micro_batched_checkpointed_training_matches_the_plain_path(tmp_p
     assert (fast_info["micro_batch"], fast_info["checkpoint_layers"], fast_info["packing"]) == (4, 1, True)
     assert fast_plan["grad_accum"] == 4 and fast_info["steps"] == plain_info["steps"] == 20
     assert fast_plan["embedding_on_cpu"] and not plain_plan["embedding_on_cpu"]
+    assert fast_info["total_parameters"] == plain_info["total_parameters"]
     assert len(plain_loss) == len(fast_loss) > 0
     for a, b in zip(plain_loss["loss"], fast_loss["loss"]):
         assert b == pytest.approx(a, rel=LOSS_RTOL)
