@@ -150,8 +150,8 @@ def keep_input_embedding_on_cpu(model) -> int:
     head = base.get_output_embeddings()
     if head is not None and head.weight is embedding.weight:
         raise ValueError("the input embedding is tied to the output head, which stays on the GPU")
-    if embedding.weight.requires_grad:
-        raise ValueError("the input embedding is trained, so it stays on the GPU")
+    if any(p.requires_grad for p in embedding.parameters()):
+        raise ValueError("the input embedding is trained (in full or by an adapter), so it stays on the GPU")
     freed = embedding.weight.numel() * embedding.weight.element_size() if embedding.weight.is_cuda else 0
     base.set_input_embeddings(CpuEmbedding(embedding))
     return freed

@@ -87,6 +87,7 @@ class Setup:
     double_quant: bool = True
     shards: int = 1                      # FSDP processes (FULL_SHARD); 1: one GPU
     embedding_on_cpu: bool = False       # the frozen input embedding is looked up in CPU memory
+    embedding_frozen: bool = True        # no adapter on the input embedding, and not trained in full
 
 
 def linear_weight_bytes(arch: Arch, s: Setup) -> float:
@@ -106,7 +107,8 @@ def linear_weight_bytes(arch: Arch, s: Setup) -> float:
 def embedding_can_leave_gpu(arch: Arch, s: Setup) -> bool:
     """The input embedding may live in CPU memory when it is frozen, not shared with the output head,
     and not sharded."""
-    return not arch.tied and "embed_tokens" not in s.modules_to_save and s.shards == 1
+    frozen = s.embedding_frozen and "embed_tokens" not in s.modules_to_save
+    return frozen and not arch.tied and s.shards == 1
 
 
 def weight_bytes(arch: Arch, s: Setup) -> float:
@@ -377,7 +379,8 @@ def setup_for_params(params, act_bytes: int, fused: bool, shards: int = 1) -> Se
     method = "lora" if params.method == "auto" else params.method
     return Setup(method=method, fused=fused, rank=params.rank, targets=targets,
                  modules_to_save=tuple(params.modules_to_save), optimizer=params.optimizer, act_bytes=act_bytes,
-                 shards=shards, embedding_on_cpu=params.embedding_on_cpu is True)
+                 shards=shards, embedding_on_cpu=params.embedding_on_cpu is True,
+                 embedding_frozen=params.target_modules == "all-linear" or "embed_tokens" not in params.target_modules)
 
 
 def fixed_checkpoint_layers(setting, layers: int) -> int | None:
@@ -412,7 +415,8 @@ def plan_for_params(params, arch: Arch, max_length: int, act_bytes: int, fused: 
     base = setup_for_params(params, act_bytes, fused, shards)
     if base.embedding_on_cpu and not embedding_can_leave_gpu(arch, base):
         raise LoraflowError("train.embedding_on_cpu=true needs an input embedding that is frozen (not in "
-                            "modules_to_save), not tied to the output head, and not sharded (num_gpus 1)")
+                            "modules_to_save or target_modules), not tied to the output head, and not "
+                            "sharded (num_gpus 1)")
     return make_plan(arch, base, max_length, rows, budget, micro_batch=micro,
                      checkpoint_layers=fixed_checkpoint_layers(params.gradient_checkpointing, arch.layers),
                      methods=methods, place_embedding=params.embedding_on_cpu == "auto")

@@ -223,5 +223,7 @@ def test_plan_moves_the_embedding_to_cpu_only_when_that_lets_a_faster_setting_fi
     assert not any(c.setup.embedding_on_cpu for c in memplan.plan_for_params(qlora, tied, 2048, 2, True, None).considered)
     with pytest.raises(LoraflowError, match="embedding_on_cpu=true needs"):
         memplan.plan_for_params(qlora.model_copy(update={"embedding_on_cpu": True}), tied, 2048, 2, True, None)
+    adapted = qlora.model_copy(update={"target_modules": ["q_proj", "embed_tokens"]})
+    assert not any(c.setup.embedding_on_cpu for c in memplan.plan_for_params(adapted, LLAMA_31_8B, 2048, 2, True, None).considered)
     no_room = memplan.make_plan(LLAMA_31_8B, Setup(method="qlora"), 2048, 1, 5 * memplan.GIB)
     assert memplan.next_rung_down(no_room) == "the input embedding in CPU memory (train.embedding_on_cpu: true)"
