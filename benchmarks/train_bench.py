@@ -121,13 +121,15 @@ def ours(args) -> None:
     for seq in seqs:
         plan = train.make_plan(params, config, seq, speed, torch.bfloat16)
         setup = plan.chosen.setup
-        if model is None or (setup.method, setup.checkpoint_layers, setup.fused_layers, setup.embedding_on_cpu) != model_setup:
+        # a new setting that changes how the model is built needs a fresh one
+        built_as = (setup.method, setup.checkpoint_layers, setup.fused_layers, setup.embedding_on_cpu)
+        if model is None or built_as != model_setup:
             model = None
             gc.collect(); torch.cuda.empty_cache()
             t0 = time.perf_counter()
             model = train.build_peft_model(params, ref, torch.bfloat16, setup, speed)
             load_s = time.perf_counter() - t0
-            model_setup = (setup.method, setup.checkpoint_layers, setup.fused_layers, setup.embedding_on_cpu)
+            model_setup = built_as
         weights = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         timer = step_timer()

@@ -90,15 +90,20 @@ def row_attention(module, query, key, value, attention_mask, scaling=None, dropo
     return reference_attention(query, key, value, positions, scale), None
 
 
+def _on_kernels(x) -> bool:
+    """The Triton kernels take half-precision CUDA tensors; anything else runs the PyTorch op."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def _linear(module: nn.Linear, x):
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+    if _on_kernels(x):
         from loraflow import invariant_kernels
         return invariant_kernels.matmul(x, module.weight, module.bias, decode=Phase.decode)
     return nn.functional.linear(x, module.weight, module.bias)
 
 
 def _rms_norm(module, original, x):
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+    if _on_kernels(x):
         from loraflow import invariant_kernels
         return invariant_kernels.rms_norm(x, module.weight, module.variance_epsilon)
     return original(x)

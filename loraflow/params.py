@@ -155,7 +155,7 @@ class TrainParams(Section):
     """Keep the frozen input embedding in CPU memory: each micro-batch's rows are looked up there and
     copied to the GPU, which frees vocab x hidden weights of GPU memory (1 GiB at 8B) for a larger
     micro-batch. auto: the memory plan turns it on only when that lets a faster setting fit. Not with
-    a tied output head, embed_tokens in modules_to_save, or FSDP."""
+    a tied output head, embed_tokens in modules_to_save or target_modules, or FSDP."""
     packing: bool | Literal["auto"] = "auto"
     """Padding-free packing of each micro-batch's rows (attention stays within each row). auto: on a GPU."""
     fused_kernels: bool | Literal["auto"] = "auto"

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Callable
 
+from loraflow import distributed
 from loraflow.artifacts import write_json
 from loraflow.errors import LoraflowError
 from loraflow.layout import stage_summary
@@ -41,7 +42,7 @@ def main(stage: str, run: Callable[[Section], dict], section: str | None = None)
     except LoraflowError as e:
         print(redact(f"loraflow {stage}: error: {e}"), file=sys.stderr)
         sys.exit(2)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not distributed.is_main_process():
         return  # one of several training processes: the main one (rank 0) writes the summary
     summary = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2), **summary}
     write_json(stage_summary(stage), summary)
