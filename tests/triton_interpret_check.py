@@ -5,6 +5,7 @@ interpreter mishandles bf16 loads; on a GPU (benchmarks/generate_bench.sh) in bf
 Prints OK when every check passes."""
 import os
 
+import numpy as np
 import torch  # noqa: E402
 
 from loraflow import invariant_kernels as ik  # noqa: E402
@@ -16,6 +17,35 @@ assert interpreted or torch.cuda.is_available(), "needs a GPU, or TRITON_INTERPR
 h = torch.float16 if interpreted else torch.bfloat16
 TOL = 2e-2 if interpreted else 6e-2
 torch.set_default_device("cpu" if interpreted else "cuda")
+
+
+
+def order_fixed_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    """tl.dot as the GPU's MMA computes it for batch invariance: each output element is the accumulator
+    plus its K products added in one fixed order, whatever row of the tile it sits in.
+
+    Triton's interpreter hands tl.dot to np.matmul, and the host's BLAS picks its kernel by CPU and shape:
+    OpenBLAS's Haswell and Zen kernels round a row differently by its position in the tile (a row 3 of a
+    70-row batch is row 0 of a 37-row one), which says nothing about the kernel and fails on some hosts.
+    Element-wise multiplies and adds are exactly rounded on every CPU, so this loop is order-fixed."""
+    if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:
+        raise NotImplementedError("order_fixed_dot: 8-bit operands are not used by loraflow's kernels")
+    acc_type = d.data.dtype
+    lhs, rhs = a.data.astype(acc_type), b.data.astype(acc_type)
+    # The block's own sum first, then the accumulator, as np.matmul(a, b) + d and the MMA do: so a tile
+    # of another BLOCK_K still rounds differently here, as it would on the GPU.
+    block_sum = np.zeros(d.data.shape, acc_type)
+    for k in range(lhs.shape[-1]):
+        block_sum += lhs[..., :, k:k + 1] * rhs[..., k:k + 1, :]
+    return type(d)(d.data + block_sum, d.dtype.scalar)
+
+
+if interpreted:
+    from triton.runtime import interpreter
+
+    # Fail loudly if a Triton upgrade moves the hook, rather than silently testing the host's BLAS again.
+    assert hasattr(interpreter.InterpreterBuilder, "create_dot"), "Triton's interpreter has no create_dot to pin"
+    interpreter.InterpreterBuilder.create_dot = order_fixed_dot
 
 
 def same(a, b, what):
