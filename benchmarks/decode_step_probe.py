@@ -1,4 +1,4 @@
-"""Diagnostic for issue 7's generation speed: time one greedy decode step of the 8B architecture at
+"""Diagnostic for evaluation's generation speed: time one greedy decode step of the 8B architecture at
 batch B with a static KV cache, eager and under torch.compile(mode="reduce-overhead") (a CUDA graph).
 
     python benchmarks/decode_step_probe.py CKPT [--batch 128] [--prompt 256]

@@ -22,18 +22,18 @@ TOLERANCE = 1e-3  # bf16 compute: different kernels round differently (measured:
 def curve(path, fast: bool, data):
     from loraflow.modeling import BaseRef, load_config
     from loraflow.params import TrainParams
-    from tasks import train
+    from loraflow import planning, training
     ref = BaseRef(path)
-    params = TrainParams(method="lora", rank=16, alpha=32, target_modules="all-linear", batch_size=8, lr=1e-3,
+    params = TrainParams(method="lora", rank=16, alpha=32, target_modules="all-linear", rows_per_step=8, lr=1e-3,
                          max_steps=12, save_steps=10**6, logging_steps=1, seed=0, warmup_ratio=0.0,
                          packing=fast, fused_kernels=fast, gradient_checkpointing=2 if fast else False,
                          micro_batch=4 if fast else 8)
     config = load_config(ref)
-    speed = train.resolve_speed(params, config.model_type)
-    plan = train.make_plan(params, config, max(map(len, data)), speed, torch.bfloat16)
-    model = train.build_peft_model(params, ref, torch.bfloat16, plan.chosen.setup, speed)
+    speed = planning.resolve_speed(params, config.model_type)
+    plan = planning.make_plan(params, config, max(map(len, data)), speed, torch.bfloat16)
+    model = training.build_peft_model(params, ref, torch.bfloat16, plan.chosen.setup, speed)
     ds = [{"input_ids": r, "labels": r} for r in data]
-    trainer = train.make_trainer(params, model, plan, speed, ds, None, 0, Path(f"/tmp/equiv_{fast}"), torch.bfloat16)
+    trainer = training.make_trainer(params, model, plan, speed, ds, None, 0, Path(f"/tmp/equiv_{fast}"), torch.bfloat16)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h], speed
 

@@ -1,4 +1,4 @@
-"""Evaluation-time generation on a GPU: loraflow's batch-invariant loop (greedy_decode_rows, decode step
+"""Evaluation-time generation on a GPU: loraflow's batch-invariant loop (generate_ids_batch_invariant, decode step
 in a CUDA graph) against HF `generate` one row at a time (the peer), on a random-init Llama-3.1-8B
 architecture, in one run.
 
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 from gpu_ladder import cfg as llama_8b  # noqa: E402  (the peers' Llama-3.1-8B config: one model for both)
-from loraflow.generation import greedy_decode_rows, greedy_generate_ids  # noqa: E402
+from loraflow.generation import generate_ids_batch_invariant, generate_ids_hf  # noqa: E402
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -64,12 +64,12 @@ def main() -> None:
                "rows": a.rows, "new_tokens": a.new_tokens, "median_prompt_tokens": sorted(map(len, rows))[len(rows) // 2],
                "build_s": round(time.perf_counter() - t0, 1), "ours": {}}
     # first call: Triton compiles the kernels (once per machine; cached on disk after)
-    _, results["first_call_s"] = timed(lambda: greedy_decode_rows(model, rows[:8], batch_size=8, **{**kw, "max_new_tokens": 4}))
+    _, results["first_call_s"] = timed(lambda: generate_ids_batch_invariant(model, rows[:8], batch_size=8, **{**kw, "max_new_tokens": 4}))
     batched_out, outputs = None, {}
     for b in a.batch:
         torch.cuda.reset_peak_memory_stats()
-        out, s = timed(lambda: greedy_decode_rows(model, rows, batch_size=b, **kw))
-        _, prefill_s = timed(lambda: greedy_decode_rows(model, rows, batch_size=b, **{**kw, "max_new_tokens": 1}))
+        out, s = timed(lambda: generate_ids_batch_invariant(model, rows, batch_size=b, **kw))
+        _, prefill_s = timed(lambda: generate_ids_batch_invariant(model, rows, batch_size=b, **{**kw, "max_new_tokens": 1}))
         batched_out = outputs[b] = out
         results["ours"][b] = {"seconds": round(s, 2), "prefill_seconds": round(prefill_s, 2),
                               "tokens_per_s": round(a.rows * a.new_tokens / s, 1),
@@ -80,12 +80,12 @@ def main() -> None:
     results["identical_across_batch_sizes"] = {f"{a.batch[0]} vs {b}": f"{same(first, outputs[b])}/{a.rows}" for b in a.batch[1:]}
     peer_rows = rows[:a.peer_rows]
     # the same loop one row at a time: batch invariance means these equal the batched rows exactly
-    alone, s = timed(lambda: [greedy_decode_rows(model, [r], batch_size=1, **kw)[0] for r in peer_rows])
+    alone, s = timed(lambda: [generate_ids_batch_invariant(model, [r], batch_size=1, **kw)[0] for r in peer_rows])
     results["ours_one_row_at_a_time"] = {"rows": a.peer_rows, "seconds": round(s, 2),
                                          "identical_to_batched": f"{same(alone, batched_out)}/{a.peer_rows}",
                                          "first_differing_position": first_diff(alone, batched_out)}
     # the peer: plain HF generate, one row at a time (dynamic cache, sdpa, cuBLAS)
-    peer_out, s = timed(lambda: [greedy_generate_ids(model, [r], batch_size=1, **kw)[0] for r in peer_rows])
+    peer_out, s = timed(lambda: [generate_ids_hf(model, [r], batch_size=1, **kw)[0] for r in peer_rows])
     results["peer_one_row_at_a_time"] = {"rows": a.peer_rows, "seconds": round(s, 2),
                                          "tokens_per_s": round(a.peer_rows * a.new_tokens / s, 1),
                                          "identical_to_ours": f"{same(peer_out, batched_out)}/{a.peer_rows}",

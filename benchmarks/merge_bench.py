@@ -1,4 +1,4 @@
-"""The merge on the 8B architecture (issue 7), on a GPU machine:
+"""The merge on the 8B architecture (time, peak CPU memory, and the merge check), on a GPU machine:
 
 1. a random-init Llama-3.1-8B base in 5 GB safetensors shards, and a LoRA adapter of realistic scale
    (r=16 on all 7 projections, B drawn so that |scale * B @ A| / |W| = 0.05 per weight, Frobenius);
@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.train_bench import save_random_llama  # noqa: E402
-from loraflow.generation import greedy_generate_ids  # noqa: E402
+from loraflow.generation import generate_ids_hf  # noqa: E402
 from tasks.merge import compare  # noqa: E402
 
 BASE, ADAPTER = "/dev/shm/m-base", "/dev/shm/m-adapter"
@@ -61,7 +61,7 @@ def probe(model, prompts):
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
     logits = model(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.float() * mask.cuda()[..., None]
-    greedy = greedy_generate_ids(model, prompts, pad_id=0, eos_id=None, max_new_tokens=32, batch_size=len(prompts))
+    greedy = generate_ids_hf(model, prompts, pad_id=0, eos_id=None, max_new_tokens=32, batch_size=len(prompts))
     return logits.cpu(), [g["ids"] for g in greedy]
 
 

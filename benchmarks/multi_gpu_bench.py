@@ -1,5 +1,5 @@
 """Multi-GPU training through the train stage itself (train.num_gpus, accelerate FSDP): tokens/s on N
-GPUs against 1, and the peak on every GPU. For issue 8's 2-GPU runs; needs `nvidia-h200-x2` or larger.
+GPUs against 1, and the peak on every GPU. Needs `nvidia-h200-x2` or larger.
 
     python3 benchmarks/train_bench.py make /dev/shm/llama8b                 # random-init Llama-3.1-8B
     python3 benchmarks/multi_gpu_bench.py prepare /tmp/ws8b --ckpt /dev/shm/llama8b --rows 256 --seq 2048
@@ -55,8 +55,8 @@ def run(args) -> None:
     import yaml
     ws = Path(args.ws)
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["train"].update(num_gpus=args.gpus, method=args.method, max_steps=args.steps, batch_size=args.batch,
-                           grad_accum=1, save_steps=10**6, modules_to_save=[])
+    params["train"].update(num_gpus=args.gpus, method=args.method, max_steps=args.steps, rows_per_step=args.batch,
+                           save_steps=10**6, modules_to_save=[])
     path = ws / f"params-{args.method}-{args.gpus}.yaml"
     path.write_text(yaml.safe_dump(params))
     done = subprocess.run([sys.executable, "-m", "tasks.train", "--params", str(path)], cwd=ws,

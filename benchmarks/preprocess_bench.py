@@ -1,7 +1,7 @@
 """Preprocessing throughput and peak memory: loraflow's validate + template + tokenize against TRL
 SFTTrainer's own preprocessing of the same chat rows with the same tokenizer, in the same run.
 
-    .venv/bin/python benchmarks/preprocess_bench.py --rows 1000 10000 100000 [--out benchmarks/results/preprocess.json]
+    .venv/bin/python benchmarks/preprocess_bench.py --rows 1000 10000 100000 [--out benchmarks/results/preprocess-cpu.json]
 
 Rows are realistic chat data built from the bundled templates: 1-3 user/assistant exchanges, some
 with a system turn, every row unique. Each (rows, implementation) runs in a fresh process, so peak

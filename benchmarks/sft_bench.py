@@ -75,21 +75,21 @@ def tiny_tokenizer():
 def run_ours(ckpt: str, data: list[list[int]], rows_per_step: int, steps: int):
     from loraflow.modeling import BaseRef, load_config
     from loraflow.params import TrainParams
-    from tasks import train
+    from loraflow import planning, training
     ref = BaseRef(ckpt)
     config = load_config(ref)
-    params = TrainParams(method="lora", rank=16, alpha=32, target_modules="all-linear", batch_size=rows_per_step,
+    params = TrainParams(method="lora", rank=16, alpha=32, target_modules="all-linear", rows_per_step=rows_per_step,
                          max_steps=steps, save_steps=10**6, logging_steps=10**6, lr=2e-4)
-    speed = train.resolve_speed(params, config.model_type)
-    plan = train.make_plan(params, config, max(map(len, data)), speed, torch.bfloat16)
-    model = train.build_peft_model(params, ref, torch.bfloat16, plan.chosen.setup, speed)
+    speed = planning.resolve_speed(params, config.model_type)
+    plan = planning.make_plan(params, config, max(map(len, data)), speed, torch.bfloat16)
+    model = training.build_peft_model(params, ref, torch.bfloat16, plan.chosen.setup, speed)
     meter = Meter(model)
     ds = [{"input_ids": r, "labels": r} for r in data]
-    trainer = train.make_trainer(params, model, plan, speed, ds, None, 0, Path("/tmp/sft_ours"), torch.bfloat16,
+    trainer = training.make_trainer(params, model, plan, speed, ds, None, 0, Path("/tmp/sft_ours"), torch.bfloat16,
                                  [meter.callback()])
     trainer.train()
     return meter, {"micro_batch": plan.chosen.micro_batch, "checkpoint_layers": plan.chosen.setup.checkpoint_layers,
-                   "predicted_peak_gib": round(plan.chosen.parts["peak"] / 2**30, 3)}
+                   "predicted_peak_gib": round(plan.chosen.peak_gib, 3)}
 
 
 def run_trl(ckpt: str, data: list[list[int]], rows_per_step: int, steps: int, padding_free_liger: bool):

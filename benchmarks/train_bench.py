@@ -4,8 +4,8 @@ plan and the fast path) on a random-init Llama-3.1-8B, beside the plain-HF peer 
     python benchmarks/train_bench.py make CKPT                      # random bf16 checkpoint (no hub here)
     python benchmarks/train_bench.py ours CKPT --method lora --seqs 512,2048,8192 --rows 1 --checkpoint 0
     python benchmarks/train_bench.py ours CKPT --method lora --seqs 2048 --rows 8 --budget-gib 24
-    python benchmarks/train_bench.py peer CKPT lora 2048 1          # benchmarks/peers/gpu_ladder.py's rung
-    python benchmarks/train_bench.py summary results.jsonl          # ours / the peer of the same run, per rung
+    python benchmarks/train_bench.py peer CKPT lora 2048 1          # one of benchmarks/peers/gpu_ladder.py's workloads
+    python benchmarks/train_bench.py summary results.jsonl          # ours / the peer of the same run, per workload
 
 Each `ours` line: the plan's settings and predicted peak by part, the measured peak
 (torch.cuda.max_memory_allocated over the run, what the peers report), tokens/s (median optimizer
@@ -49,7 +49,7 @@ def save_random_llama(path: str, layers: int, max_shard_size: str = "50GB") -> s
 
 
 class Rows(torch.utils.data.Dataset):
-    """Random token rows, every token trained (as the peers' rungs)."""
+    """Random token rows, every token trained (as the peers' workloads)."""
     def __init__(self, n: int, seq: int, vocab: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.rows = [torch.randint(0, vocab, (seq,), generator=g).tolist() for _ in range(n)]
@@ -103,7 +103,7 @@ def ours(args) -> None:
     from loraflow import memplan
     from loraflow.modeling import BaseRef, load_config
     from loraflow.params import TrainParams
-    from tasks import train
+    from loraflow import planning, training
 
     ref = BaseRef(args.ckpt)
     config = load_config(ref)
@@ -111,15 +111,15 @@ def ours(args) -> None:
         memplan.FUSED_LAYERS_MIN_TOKENS = args.fused_layers_min_tokens
     seqs = [int(s) for s in args.seqs.split(",")]
     checkpoint = "auto" if args.checkpoint == "auto" else int(args.checkpoint)
-    params = TrainParams(method=args.method, rank=16, alpha=32, target_modules="all-linear", batch_size=args.rows,
+    params = TrainParams(method=args.method, rank=16, alpha=32, target_modules="all-linear", rows_per_step=args.rows,
                          gradient_checkpointing=checkpoint, micro_batch="auto" if args.micro == "auto" else int(args.micro),
                          memory_budget_gib=args.budget_gib, packing=True, fused_kernels=not args.plain,
                          optimizer=args.optimizer, max_steps=args.steps, save_steps=10**6, logging_steps=10**6, lr=2e-4,
                          embedding_on_cpu={"auto": "auto", "true": True, "false": False}[args.embedding_on_cpu])
-    speed = train.resolve_speed(params, config.model_type)
+    speed = planning.resolve_speed(params, config.model_type)
     model, model_setup = None, None
     for seq in seqs:
-        plan = train.make_plan(params, config, seq, speed, torch.bfloat16)
+        plan = planning.make_plan(params, config, seq, speed, torch.bfloat16)
         setup = plan.chosen.setup
         # a new setting that changes how the model is built needs a fresh one
         built_as = (setup.method, setup.checkpoint_layers, setup.fused_layers, setup.embedding_on_cpu)
@@ -127,14 +127,14 @@ def ours(args) -> None:
             model = None
             gc.collect(); torch.cuda.empty_cache()
             t0 = time.perf_counter()
-            model = train.build_peft_model(params, ref, torch.bfloat16, setup, speed)
+            model = training.build_peft_model(params, ref, torch.bfloat16, setup, speed)
             load_s = time.perf_counter() - t0
             model_setup = built_as
         weights = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         timer = step_timer()
         data = Rows(args.rows * args.steps, seq, config.vocab_size)
-        trainer = train.make_trainer(params, model, plan, speed, data, None, 0, Path("/tmp/bench_out"),
+        trainer = training.make_trainer(params, model, plan, speed, data, None, 0, Path("/tmp/bench_out"),
                                      torch.bfloat16, [timer])
         error = None
         try:
@@ -157,7 +157,7 @@ def ours(args) -> None:
             "embedding_on_cpu": setup.embedding_on_cpu, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
             "predicted_gib": {k: memplan.gib(v) for k, v in plan.chosen.parts.items()},
             "measured_peak_gib": memplan.gib(peak), "loaded_gib": memplan.gib(weights),
-            "error_pct": round(100 * (plan.chosen.parts["peak"] - peak) / peak, 1),
+            "error_pct": round(100 * (plan.chosen.peak - peak) / peak, 1),
             "peak_reserved_gib": memplan.gib(torch.cuda.max_memory_reserved()),
             "step_s": round(step, 3), "steps_timed": len(times), "tok_s": round(tok_s), "mfu": round(tok_s * flops / (PEAK_TFLOPS * 1e12), 3),
             "load_s": round(load_s, 1), "oom": error}), flush=True)
@@ -167,21 +167,21 @@ def ours(args) -> None:
         gc.collect(); torch.cuda.empty_cache()
 
 
-PEER_OF = {"P1": "lora", "P2": "lora", "P3": "qlora"}  # peer lines keep gpu_ladder.py's own rung name
+PEER_OF = {"P1": "lora", "P2": "lora", "P3": "qlora"}  # peer lines keep gpu_ladder.py's own workload names
 
 
 def summary(args) -> None:
-    """One line per rung from a results file: ours, the peer of the same run, and their ratio."""
+    """One line per workload from a results file: ours, the peer of the same run, and their ratio."""
     lines = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.startswith("{")]
-    by_rung = {}
-    for line in lines:
-        by_rung.setdefault(line["rung"], []).append(line)
-    for rung, peer_rung in PEER_OF.items():
-        for ours in by_rung.get(rung, []):
-            for peer in by_rung.get(peer_rung, []):
-                print(f"{rung}: ours {ours['tok_s']} tok/s, peak {ours['measured_peak_gib']} GiB, MFU {ours['mfu']:.1%} | "
-                      f"{peer_rung} {peer['tok_s']} tok/s, peak {peer['peak_alloc_gib']} GiB | ratio {ours['tok_s'] / peer['tok_s']:.2f}x")
-    p4 = {line["who"]: line for line in by_rung.get("P4", [])}
+    by_workload = {}
+    for line in lines:  # results recorded before 2026-12 name the workload "rung"
+        by_workload.setdefault(line.get("workload", line.get("rung")), []).append(line)
+    for workload, peer_workload in PEER_OF.items():
+        for ours in by_workload.get(workload, []):
+            for peer in by_workload.get(peer_workload, []):
+                print(f"{workload}: ours {ours['tok_s']} tok/s, peak {ours['measured_peak_gib']} GiB, MFU {ours['mfu']:.1%} | "
+                      f"{peer_workload} {peer['tok_s']} tok/s, peak {peer['peak_alloc_gib']} GiB | ratio {ours['tok_s'] / peer['tok_s']:.2f}x")
+    p4 = {line["who"]: line for line in by_workload.get("P4", [])}
     for who in ("trl_default", "trl_padding_free_liger"):
         if "ours" in p4 and who in p4:
             print(f"P4: ours {p4['ours']['useful_tok_s']} useful tok/s | {who} {p4[who]['useful_tok_s']} | "

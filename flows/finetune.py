@@ -26,11 +26,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 
 from loraflow import layout, overrides as overrides_mod
+from loraflow.layout import STAGES
 from loraflow.artifacts import sha256_tree, write_json
 from loraflow.params import load_section, validate_all
 from loraflow.workspace import workspace_lock
 
-STAGES = ("base", "ingest", "validate", "template", "tokenize", "train", "merge", "evaluate", "promote", "lineage")
 # Stages that hold the accelerator: a global concurrency limit of this name keeps two runs from
 # training or generating on the same GPU at once (created by `loraflow serve`).
 GPU_STAGES = {"base", "train", "merge", "evaluate"}

@@ -1,7 +1,7 @@
 """Batch-invariant forward passes for generation: each row of a batch is computed exactly as it would be
 alone, so batched greedy outputs equal one-row-at-a-time outputs token for token, in bf16 on a GPU too.
 
-Inside `batch_invariant(model)`:
+Inside `with batch_invariant(model, batch, capacity) as cache:`
 - every plain nn.Linear and every Llama-style RMSNorm runs a fixed-configuration kernel
   (loraflow.invariant_kernels) on CUDA;
 - attention reads a `RowKVCache`, where each row's keys start at position 0 of its own slot
@@ -35,9 +35,12 @@ def unsupported_reason(model) -> str | None:
 
 
 class RowKVCache:
-    """K/V buffers (batch, kv_heads, capacity, head_dim) per layer. `positions[b]` is where row b's
-    queries of the current call start (0 in prefill); `rows` selects the batch rows a prefill chunk
-    writes. Zero-filled, so unwritten slots are finite and masked attention adds exact zeros."""
+    """The decode state of one generation loop, as nanochat's KVCache keeps it: K/V buffers
+    (batch, kv_heads, capacity, head_dim) per layer, zero-filled so unwritten slots are finite and masked
+    attention adds exact zeros; `positions[b]`, where row b's queries of the current call start (0 in
+    prefill); `rows`, the batch rows a prefill chunk writes; and `decode`, the phase the loop is in.
+    The linears' and attention's kernel configurations follow `decode`: set by the loop, never inferred
+    from shapes, so a row alone and in a batch take the same kernel."""
 
     def __init__(self, config, batch: int, capacity: int, dtype: torch.dtype, device):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -46,6 +49,7 @@ class RowKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.rows = slice(None)
+        self.decode = False
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         k, v = self.keys[layer_idx][self.rows], self.values[layer_idx][self.rows]
@@ -55,16 +59,6 @@ class RowKVCache:
         v.scatter_(2, index, value)
         return k, v
 
-    def reset(self) -> None:
-        for t in (*self.keys, *self.values):
-            t.zero_()
-
-
-class Phase:
-    """Which phase the generation loop is in (prefill or decode). The linears' and attention's kernel
-    configurations follow it: set by the loop, never inferred from shapes, so a row alone and in a
-    batch take the same kernel."""
-    decode = False
 
 
 def reference_attention(q, k, v, positions, scale):
@@ -80,9 +74,10 @@ def reference_attention(q, k, v, positions, scale):
 
 
 def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function over a RowKVCache; the loop passes the query positions as a
-    keyword argument of the model call, and the phase (Phase.decode) picks the kernel."""
-    positions, decode = kwargs["loraflow_positions"], Phase.decode
+    """transformers attention function over a RowKVCache, which the loop passes as the model call's
+    `loraflow_cache` keyword: its positions place the queries, its phase picks the kernel."""
+    cache: RowKVCache = kwargs["loraflow_cache"]
+    positions, decode = cache.positions[cache.rows], cache.decode
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if query.is_cuda:
         from loraflow import invariant_kernels
@@ -95,10 +90,10 @@ def _on_kernels(x) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def _linear(module: nn.Linear, x):
+def _linear(module: nn.Linear, cache: RowKVCache, x):
     if _on_kernels(x):
         from loraflow import invariant_kernels
-        return invariant_kernels.matmul(x, module.weight, module.bias, decode=Phase.decode)
+        return invariant_kernels.matmul(x, module.weight, module.bias, decode=cache.decode)
     return nn.functional.linear(x, module.weight, module.bias)
 
 
@@ -110,17 +105,19 @@ def _rms_norm(module, original, x):
 
 
 @contextmanager
-def batch_invariant(model):
-    """Run `model` with the batch-invariant linears, norms and row attention; restored on exit."""
+def batch_invariant(model, batch: int, capacity: int):
+    """Run `model` with the batch-invariant linears, norms and row attention, over a RowKVCache of
+    `batch` rows and `capacity` positions, which it yields; the model is restored on exit."""
     from transformers import AttentionInterface
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"batch-invariant generation does not support {reason}")
     AttentionInterface.register(ATTENTION, row_attention)  # no mask function: the kernels mask by position
+    cache = RowKVCache(model.config, batch, capacity, model.dtype, model.device)
     patched = []
     for m in model.modules():
         if type(m) is nn.Linear:
-            m.forward = partial(_linear, m)
+            m.forward = partial(_linear, m, cache)
             patched.append(m)
         elif type(m).__name__ in NORM_CLASSES:
             m.forward = partial(_rms_norm, m, m.forward)
@@ -129,9 +126,8 @@ def batch_invariant(model):
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION
     try:
-        yield
+        yield cache
     finally:
-        Phase.decode = False
         config._attn_implementation = previous
         for m in patched:
             del m.forward  # back to the class's forward

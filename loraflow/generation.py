@@ -1,14 +1,19 @@
 """Batched greedy generation, shared by the merge check, the evaluate stage and the benchmarks.
 
 Prompts are sorted by length so each batch pads little, and results come back in the caller's order.
-- `greedy_decode_rows`, the default: batch-invariant (each row's tokens are exactly those it gets
-  alone, in bf16 on a GPU too), right-padded, decode step in a CUDA graph on a GPU.
-- `greedy_generate_ids`: HF `generate`, left-padded; for model types the batch-invariant loop does
-  not take, and as the one-row peer in benchmarks/generate_bench.py.
+Names say what comes back and which path made it:
+- `generate_texts`: decoded texts from text prompts (what the merge check and evaluate call), through
+- `generate_ids`: new token ids from token-id prompts, on the batch-invariant path where the model
+  type allows it, else on HF generate;
+- `generate_ids_batch_invariant`: each row's tokens exactly those it gets alone (in bf16 on a GPU
+  too), right-padded, decode step in a CUDA graph on a GPU;
+- `generate_ids_hf`: HF `generate`, left-padded; for model types the batch-invariant loop does not
+  take, and the one-row peer in benchmarks/generate_bench.py.
 """
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 
@@ -18,7 +23,7 @@ log = logging.getLogger("loraflow.generation")
 
 
 @torch.no_grad()
-def greedy_generate_ids(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
+def generate_ids_hf(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
                         batch_size: int) -> list[dict]:
     """For each prompt (token ids): the new ids up to the first eos_id, and whether one came before the
     cap. HF `generate`, left-padded, dynamic KV cache."""
@@ -48,10 +53,10 @@ def until_eos(ids: list[int], eos_id: int | None) -> dict:
 
 
 @torch.no_grad()
-def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
+def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
                        batch_size: int, cuda_graph: bool | None = None, check_every: int = 16,
                        prefill_tokens: int = PREFILL_CHUNK_TOKENS) -> list[dict]:
-    """greedy_generate_ids, batch-invariant and fast: each row is computed exactly as it would be alone
+    """generate_ids_hf's result, batch-invariant and fast: each row is computed exactly as it would be alone
     (loraflow.batch_invariant), so the result does not depend on batch_size.
 
     Rows are sorted by length and right-padded; each row's KV cache starts at position 0 of its own
@@ -59,11 +64,10 @@ def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: 
     for every batch (a short last batch is filled with copies of its last row, dropped after), so on
     CUDA it is captured once into a CUDA graph and replayed: no Python or launch cost per token.
     The loop stops early once every row has emitted eos_id (checked every `check_every` tokens)."""
-    from loraflow.batch_invariant import Phase, RowKVCache, batch_invariant
+    from loraflow.batch_invariant import batch_invariant
     dev = model.device
     cuda_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    cache = RowKVCache(model.config, batch_size, max(map(len, prompts)) + max_new_tokens, model.dtype, dev)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     token = torch.full((batch_size,), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(batch_size, dtype=torch.bool, device=dev)
@@ -71,11 +75,11 @@ def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: 
     new = torch.full((batch_size, max_new_tokens + 1), pad_id, dtype=torch.long, device=dev)
     k = torch.zeros(1, dtype=torch.long, device=dev)  # index of the token being recorded
 
-    def forward(ids, decode: bool):
-        Phase.decode = decode
+    def forward(cache, ids, decode: bool):
+        cache.decode = decode
         start = cache.positions[cache.rows]
         return decoder(input_ids=ids, position_ids=start[:, None] + torch.arange(ids.shape[1], device=dev),
-                       past_key_values=cache, use_cache=True, loraflow_positions=start).last_hidden_state
+                       past_key_values=cache, use_cache=True, loraflow_cache=cache).last_hidden_state
 
     def record(logits):
         nxt = torch.where(done, pad_id, logits.argmax(-1))
@@ -85,14 +89,16 @@ def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: 
         token.copy_(nxt)
         k.add_(1).clamp_(max=max_new_tokens)
 
-    def decode_step():  # everything on the device, so a CUDA graph can hold it
-        hidden = forward(token[:, None], decode=True)[:, -1]
+    def decode_step(cache):  # everything on the device, so a CUDA graph can hold it
+        hidden = forward(cache, token[:, None], decode=True)[:, -1]
         record(head(hidden))  # lm_head with the decode configuration too
         cache.positions.add_(1)
 
     results: list[dict | None] = [None] * len(prompts)
-    with batch_invariant(model):
-        step = capture(decode_step) if cuda_graph and max_new_tokens > 1 else decode_step
+    capacity = max(map(len, prompts)) + max_new_tokens
+    with batch_invariant(model, batch_size, capacity) as cache:
+        step = partial(decode_step, cache)
+        step = capture(step) if cuda_graph and max_new_tokens > 1 else step
         for first in range(0, len(order), batch_size):
             idx = order[first:first + batch_size]
             rows = idx + [idx[-1]] * (batch_size - len(idx))
@@ -107,7 +113,7 @@ def greedy_decode_rows(model, prompts: list[list[int]], *, pad_id: int, eos_id: 
                 for r in range(lo, hi):
                     ids[r - lo, :len(prompts[rows[r]])] = torch.as_tensor(prompts[rows[r]])
                 cache.rows = slice(lo, hi)
-                hidden = forward(ids.to(dev), decode=False)
+                hidden = forward(cache, ids.to(dev), decode=False)
                 logits.append(head(hidden[torch.arange(hi - lo, device=dev), lengths[lo:hi] - 1]))
             cache.rows = slice(None)
             record(torch.cat(logits))
@@ -148,22 +154,22 @@ def capture(fn):
     return graph.replay
 
 
-def greedy_ids(model, prompts: list[list[int]], **kw) -> list[dict]:
+def generate_ids(model, prompts: list[list[int]], **kw) -> list[dict]:
     """The batch-invariant loop where the model type allows it, else HF generate (batched; rows are
     then not guaranteed to match one-at-a-time in reduced precision)."""
     from loraflow.batch_invariant import unsupported_reason
     reason = unsupported_reason(model)
     if reason is None:
-        return greedy_decode_rows(model, prompts, **kw)
+        return generate_ids_batch_invariant(model, prompts, **kw)
     log.warning("generation: HF generate, not the batch-invariant loop: %s", reason)
-    return greedy_generate_ids(model, prompts, **kw)
+    return generate_ids_hf(model, prompts, **kw)
 
 
-def greedy_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[dict]:
+def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[dict]:
     """For each prompt: the decoded text up to the first end-of-turn, whether one came before the
     cap, and the number of new tokens."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    outs = greedy_ids(model, encoded, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+    outs = generate_ids(model, encoded, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                       max_new_tokens=max_new_tokens, batch_size=min(batch_size, len(encoded)))
     return [{"text": tokenizer.decode(o["ids"], skip_special_tokens=True).strip(), "ended": o["ended"],
              "new_tokens": len(o["ids"]) + int(o["ended"])} for o in outs]

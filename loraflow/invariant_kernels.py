@@ -100,6 +100,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
+def _online_softmax_block(q, k, v, visible, scale, m_i, l_i, acc):
+    """One key block of the online softmax, shared by both attention kernels: scores of the visible
+    keys, the running max m_i and sum l_i rescaled, and the block's values added to acc. Masked keys
+    give exactly 0 (so padding adds nothing), and a block with nothing visible rescales by exactly 1."""
+    s = tl.dot(q, k) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, Lq, H, GROUPS, scale,
                               sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, so_b, so_l, so_h,
                               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -118,15 +133,8 @@ def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, Lq, H, GROUPS, scale,
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + offs_n[None, :] * sk_l + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
-        s = tl.dot(q, k) * scale
-        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])   # masked keys: exactly 0, so padding adds nothing
-        alpha = tl.exp(m_i - m_new)      # exactly 1 after a block with nothing visible
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_block(q, k, v, offs_n[None, :] <= offs_m[:, None], scale, m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * so_b + offs_m[:, None] * so_l + h * so_h + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=offs_m[:, None] < Lq)
@@ -153,15 +161,8 @@ def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, H, GROUPS, sca
         offs_n = start + tl.arange(0, BLOCK_N)
         visible = offs_n <= pos
         k = tl.load(k_base + offs_n[None, :] * sk_l + offs_d[:, None], mask=visible[None, :], other=0.0)
-        s = tl.dot(q, k) * scale
-        s = tl.where(visible[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=visible[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_block(q, k, v, visible[None, :], scale, m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * so_b + heads[:, None] * so_h + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=offs_g[:, None] < GROUPS)

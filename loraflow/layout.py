@@ -2,6 +2,10 @@
 (tests/test_layout.py keeps the two in step)."""
 from pathlib import Path
 
+STAGES = ("base", "ingest", "validate", "template", "tokenize", "train", "merge", "evaluate", "promote", "lineage")
+"""The pipeline's stages in run order: the one list. dvc.yaml's stages, the flow's tasks and the params
+sections follow it (tests/test_layout.py checks each)."""
+
 BASE_CORPUS = Path("data/base_corpus.txt")
 BASE_DIR = Path("models/base")
 

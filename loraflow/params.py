@@ -131,10 +131,10 @@ class TrainParams(Section):
     """Passes over the train split."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run all epochs)."""
-    batch_size: int = Field(16, ge=1)
-    """Rows per device step."""
-    grad_accum: int = Field(1, ge=1)
-    """Steps accumulated per optimizer step."""
+    rows_per_step: int = Field(16, ge=1)
+    """Rows per optimizer step, across all GPUs: the one batch size the math depends on. The memory
+    plan splits it into micro-batches (train.micro_batch) and, with several GPUs, across processes;
+    neither split changes the math, since the loss is normalized by the trained tokens of the whole step."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     seed: int = 0
@@ -147,8 +147,8 @@ class TrainParams(Section):
     """Recompute activations in backward to save memory: true (every layer), false, a number of
     layers, or auto (the memory plan picks the fewest layers that fit; none on CPU)."""
     micro_batch: int | Literal["auto"] = "auto"
-    """Rows per forward pass; batch_size * grad_accum rows still make one optimizer step, so this
-    changes memory, not the math. auto: the memory plan picks the largest that fits."""
+    """Rows per forward pass, derived by the memory plan (auto: the largest that fits); a number pins it.
+    rows_per_step rows still make one optimizer step, so this changes memory and speed, not the math."""
     memory_budget_gib: float | None = None
     """GPU memory the plan may use; unset: the GPU's free memory when training starts."""
     embedding_on_cpu: bool | Literal["auto"] = "auto"
@@ -167,8 +167,18 @@ class TrainParams(Section):
     """Compute dtype: auto is float32 on CPU and bfloat16 on a GPU."""
     num_gpus: int | Literal["auto"] = 1
     """GPUs of this machine to train on. Above 1 the stage relaunches itself through accelerate with
-    FSDP, one process per GPU (loraflow/distributed.py); auto: every visible GPU. batch_size *
-    grad_accum rows per optimizer step stay the same, split across the GPUs."""
+    FSDP, one process per GPU (loraflow/distributed.py); auto: every visible GPU. rows_per_step rows
+    per optimizer step stay the same, split across the GPUs."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_batch_keys(cls, data):
+        old = [k for k in ("batch_size", "grad_accum") if isinstance(data, dict) and k in data]
+        if old:
+            raise ValueError(f"{' and '.join(old)} {'was' if len(old) == 1 else 'were'} replaced by rows_per_step "
+                             "(rows per optimizer step across all GPUs, = batch_size x grad_accum); the memory plan "
+                             "derives the micro-batch")
+        return data
 
     @field_validator("num_gpus")
     @classmethod
@@ -202,7 +212,7 @@ class EvaluateParams(Section):
     """Generation cap; hitting it without an EOS is flagged as never-ending."""
     batch_size: int | Literal["auto"] = "auto"
     """Rows generated together (each in its own KV cache slot). auto: on a GPU the largest power of two up to 256 whose
-    KV cache fits the free memory (loraflow/memplan.py); 32 on CPU."""
+    KV cache fits the free memory (loraflow/memplan/generation.py); 32 on CPU."""
     exact_match_families: list[str] = ["capital", "language", "antonym", "next_day", "next_month",
                                        "addition", "category", "sentiment"]
     """Rows of these families score exact match; [] scores every row."""
@@ -266,7 +276,12 @@ def _problems(section: str, err: ValidationError) -> list[str]:
     out = []
     for e in err.errors():
         key = ".".join([section, *(str(p) for p in e["loc"])])
-        msg = "unknown key (typo?)" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        elif e["type"] == "value_error" and "error" in e.get("ctx", {}):
+            msg = str(e["ctx"]["error"])  # our own check's words, without pydantic's "Value error, " prefix
+        else:
+            msg = e["msg"]
         out.append(f"{key}: {msg}")
     return out
 

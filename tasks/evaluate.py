@@ -20,7 +20,7 @@ import loraflow
 from loraflow import layout, memplan
 from loraflow.artifacts import write_json, write_jsonl, write_text
 from loraflow.audit import FLAGS, audit_flags
-from loraflow.generation import greedy_generate
+from loraflow.generation import generate_texts
 from loraflow.modeling import BaseRef, compute_dtype, device, load_model, load_tokenizer, release_memory, resolve_base
 from loraflow.params import EvaluateParams
 from loraflow.stage import main
@@ -44,7 +44,7 @@ def generate_all(ref: BaseRef, tokenizer, prompts: list[str], params: EvaluatePa
     model = load_model(ref, compute_dtype("auto")).to(device()).eval()
     batch = generation_batch_size(model, tokenizer, prompts, params)
     log.info("generating %d rows in batches of %d", len(prompts), batch)
-    out = greedy_generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, batch_size=batch)
+    out = generate_texts(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, batch_size=batch)
     del model
     release_memory()
     return out

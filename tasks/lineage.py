@@ -9,83 +9,11 @@ whether tracked files differed from it.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-from pathlib import Path
-
-import yaml
-
 from loraflow import layout
 from loraflow.artifacts import write_json
-from loraflow.modeling import REFERENCE_FILE
+from loraflow.lineage import build, describe
 from loraflow.params import LineageParams
 from loraflow.stage import main
-
-# (link name, stage that writes it, path) in pipeline order
-CHAIN = [
-    ("raw", "ingest", "data/raw"),
-    ("ingested", "ingest", str(layout.INGESTED)),
-    ("validated", "validate", str(layout.VALIDATED)),
-    ("train_tokens", "tokenize", str(layout.TRAIN_TOKENS)),
-    ("eval_tokens", "tokenize", str(layout.EVAL_TOKENS)),
-    ("adapter", "train", str(layout.ADAPTER_DIR)),
-    ("merged", "merge", str(layout.MERGED_DIR)),
-    ("metrics", "evaluate", str(layout.METRICS)),
-    ("promotion", "promote", str(layout.PROMOTION_JSON)),
-]
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def code_version() -> dict:
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
-
-
-def base_model() -> dict:
-    ref = layout.BASE_DIR / REFERENCE_FILE
-    if ref.exists():
-        info = json.loads(ref.read_text())
-        return {"id": info["source"], "revision": info.get("revision"), "content_sha256": info.get("content_sha256")}
-    build = layout.BASE_DIR / "build_info.json"
-    return {"id": "bundled", "revision": None,
-            "build": json.loads(build.read_text()) if build.exists() else None}
-
-
-def hashes(entries: list[dict]) -> dict[str, str]:
-    return {e["path"]: e.get("md5") or e.get("hash") for e in entries or []}
-
-
-def build(lock_path: Path = Path("dvc.lock")) -> dict:
-    stages = yaml.safe_load(lock_path.read_text())["stages"]
-    links = []
-    for name, stage, path in CHAIN:
-        entry = stages.get(stage, {})
-        found = hashes(entry.get("outs")) | hashes(entry.get("deps"))
-        links.append({"name": name, "path": path, "md5": found.get(path), "stage": stage})
-    params = {s: next(iter(v.get("params", {}).values()), {}).get(s) for s, v in stages.items() if v.get("params")}
-    metrics = json.loads(layout.METRICS.read_text()) if layout.METRICS.exists() else None
-    promotion = json.loads(layout.PROMOTION_JSON.read_text()) if layout.PROMOTION_JSON.exists() else None
-    return {"chain": links, "code": code_version(), "base_model": base_model(), "params": params,
-            "metrics": {m: metrics[m] for m in ("base", "tuned")} if metrics else None,
-            "promoted": promotion["promoted"] if promotion else None}
-
-
-def describe(lineage: dict) -> str:
-    lines = [f"code      {lineage['code']['git_commit']}{' (dirty)' if lineage['code']['dirty'] else ''}",
-             f"base      {lineage['base_model']['id']} @ {lineage['base_model']['revision'] or '-'}"]
-    for link in lineage["chain"]:
-        lines.append(f"{link['name']:<13} {(link['md5'] or 'missing')[:12]}  {link['path']}  (stage {link['stage']})")
-    if lineage["metrics"]:
-        t, b = lineage["metrics"]["tuned"], lineage["metrics"]["base"]
-        lines.append(f"metrics   tuned exact_match {t['exact_match']} rougeL {t['rougeL']} | base {b['exact_match']} / {b['rougeL']}")
-    lines.append(f"promoted  {lineage['promoted']}")
-    return "\n".join(lines)
 
 
 def run(params: LineageParams) -> dict:

@@ -27,7 +27,7 @@ import torch
 from loraflow import layout
 from loraflow.artifacts import atomic_path, sha256_tree, write_json
 from loraflow.errors import LoraflowError
-from loraflow.generation import greedy_generate
+from loraflow.generation import generate_texts
 from loraflow.merging import merge_shards
 from loraflow.modeling import (BaseRef, compute_dtype, device, device_map, load_model, load_tokenizer,
                                local_model_dir, quantization_config, release_memory, resolve_base)
@@ -45,7 +45,7 @@ def probe(model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, list[str]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     logits = model(**batch).logits.float()
     logits = logits * batch["attention_mask"][..., None]
-    texts = greedy_generate(model, tokenizer, prompts, max_new_tokens=PROBE_NEW_TOKENS, batch_size=len(prompts))
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=PROBE_NEW_TOKENS, batch_size=len(prompts))
     return logits.cpu(), [t["text"] for t in texts]
 
 

@@ -16,8 +16,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from loraflow import layout
+
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["base", "ingest", "validate", "template", "tokenize", "train", "merge", "evaluate", "promote", "lineage"]
+STAGES = list(layout.STAGES)
 BIN = Path(sys.executable).parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import BIN, edit_params, make_tiny, make_workspace, read_json, sh
-from loraflow import distributed, memplan
+from loraflow import distributed, memplan, planning
 from loraflow.errors import LoraflowError
 
 TINY = memplan.Arch(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=600, tied=False)
@@ -64,11 +64,11 @@ def test_memory_plan_shards_weights_and_adapter_but_not_activations():
 def test_plan_splits_the_step_rows_over_processes():
     from loraflow.params import TrainParams
     arch = TINY
-    params = TrainParams(batch_size=16, grad_accum=1)
-    plan = memplan.plan_for_params(params, arch, 64, act_bytes=4, fused=False, gpu_free_bytes=None, processes=2)
+    params = TrainParams(rows_per_step=16)
+    plan = planning.plan_for_params(params, arch, 64, act_bytes=4, fused=False, gpu_free_bytes=None, processes=2)
     assert plan.rows_per_step == 8 and plan.chosen.micro_batch == 8
     with pytest.raises(LoraflowError, match="cannot be split evenly over 3 GPUs"):
-        memplan.plan_for_params(params, arch, 64, act_bytes=4, fused=False, gpu_free_bytes=None, processes=3)
+        planning.plan_for_params(params, arch, 64, act_bytes=4, fused=False, gpu_free_bytes=None, processes=3)
 
 
 @pytest.mark.slow
@@ -111,7 +111,7 @@ def test_adapter_is_found_in_the_gathered_state_dict_of_an_fsdp_wrapped_model(tm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from conftest import free_port
-    from tasks.train import adapter_key_map, save_adapter
+    from loraflow.training import adapter_key_map, save_adapter
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=2, num_key_value_heads=1))

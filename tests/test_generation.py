@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loraflow.generation import greedy_generate
+from loraflow.generation import generate_texts
 from tasks.merge import compare
 
 
@@ -13,8 +13,8 @@ def test_batched_greedy_equals_one_at_a_time(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
                for c in ["Hi", "What is the capital of France and of Spain?", "Add two and three.", "x " * 30]]
-    batched = greedy_generate(model, tok, prompts, max_new_tokens=12, batch_size=4)
-    single = [greedy_generate(model, tok, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
+    batched = generate_texts(model, tok, prompts, max_new_tokens=12, batch_size=4)
+    single = [generate_texts(model, tok, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
     assert batched == single
     assert all(r["new_tokens"] >= 1 for r in batched)
 
@@ -31,17 +31,17 @@ def test_compare_reports_logit_and_greedy_differences():
 def test_row_loop_equals_one_row_hf_generate(tiny_model_dir):
     """Our batch-invariant decode loop (the one captured in a CUDA graph on a GPU; eager here) gives what
     HF generate gives one row at a time, token for token, rows of different lengths and a short last batch."""
-    from loraflow.generation import greedy_decode_rows, greedy_generate_ids
+    from loraflow.generation import generate_ids_batch_invariant, generate_ids_hf
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True),
                    add_special_tokens=False)["input_ids"] for c in ["Hi", "What is two and two?", "y " * 40, "Tell me", "z"]]
     kw = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=10)
-    ours = greedy_decode_rows(model, prompts, batch_size=2, **kw)
-    single = [greedy_generate_ids(model, [p], batch_size=1, **kw)[0] for p in prompts]
+    ours = generate_ids_batch_invariant(model, prompts, batch_size=2, **kw)
+    single = [generate_ids_hf(model, [p], batch_size=1, **kw)[0] for p in prompts]
     assert ours == single
-    no_eos = greedy_decode_rows(model, prompts, batch_size=3, **{**kw, "eos_id": None})
-    assert no_eos == [greedy_generate_ids(model, [p], batch_size=1, **{**kw, "eos_id": None})[0] for p in prompts]
+    no_eos = generate_ids_batch_invariant(model, prompts, batch_size=3, **{**kw, "eos_id": None})
+    assert no_eos == [generate_ids_hf(model, [p], batch_size=1, **{**kw, "eos_id": None})[0] for p in prompts]
     assert all(len(r["ids"]) == 10 for r in no_eos)
 
 
@@ -56,24 +56,24 @@ def tiny_causal_lm(model_type: str, **extra):
 @pytest.mark.parametrize("model_type,extra", [("qwen2", {}), ("qwen3", {"head_dim": 16}), ("mistral", {"sliding_window": None})])
 def test_row_loop_matches_hf_generate_on_other_architectures(model_type, extra):
     """q/k/v biases (Qwen2), per-head q/k norms (Qwen3) and Mistral go through the same row loop."""
-    from loraflow.generation import greedy_decode_rows, greedy_generate_ids
+    from loraflow.generation import generate_ids_batch_invariant, generate_ids_hf
     model = tiny_causal_lm(model_type, **extra)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 9, 1, 17, 5)]
     kw = dict(pad_id=0, eos_id=None, max_new_tokens=8)
-    assert greedy_decode_rows(model, prompts, batch_size=2, **kw) == \
-        [greedy_generate_ids(model, [p], batch_size=1, **kw)[0] for p in prompts]
+    assert generate_ids_batch_invariant(model, prompts, batch_size=2, **kw) == \
+        [generate_ids_hf(model, [p], batch_size=1, **kw)[0] for p in prompts]
 
 
 def test_row_loop_output_does_not_depend_on_batch_or_prefill_chunks(tiny_model_dir):
-    from loraflow.generation import greedy_decode_rows
+    from loraflow.generation import generate_ids_batch_invariant
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (12, 2, 30, 7, 7, 19)]
     kw = dict(pad_id=0, eos_id=None, max_new_tokens=6)
-    alone = [greedy_decode_rows(model, [p], batch_size=1, **kw)[0] for p in prompts]
-    assert greedy_decode_rows(model, prompts, batch_size=6, **kw) == alone
-    assert greedy_decode_rows(model, prompts, batch_size=4, prefill_tokens=20, **kw) == alone  # prefill in chunks
+    alone = [generate_ids_batch_invariant(model, [p], batch_size=1, **kw)[0] for p in prompts]
+    assert generate_ids_batch_invariant(model, prompts, batch_size=6, **kw) == alone
+    assert generate_ids_batch_invariant(model, prompts, batch_size=4, prefill_tokens=20, **kw) == alone  # prefill in chunks
 
 
 def test_prefill_chunks_bound_padded_tokens():
@@ -86,12 +86,12 @@ def test_prefill_chunks_bound_padded_tokens():
 def test_unsupported_model_type_falls_back_to_hf_generate(caplog):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from loraflow.generation import greedy_generate_ids, greedy_ids
+    from loraflow.generation import generate_ids_hf, generate_ids
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=64)).eval()
     prompts = [[5, 6, 7], [8, 9]]
     kw = dict(pad_id=0, eos_id=None, max_new_tokens=4)
     with caplog.at_level("WARNING", logger="loraflow.generation"):
-        out = greedy_ids(model, prompts, batch_size=2, **kw)
+        out = generate_ids(model, prompts, batch_size=2, **kw)
     assert "not the batch-invariant loop: model type 'gpt2'" in caplog.text
-    assert out == greedy_generate_ids(model, prompts, batch_size=2, **kw)
+    assert out == generate_ids_hf(model, prompts, batch_size=2, **kw)

@@ -31,10 +31,14 @@ def test_every_layout_path_is_a_declared_output():
     assert wanted - declared == set()
 
 
+def test_one_list_of_stages_drives_dvc_the_flow_and_the_params_sections():
+    from loraflow.params import SECTIONS
+    assert tuple(dvc_stages()) == layout.STAGES
+    assert set(SECTIONS) == set(layout.STAGES) | {"schedule"}  # schedule: the deployment's, read by no stage
+
+
 def test_each_stage_runs_its_own_module_reads_its_own_params_and_writes_its_summary():
-    from flows.finetune import STAGES
     stages = dvc_stages()
-    assert tuple(stages) == STAGES
     for name, stage in stages.items():
         assert stage["cmd"] == f"python -m tasks.{name}"
         assert stage.get("params") == ([name] if name != "lineage" else None)

@@ -5,7 +5,7 @@ import torch
 
 from loraflow import fastpath
 from loraflow.masking import IGNORE_INDEX
-from tasks.train import pad_collator
+from loraflow.training import pad_collator
 
 ROWS = [  # three rows of different lengths; the first label of each is a prompt token (-100)
     {"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [IGNORE_INDEX] * 4 + [9, 10, 11]},

@@ -47,3 +47,10 @@ def test_missing_section_takes_defaults(tmp_path):
     p = write(tmp_path, "train:\n  rank: 4\n")
     assert load_section("evaluate", p).max_new_tokens > 0
     assert load_section("train", p).rank == 4
+
+
+def test_old_batch_keys_name_their_replacement(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  batch_size: 8\n  grad_accum: 2\n")
+    with pytest.raises(ParamsError, match=r"train: batch_size and grad_accum were replaced by rows_per_step"):
+        load_section("train", params)

@@ -1,7 +1,8 @@
 """Checks of loraflow.invariant_kernels: close to PyTorch, and each row bitwise the same alone as in a
 padded batch. On CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is
 imported, so tests/test_invariant_kernels.py runs this file in its own process), in fp16 since the
-interpreter mishandles bf16 loads; on a GPU (benchmarks/generate_bench.sh) in bf16.
+interpreter mishandles bf16 loads; on a GPU (`python3 tests/triton_interpret_check.py`, see
+benchmarks/results/generate-h200.md) in bf16.
 Prints OK when every check passes."""
 import os
 

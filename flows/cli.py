@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p_plan = sub.add_parser("plan", help="print the memory plan for training, without training")
     p_plan.add_argument("--model", help="model directory (a config.json is enough) or hub id; default: models/base")
     p_plan.add_argument("--seq", type=int, help="longest row in tokens; default: the train split's, else tokenize.max_length")
-    p_plan.add_argument("--batch", type=int, help="rows per optimizer step (train.batch_size)")
+    p_plan.add_argument("--batch", type=int, help="rows per optimizer step (train.rows_per_step)")
     p_plan.add_argument("--method", choices=["lora", "lora8", "qlora", "auto"])
     p_plan.add_argument("--budget-gib", type=float, help="GPU memory to plan for (train.memory_budget_gib)")
     p_plan.add_argument("--gpus", type=int, help="plan per GPU for training sharded over this many GPUs (FSDP; train.num_gpus)")
@@ -73,24 +73,24 @@ def plan(args) -> int:
     from loraflow import layout, memplan
     from loraflow.modeling import BaseRef, compute_dtype, load_config, resolve_base
     from loraflow.params import TokenizeParams, TrainParams
-    from tasks import train
+    from loraflow.planning import Speed, make_plan, resolve_speed, write_plan
     raw = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").exists() else {}
-    changes = {k: v for k, v in {"batch_size": args.batch, "method": args.method,
+    changes = {k: v for k, v in {"rows_per_step": args.batch, "method": args.method,
                                  "memory_budget_gib": args.budget_gib}.items() if v is not None}
     params = TrainParams(**{**raw.get("train", {}), **changes})
     ref = BaseRef(args.model) if args.model else resolve_base(layout.BASE_DIR)
     config = load_config(ref)
     seq = args.seq or longest_train_row() or TokenizeParams(**raw.get("tokenize", {})).max_length
     if torch.cuda.is_available():
-        speed, dtype = train.resolve_speed(params, config.model_type), compute_dtype(params.dtype)
+        speed, dtype = resolve_speed(params, config.model_type), compute_dtype(params.dtype)
     else:
         # plan for the GPU the run is meant for: bf16, and the fast path unless params turn it off
-        speed = train.Speed(packing=params.packing is not False, fused=params.fused_kernels is not False)
+        speed = Speed(packing=params.packing is not False, fused=params.fused_kernels is not False)
         dtype = torch.bfloat16 if params.dtype == "auto" else compute_dtype(params.dtype)
         print(f"no GPU here: planning for a CUDA GPU ({str(dtype)[6:]}, packing {speed.packing}, fused kernels {speed.fused})")
-    result = train.make_plan(params, config, seq, speed, dtype, fsdp_gpus=args.gpus if args.gpus and args.gpus > 1 else None)
+    result = make_plan(params, config, seq, speed, dtype, fsdp_gpus=args.gpus if args.gpus and args.gpus > 1 else None)
     print(memplan.render(result))
-    train.write_plan(result, layout.PLAN_PREVIEW_MD, layout.PLAN_PREVIEW_JSON)
+    write_plan(result, layout.PLAN_PREVIEW_MD, layout.PLAN_PREVIEW_JSON)
     print(f"written to {layout.PLAN_PREVIEW_MD} and {layout.PLAN_PREVIEW_JSON}")
     return 0
 
@@ -105,7 +105,7 @@ def longest_train_row() -> int | None:
 
 def lineage(as_json: bool) -> int:
     from loraflow import layout
-    from tasks.lineage import build, describe
+    from loraflow.lineage import build, describe
     if not Path("dvc.lock").exists():
         print("no dvc.lock here: run the pipeline first (make run)", file=sys.stderr)
         return 2

@@ -1,0 +1,42 @@
+"""The memory plan: peak GPU memory of a LoRA training step, predicted from the model's config before
+any weight is loaded, and the fastest settings that fit a budget.
+
+    peak = weights + adapter + saved activations + logits/loss + working set
+
+Each term is bytes per parameter or bytes per token, from what the step keeps alive:
+- weights: bf16 (lora), int8 + one fp32 scale per output row (lora8), or nf4 packed two per byte
+  with 8-bit block scales and fp32 second-level scales (qlora, double quant); embeddings, the
+  output head and norms stay bf16, as bitsandbytes leaves them. The frozen input embedding may be
+  kept in CPU memory instead (embedding_on_cpu: 1 GiB at 8B, a fifth of a QLoRA base).
+- adapter: LoRA A/B in fp32 (peft's default), their fp32 grads, the optimizer's two moments, and
+  the bf16 copy autocast keeps for the step. modules_to_save are whole copies in the weight dtype.
+- activations: the tensors autograd saves per token in a LLaMA-style decoder layer (listed in
+  `layer_saved_bytes`); a checkpointed layer keeps only its input.
+- logits/loss: a fused linear cross-entropy keeps one hidden-sized gradient per token; the plain
+  path keeps fp32 log-probabilities over the vocabulary and their gradients.
+- working set: the gradients alive while one layer runs backward, one recomputed layer when any is
+  checkpointed, and one dequantized weight for 8-bit/4-bit bases.
+
+The per-token terms are checked against autograd's saved-tensor hooks on CPU (tests/test_memplan.py)
+and the whole peak against torch.cuda.max_memory_allocated on the H200
+(benchmarks/results/train-h200.md).
+"""
+from __future__ import annotations
+
+from .costs import EMBEDDING_ON_CPU_COST, FUSED_LAYERS_MIN_TOKENS, OCCUPANCY_TOKENS, SAFETY_MARGIN, relative_step_cost
+from .estimate import (GIB, LINEAR_NAMES, Arch, Setup, activation_bytes_per_token, adapter_bytes, adapter_params,
+                       embedding_can_leave_gpu, estimate, fsdp_gather_bytes, layer_saved_bytes, linear_weight_bytes,
+                       loss_bytes_per_token, norm_saved_bytes, saved_module_params, weight_bytes, working_bytes)
+from .generation import PREFILL_CHUNK_TOKENS, generation_batch, generation_bytes
+from .render import render
+from .search import METHODS_FASTEST_FIRST, Choice, Plan, candidates, gib, make_plan, next_rung_down
+
+__all__ = [
+    "EMBEDDING_ON_CPU_COST", "FUSED_LAYERS_MIN_TOKENS", "OCCUPANCY_TOKENS", "SAFETY_MARGIN",
+    "relative_step_cost", "GIB", "LINEAR_NAMES", "Arch", "Setup", "activation_bytes_per_token",
+    "adapter_bytes", "adapter_params", "embedding_can_leave_gpu", "estimate", "fsdp_gather_bytes",
+    "layer_saved_bytes", "linear_weight_bytes", "loss_bytes_per_token", "norm_saved_bytes",
+    "saved_module_params", "weight_bytes", "working_bytes", "PREFILL_CHUNK_TOKENS", "generation_batch",
+    "generation_bytes", "render", "METHODS_FASTEST_FIRST", "Choice", "Plan", "candidates", "gib", "make_plan",
+    "next_rung_down",
+]

@@ -1,0 +1,35 @@
+"""The cost model: every measured constant the search trades memory against speed with, in one place,
+each with the measurement it comes from."""
+from __future__ import annotations
+
+from .estimate import Arch, Setup
+
+SAFETY_MARGIN = 0.10
+"""Share of the budget kept free: the plan's stated accuracy, plus allocator fragmentation."""
+
+OCCUPANCY_TOKENS = 800
+"""Micro-batch size at which a step runs at half its best rate per token: on the H200, 8B LoRA ran
+2048-token micro-batches at 0.754 of the rate of 16384-token ones (benchmarks/results/train-h200-run1.jsonl),
+and T / (T + 800) fits that ratio."""
+
+EMBEDDING_ON_CPU_COST = 0.02
+"""Share of step time the CPU lookup and copy of the input embedding's rows cost. On the H200, P2
+(8B LoRA, 4 x 2048 tokens) with the embedding in CPU memory and one layer fewer checkpointed (1.0%
+less work by relative_step_cost) ran 0.4% slower than with it on the GPU
+(benchmarks/results/train-h200-run9-p1-p2.jsonl), so the move costs about 1.4%; 2% keeps the plan
+from moving it for a gain that small."""
+
+FUSED_LAYERS_MIN_TOKENS = 4096
+"""Below this many tokens per micro-batch the fused layer kernels are left off: each Liger call costs
+about 1 ms of host time (profiled on the H200, benchmarks/results/profile-qlora-p3-h200.txt, where
+the GPU was busy 34% of an 8B QLoRA step at 2048 tokens), more than the plain ops' GPU time saves.
+The fused cross-entropy is one call a step and stays on."""
+
+
+def relative_step_cost(arch: Arch, s: Setup) -> float:
+    """Time per token relative to no recomputation at full occupancy: a frozen base costs ~2 units
+    forward and ~2 backward, each checkpointed layer adds its forward again, small micro-batches
+    leave the GPU partly idle, and the embedding in CPU memory adds its copy."""
+    recompute = (4 + 2 * s.checkpoint_layers / arch.layers) / 4
+    offload = 1 + EMBEDDING_ON_CPU_COST if s.embedding_on_cpu else 1
+    return recompute * offload * (s.tokens + OCCUPANCY_TOKENS) / s.tokens

@@ -1,0 +1,28 @@
+"""The chosen plan as a markdown table, for the log and reports/memory_plan.md."""
+from __future__ import annotations
+
+from .costs import SAFETY_MARGIN, relative_step_cost
+from .estimate import GIB
+from .search import Plan, gib
+
+
+def render(plan: Plan) -> str:
+    """The plan as a markdown table, for the log and reports/memory_plan.md."""
+    c, arch = plan.chosen, plan.arch
+    budget = ("none (CPU: no GPU memory to plan for)" if plan.budget_bytes is None
+              else f"{gib(plan.budget_bytes):.2f} GiB (keeping {SAFETY_MARGIN:.0%} free)")
+    shards = c.setup.shards
+    per_gpu = f"; per GPU, sharded over {shards} GPUs (FSDP FULL_SHARD)" if shards > 1 else ""
+    lines = [f"memory plan: {arch.layers} layers, hidden {arch.hidden}, vocab {arch.vocab}, "
+             f"{arch.params() / 1e9:.3g} B params; budget {budget}{per_gpu}",
+             "", "| part | GiB |", "|---|---|"]
+    lines += [f"| {k} | {v / GIB:.3f} |" for k, v in c.parts.items()]
+    verdict = "fits" if c.fits else "DOES NOT FIT"
+    lines += ["", f"chosen: method {c.setup.method}, micro-batch {c.micro_batch} "
+              f"(grad_accum {plan.rows_per_step // c.micro_batch}), {c.setup.tokens} tokens per micro-batch, "
+              f"checkpointing {c.setup.checkpoint_layers}/{arch.layers} layers, "
+              f"fused cross-entropy {'on' if c.setup.fused else 'off'}, fused layer kernels "
+              f"{'on' if c.setup.fused and c.setup.fused_layers else 'off'}, input embedding "
+              f"{'in CPU memory' if c.setup.embedding_on_cpu else 'on the GPU'}: {verdict}; "
+              f"relative step cost {relative_step_cost(arch, c.setup):.2f}"]
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""The pieces of a training run, in the order the train stage uses them: the rows and their collator,
+the base wrapped with a LoRA adapter as the plan says, the checkpoints a rerun may resume, the
+Trainer, and the adapter saved in PEFT's format with its loss curve.
+
+Imports neither prefect, dvc nor pandera: training also runs on minimal GPU machines.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from loraflow import distributed, fastpath, layout, memplan
+from loraflow.artifacts import atomic_path, sha256_file, sha256_tree
+from loraflow.faults import maybe_die
+from loraflow.masking import IGNORE_INDEX
+from loraflow.modeling import device_map, load_model, quantization_config
+from loraflow.params import TrainParams
+from loraflow.planning import Speed, out_of_memory
+from loraflow.plots import line_plot
+
+log = logging.getLogger("loraflow.train")
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+class TokenRows(torch.utils.data.Dataset):
+    def __init__(self, df: pd.DataFrame):
+        self.ids, self.labels = list(df["input_ids"]), list(df["labels"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": list(self.ids[i]), "labels": list(self.labels[i])}
+
+
+def pad_collator(pad_id: int):
+    """Right-pad a batch; padding is masked out of attention and of the loss."""
+    def collate(rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            attn[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    return collate
+
+
+def lora_config(params: TrainParams):
+    from peft import LoraConfig
+    return LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
+                      target_modules=params.target_modules, modules_to_save=params.modules_to_save or None,
+                      task_type="CAUSAL_LM", bias="none")
+
+
+def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: memplan.Setup, speed: Speed):
+    """The base (quantized as the plan's method says) with fused kernels, packed attention and the
+    plan's checkpointing, wrapped with a fresh LoRA adapter."""
+    from peft import get_peft_model
+    torch.manual_seed(params.seed)  # LoRA A matrices are drawn at wrap time
+    quant = quantization_config(setup.method, dtype, sharded=distributed.fsdp_enabled())
+    attn = fastpath.register_packed_attention() if speed.packing else None
+    model = load_model(ref, dtype, quantization_config=quant, attn_implementation=attn,
+                       device_map=device_map())
+    model.config.use_cache = False
+    if speed.fused:
+        fastpath.apply_fused_kernels(model, layers=setup.fused_layers)
+    # No prepare_model_for_kbit_training: it upcasts the embedding, the output head and every norm
+    # to fp32 (about 2 GiB at 8B), which training a LoRA adapter does not need.
+    model = get_peft_model(model, lora_config(params))
+    if dtype != torch.float32:
+        fastpath.keep_adapter_inputs_in_compute_dtype(model)
+    if speed.fused and setup.method == "qlora" and not distributed.fsdp_enabled():
+        log.info("fused QLoRA projections: %d", fastpath.fuse_qlora_projections(model))
+    if setup.embedding_on_cpu:
+        freed = fastpath.keep_input_embedding_on_cpu(model)
+        log.info("input embedding kept in CPU memory: %.2f GiB of GPU memory freed", freed / memplan.GIB)
+    fastpath.checkpoint_layers(model, setup.checkpoint_layers)
+    return model
+
+
+def fingerprint(params: TrainParams, ref) -> str:
+    """Everything that shapes the run: a checkpoint from another fingerprint must not be resumed."""
+    h = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True).encode())
+    h.update(str(distributed.world_size()).encode())  # a checkpoint of another process count is not resumed
+    h.update(sha256_file(layout.TRAIN_TOKENS).encode())
+    h.update(json.dumps([ref.location, ref.revision]).encode())
+    if Path(ref.location).is_dir():
+        h.update(sha256_tree(ref.location).encode())
+    return h.hexdigest()
+
+
+def resumable(ckpt_dir: Path, fp: str) -> bool:
+    """True when ckpt_dir holds a checkpoint of this very run."""
+    marker = ckpt_dir / FINGERPRINT_FILE
+    same = marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp
+    return same and any(ckpt_dir.glob("checkpoint-*"))
+
+
+def prepare_checkpoints(ckpt_dir: Path, fp: str) -> bool:
+    """True when ckpt_dir holds a checkpoint of this very run to resume from; else starts it clean.
+    Only the main process writes; the others wait for it and then read the same answer."""
+    if distributed.is_main_process() and not resumable(ckpt_dir, fp):
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True)
+        (ckpt_dir / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
+    distributed.barrier()
+    return resumable(ckpt_dir, fp)
+
+
+def progress_callback():
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            maybe_die(f"save:{state.global_step}")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                log.info("step %d/%d loss %.4f lr %.2e", state.global_step, state.max_steps, logs["loss"],
+                         logs.get("learning_rate", 0.0))
+    return Progress()
+
+
+def training_args(params: TrainParams, out_dir: Path, dtype: torch.dtype, plan: memplan.Plan):
+    from transformers import TrainingArguments
+    on_gpu = torch.cuda.is_available()
+    micro = plan.chosen.micro_batch
+    optim = {"adamw": "adamw_torch_fused" if on_gpu else "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}[params.optimizer]
+    return TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
+        # the optimizer step still sees rows_per_step rows; the Trainer normalizes the loss
+        # by the trained tokens of the whole step, so micro-batching leaves the math unchanged
+        gradient_accumulation_steps=plan.rows_per_step // micro,
+        num_train_epochs=params.epochs, max_steps=params.max_steps, learning_rate=params.lr,
+        # a ratio passed as warmup_steps: transformers reads a float below 1 there as a share of the
+        # steps (transformers 5 has no warmup_ratio argument), and warmup_ratio is checked to be below 1
+        warmup_steps=params.warmup_ratio, lr_scheduler_type="linear", weight_decay=params.weight_decay,
+        logging_steps=params.logging_steps, save_strategy="steps", save_steps=params.save_steps,
+        save_total_limit=1, seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=True,
+        bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16, use_cpu=not on_gpu,
+        remove_unused_columns=False, dataloader_num_workers=0, optim=optim,
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
+        # gradient checkpointing is set on the model itself, per layer, by the plan
+        gradient_checkpointing=False,
+    )
+
+
+def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, train_ds, eval_ds, pad_id: int,
+                 out_dir: Path, dtype: torch.dtype, callbacks=()):
+    from transformers import Trainer
+    collator = fastpath.packed_collator(pad_id) if speed.packing else pad_collator(pad_id)
+    trainer = Trainer(model=model, args=training_args(params, out_dir, dtype, plan), train_dataset=train_ds,
+                      eval_dataset=eval_ds, data_collator=collator, callbacks=list(callbacks))
+    if trainer.is_fsdp_enabled:
+        # FSDP1 without use_orig_params flattens each wrapped unit into one tensor: PEFT's policy gives
+        # the trainable LoRA weights units of their own, apart from the frozen base weights
+        from peft.utils.other import fsdp_auto_wrap_policy
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+    return trainer
+
+
+def train_or_name_next_rung(trainer, plan: memplan.Plan, resume: bool):
+    try:
+        return trainer.train(resume_from_checkpoint=True if resume else None)
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory(plan, e) from None
+
+
+def adapter_key_map(model) -> dict[str, str]:
+    """For each tensor PEFT saves in an adapter, the model state-dict key it comes from. Read before
+    training: FSDP1 renames the modules it wraps, and PEFT finds the adapter's keys by module name, so
+    after wrapping it finds none (peft 0.21). The gathered FSDP state dict keeps the plain names."""
+    from peft import get_peft_model_state_dict
+    keys = list(model.state_dict().keys())
+    markers = {k: torch.tensor(i) for i, k in enumerate(keys)}  # PEFT selects by key; the values mark the source
+    return {name: keys[int(t)] for name, t in get_peft_model_state_dict(model, state_dict=markers).items()}
+
+
+def save_adapter(model, tensors: dict, out_dir: Path) -> None:
+    """The adapter in PEFT's own format: adapter_model.safetensors and adapter_config.json."""
+    import copy
+
+    from safetensors.torch import save_file
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(out_dir))
+
+
+def stable_adapter_config(path: Path) -> None:
+    """PEFT writes the resolved target modules from a set, in hash-seed order: sort them, so the same
+    run gives the same bytes and DVC does not see a change where there is none."""
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def save_loss_curve(history: list[dict]) -> list[dict]:
+    points = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")} for h in history if "loss" in h]
+    with atomic_path(layout.LOSS_CSV) as tmp:
+        pd.DataFrame(points, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)
+    line_plot(layout.LOSS_PNG, [p["step"] for p in points], [p["loss"] for p in points],
+              title="training loss", xlabel="optimizer step", ylabel="loss (trained tokens)")
+    return points
