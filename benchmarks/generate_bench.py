@@ -59,7 +59,7 @@ def main() -> None:
         model = LlamaForCausalLM(llama_8b()).eval()
     torch.set_default_dtype(torch.float32)
     rows = prompts(a.rows)
-    kw = dict(pad_id=0, eos_id=None, max_new_tokens=a.new_tokens)
+    kw = dict(pad_id=0, stop_ids=[], max_new_tokens=a.new_tokens)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
                "rows": a.rows, "new_tokens": a.new_tokens, "median_prompt_tokens": sorted(map(len, rows))[len(rows) // 2],
                "build_s": round(time.perf_counter() - t0, 1), "ours": {}}

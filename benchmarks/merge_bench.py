@@ -61,7 +61,7 @@ def probe(model, prompts):
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
     logits = model(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.float() * mask.cuda()[..., None]
-    greedy = generate_ids_hf(model, prompts, pad_id=0, eos_id=None, max_new_tokens=32, batch_size=len(prompts))
+    greedy = generate_ids_hf(model, prompts, pad_id=0, stop_ids=[], max_new_tokens=32, batch_size=len(prompts))
     return logits.cpu(), [g["ids"] for g in greedy]
 
 

@@ -48,7 +48,7 @@ def peak_rss_mb() -> float:
 
 def run_ours(path: str) -> dict:
     import pandas as pd
-    from loraflow.masking import hf_render
+    from loraflow.chat_format import chat_format_for
     from loraflow.params import TemplateParams, TokenizeParams, ValidateParams
     from tasks.ingest import ingest
     from tasks.template import template_rows
@@ -62,7 +62,8 @@ def run_ours(path: str) -> dict:
     reasons = reasons_by_row(df, ValidateParams())
     accepted = df[~df.index.isin(list(reasons))]
     t1 = time.perf_counter()
-    templated = template_rows(accepted, hf_render(tok), TemplateParams().train_on)
+    render, chat = chat_format_for(tok, TemplateParams())
+    templated, _ = template_rows(accepted, render, chat.end_of_turn, TemplateParams())
     t2 = time.perf_counter()
     tokens, rejects = tokenize_rows(templated, tok, TokenizeParams(max_length=4096))
     t3 = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Sequence
 
 import torch
 
@@ -23,10 +24,10 @@ log = logging.getLogger("loraflow.generation")
 
 
 @torch.no_grad()
-def generate_ids_hf(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
-                        batch_size: int) -> list[dict]:
-    """For each prompt (token ids): the new ids up to the first eos_id, and whether one came before the
-    cap. HF `generate`, left-padded, dynamic KV cache."""
+def generate_ids_hf(model, prompts: list[list[int]], *, pad_id: int, stop_ids: Sequence[int], max_new_tokens: int,
+                    batch_size: int) -> list[dict]:
+    """For each prompt (token ids): the new ids up to the first of stop_ids, and whether one came before
+    the cap. HF `generate`, left-padded, dynamic KV cache."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[dict | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -40,20 +41,21 @@ def generate_ids_hf(model, prompts: list[list[int]], *, pad_id: int, eos_id: int
             mask[row, width - n:] = 1
         out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             eos_token_id=eos_id, pad_token_id=pad_id)
+                             eos_token_id=list(stop_ids) or None, pad_token_id=pad_id)
         for i, new in zip(idx, out[:, width:].tolist()):
-            results[i] = until_eos(new, eos_id)
+            results[i] = until_stop(new, stop_ids)
     return results
 
 
-def until_eos(ids: list[int], eos_id: int | None) -> dict:
-    """The generated ids up to the first eos_id, and whether one came before the cap."""
-    ended = eos_id is not None and eos_id in ids
-    return {"ids": ids[:ids.index(eos_id)] if ended else ids, "ended": ended}
+def until_stop(ids: list[int], stop_ids: Sequence[int]) -> dict:
+    """The generated ids up to the first of stop_ids, and whether one came before the cap."""
+    stops = set(stop_ids)
+    first = next((k for k, t in enumerate(ids) if t in stops), None)
+    return {"ids": ids if first is None else ids[:first], "ended": first is not None}
 
 
 @torch.no_grad()
-def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
+def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int, stop_ids: Sequence[int], max_new_tokens: int,
                        batch_size: int, cuda_graph: bool | None = None, check_every: int = 16,
                        prefill_tokens: int = PREFILL_CHUNK_TOKENS) -> list[dict]:
     """generate_ids_hf's result, batch-invariant and fast: each row is computed exactly as it would be alone
@@ -63,7 +65,7 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
     slot. Prefill runs in chunks of at most `prefill_tokens` tokens. The decode step has one shape
     for every batch (a short last batch is filled with copies of its last row, dropped after), so on
     CUDA it is captured once into a CUDA graph and replayed: no Python or launch cost per token.
-    The loop stops early once every row has emitted eos_id (checked every `check_every` tokens)."""
+    The loop stops early once every row has emitted one of stop_ids (checked every `check_every` tokens)."""
     from loraflow.batch_invariant import batch_invariant
     dev = model.device
     cuda_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
@@ -71,6 +73,7 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     token = torch.full((batch_size,), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(batch_size, dtype=torch.bool, device=dev)
+    stops = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long, device=dev)
     # one spare column takes whatever the graph's warm-up calls record past the last token
     new = torch.full((batch_size, max_new_tokens + 1), pad_id, dtype=torch.long, device=dev)
     k = torch.zeros(1, dtype=torch.long, device=dev)  # index of the token being recorded
@@ -84,8 +87,8 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
     def record(logits):
         nxt = torch.where(done, pad_id, logits.argmax(-1))
         new.index_copy_(1, k, nxt[:, None])
-        if eos_id is not None:
-            done.logical_or_(nxt == eos_id)
+        if stop_ids:
+            done.logical_or_(torch.isin(nxt, stops))
         token.copy_(nxt)
         k.add_(1).clamp_(max=max_new_tokens)
 
@@ -119,11 +122,11 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
             record(torch.cat(logits))
             cache.positions.copy_(lengths)
             for n in range(1, max_new_tokens):
-                if eos_id is not None and n % check_every == 0 and bool(done.all()):
+                if stop_ids and n % check_every == 0 and bool(done.all()):
                     break
                 step()
             for i, out in zip(idx, new[:, :max_new_tokens].tolist()):
-                results[i] = until_eos(out, eos_id)
+                results[i] = until_stop(out, stop_ids)
     return results
 
 
@@ -165,11 +168,22 @@ def generate_ids(model, prompts: list[list[int]], **kw) -> list[dict]:
     return generate_ids_hf(model, prompts, **kw)
 
 
-def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[dict]:
+def generate_texts(model, tokenizer, prompts: list[str], *, stop_ids: Sequence[int], max_new_tokens: int,
+                   batch_size: int, end_of_turn: str | None = None) -> list[dict]:
     """For each prompt: the decoded text up to the first end-of-turn, whether one came before the
-    cap, and the number of new tokens."""
+    cap, and the number of new tokens. stop_ids: every id that ends a turn (loraflow.chat_format);
+    end_of_turn: the end-of-turn text, which also ends the text where it is several tokens (a base
+    model's named template)."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    outs = generate_ids(model, encoded, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                      max_new_tokens=max_new_tokens, batch_size=min(batch_size, len(encoded)))
-    return [{"text": tokenizer.decode(o["ids"], skip_special_tokens=True).strip(), "ended": o["ended"],
-             "new_tokens": len(o["ids"]) + int(o["ended"])} for o in outs]
+    outs = generate_ids(model, encoded, pad_id=tokenizer.pad_token_id, stop_ids=stop_ids,
+                        max_new_tokens=max_new_tokens, batch_size=min(batch_size, len(encoded)))
+    results = []
+    for o in outs:
+        text, ended = tokenizer.decode(o["ids"], skip_special_tokens=True), o["ended"]
+        raw = tokenizer.decode(o["ids"], skip_special_tokens=False) if end_of_turn else ""
+        if end_of_turn and end_of_turn in raw:  # an end-of-turn of several tokens: no stop id caught it
+            text, ended = raw.split(end_of_turn, 1)[0], True
+            for special in tokenizer.all_special_tokens:
+                text = text.replace(special, "")
+        results.append({"text": text.strip(), "ended": ended, "new_tokens": len(o["ids"]) + int(o["ended"])})
+    return results

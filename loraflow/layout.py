@@ -16,6 +16,8 @@ VALIDATION_JSON = Path("reports/validation.json")
 VALIDATION_MD = Path("reports/validation.md")
 
 TEMPLATED = Path("data/interim/templated.parquet")
+TEMPLATE_REJECTS = Path("data/interim/template_rejects.jsonl")
+CHAT_FORMAT = Path("data/interim/chat_format.json")  # the chat template and end-of-turn every later stage uses
 
 TOKENS_DIR = Path("data/processed")
 TRAIN_TOKENS = TOKENS_DIR / "train.parquet"

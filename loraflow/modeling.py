@@ -71,9 +71,6 @@ def load_tokenizer(ref: BaseRef):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(ref.location, revision=ref.revision,
                                         trust_remote_code=ref.trust_remote_code)
-    if tok.chat_template is None:
-        raise LoraflowError(f"{ref.location}: the tokenizer has no chat template. Use an instruct/chat "
-                            "tokenizer, or set one in its tokenizer_config.json.")
     if tok.pad_token is None:
         # Padding positions are masked out of attention and labels, so any id serves.
         tok.pad_token = tok.eos_token

@@ -5,6 +5,7 @@ instead of silently falling back to a default. All problems are reported at once
 """
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Literal
 
@@ -86,9 +87,27 @@ class ValidateParams(Section):
 
 
 class TemplateParams(Section):
-    """How conversations become text."""
+    """How conversations become text, and which of it is trained."""
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     """Which assistant turns are trainable in multi-turn rows."""
+    chat_template: str = "tokenizer"
+    """'tokenizer' (the model's own), a template shipped with loraflow for base checkpoints (chatml,
+    llama3, gemma, mistral, phi3, qwen2.5; loraflow/templates/), or the path of a .jinja file."""
+    end_of_turn: str | None = None
+    """The text that ends an assistant turn; unset: read off the template (what it writes after an
+    assistant turn's content). Trained after every assistant turn; generation stops on it."""
+    date: dt.date = dt.date(2026, 1, 1)
+    """The date templates that print today's date (Llama 3.x) render with: fixed, so the same data
+    renders the same text on any day and the cache holds."""
+    system_role: Literal["keep", "fold"] = "keep"
+    """A system prompt under a template that has no system role (Gemma 2): keep (the row is rejected
+    with the template's reason) or fold (prepended to the first user turn)."""
+    reasoning: Literal["keep", "drop"] = "keep"
+    """`<think>...</think>` in assistant answers: keep (trained where the template renders it; a
+    template that drops past reasoning trains the answer only) or drop (removed before rendering)."""
+    max_reject_fraction: float = Field(0.05, ge=0, le=1)
+    """The stage fails when more rows than this share cannot be rendered or masked (each rejected row
+    goes to data/interim/template_rejects.jsonl with its reason)."""
 
 
 class TokenizeParams(Section):
@@ -213,6 +232,9 @@ class EvaluateParams(Section):
     batch_size: int | Literal["auto"] = "auto"
     """Rows generated together (each in its own KV cache slot). auto: on a GPU the largest power of two up to 256 whose
     KV cache fits the free memory (loraflow/memplan/generation.py); 32 on CPU."""
+    strip_reasoning: bool = True
+    """Score a generation's answer: `<think>...</think>` removed (an empty block a template inserts too),
+    so a reasoning model's correct answer is not scored wrong for its reasoning."""
     exact_match_families: list[str] = ["capital", "language", "antonym", "next_day", "next_month",
                                        "addition", "category", "sentiment"]
     """Rows of these families score exact match; [] scores every row."""

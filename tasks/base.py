@@ -9,7 +9,6 @@ models/base/reference.json (the weights stay where they are); the loading code i
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path

@@ -20,6 +20,7 @@ import loraflow
 from loraflow import layout, memplan
 from loraflow.artifacts import write_json, write_jsonl, write_text
 from loraflow.audit import FLAGS, audit_flags
+from loraflow.chat_format import ChatFormat, strip_reasoning
 from loraflow.generation import generate_texts
 from loraflow.modeling import BaseRef, compute_dtype, device, load_model, load_tokenizer, release_memory, resolve_base
 from loraflow.params import EvaluateParams
@@ -40,11 +41,14 @@ def eval_rows(params: EvaluateParams) -> pd.DataFrame:
     return df.sort_values("id").head(params.max_rows).reset_index(drop=True)
 
 
-def generate_all(ref: BaseRef, tokenizer, prompts: list[str], params: EvaluateParams) -> list[dict]:
+def generate_all(ref: BaseRef, tokenizer, prompts: list[str], chat: ChatFormat, params: EvaluateParams) -> list[dict]:
     model = load_model(ref, compute_dtype("auto")).to(device()).eval()
     batch = generation_batch_size(model, tokenizer, prompts, params)
     log.info("generating %d rows in batches of %d", len(prompts), batch)
-    out = generate_texts(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens, batch_size=batch)
+    out = generate_texts(model, tokenizer, prompts, stop_ids=chat.stop_ids, end_of_turn=chat.end_of_turn,
+                         max_new_tokens=params.max_new_tokens, batch_size=batch)
+    if params.strip_reasoning:
+        out = [{**o, "text": strip_reasoning(o["text"])} for o in out]
     del model
     release_memory()
     return out
@@ -110,10 +114,11 @@ def run(params: EvaluateParams) -> dict:
     prompts = list(rows["prompt"])
     base_ref = resolve_base(layout.BASE_DIR)
     tokenizer = load_tokenizer(base_ref)
-    outputs = {"base": generate_all(base_ref, tokenizer, prompts, params)}
+    chat = ChatFormat.read(layout.CHAT_FORMAT)
+    outputs = {"base": generate_all(base_ref, tokenizer, prompts, chat, params)}
     log.info("base model: %d generations", len(prompts))
     outputs["tuned"] = generate_all(BaseRef(str(layout.MERGED_DIR), trust_remote_code=base_ref.trust_remote_code),
-                                    tokenizer, prompts, params)
+                                    tokenizer, prompts, chat, params)
     log.info("fine-tuned model: %d generations", len(prompts))
 
     rouge, exact = load_metric("rouge"), load_metric("exact_match")

@@ -26,6 +26,7 @@ import torch
 
 from loraflow import layout
 from loraflow.artifacts import atomic_path, sha256_tree, write_json
+from loraflow.chat_format import ChatFormat
 from loraflow.errors import LoraflowError
 from loraflow.generation import generate_texts
 from loraflow.merging import merge_shards
@@ -39,14 +40,30 @@ PROBE_NEW_TOKENS = 16
 
 
 @torch.no_grad()
-def probe(model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
+def probe(model, tokenizer, prompts: list[str], chat: ChatFormat) -> tuple[torch.Tensor, list[str]]:
     """Logits of the prompts (left-padded batch, pad positions zeroed) and greedy continuations."""
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     logits = model(**batch).logits.float()
     logits = logits * batch["attention_mask"][..., None]
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=PROBE_NEW_TOKENS, batch_size=len(prompts))
+    texts = generate_texts(model, tokenizer, prompts, stop_ids=chat.stop_ids, end_of_turn=chat.end_of_turn,
+                           max_new_tokens=PROBE_NEW_TOKENS, batch_size=len(prompts))
     return logits.cpu(), [t["text"] for t in texts]
+
+
+def save_chat_format(model_dir, tokenizer, chat: ChatFormat) -> None:
+    """The tokenizer with the chat template training used, and a generation_config that stops on every
+    end-of-turn id: a serving stack then renders and stops as the model was trained and evaluated."""
+    from transformers import GenerationConfig
+    tokenizer.chat_template = chat.chat_template
+    tokenizer.save_pretrained(model_dir)
+    try:
+        config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        config = GenerationConfig()
+    config.eos_token_id = chat.stop_ids
+    config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(model_dir)
 
 
 def compare(before: torch.Tensor, after: torch.Tensor, greedy_before: list[str], greedy_after: list[str]) -> dict:
@@ -57,21 +74,21 @@ def compare(before: torch.Tensor, after: torch.Tensor, greedy_before: list[str],
             "greedy_agreement": sum(a == b for a, b in zip(greedy_before, greedy_after)) / max(len(greedy_before), 1)}
 
 
-def trained_model_probe(ref, method: str, dtype: torch.dtype, tokenizer, prompts):
+def trained_model_probe(ref, method: str, dtype: torch.dtype, tokenizer, prompts, chat: ChatFormat):
     """The model as training saw it: the base (4-bit after QLoRA) with the adapter, unmerged."""
     from peft import PeftModel
     base = load_model(ref, dtype, quantization_config=quantization_config(method, dtype) if method == "qlora" else None,
                       device_map=device_map())
     model = PeftModel.from_pretrained(base, layout.ADAPTER_DIR).eval()
-    result = probe(model, tokenizer, prompts)
+    result = probe(model, tokenizer, prompts, chat)
     del model, base
     release_memory()
     return result
 
 
-def merged_probe(path, dtype: torch.dtype, tokenizer, prompts):
+def merged_probe(path, dtype: torch.dtype, tokenizer, prompts, chat: ChatFormat):
     model = load_model(BaseRef(str(path)), dtype, device_map=device_map())
-    result = probe(model.eval(), tokenizer, prompts)
+    result = probe(model.eval(), tokenizer, prompts, chat)
     del model
     release_memory()
     return result
@@ -80,16 +97,17 @@ def merged_probe(path, dtype: torch.dtype, tokenizer, prompts):
 def run(params: MergeParams) -> dict:
     ref = resolve_base(layout.BASE_DIR)
     tokenizer = load_tokenizer(ref)
+    chat = ChatFormat.read(layout.CHAT_FORMAT)
     method = json.loads((layout.ADAPTER_DIR / "train_info.json").read_text())["method"]
     dtype = torch.float32 if params.dtype == "auto" and device().type == "cpu" else compute_dtype(params.dtype)
     prompts = list(pd.read_parquet(layout.EVAL_TOKENS).sort_values("id")["prompt"].head(params.probe_prompts))
-    logits_trained, greedy_trained = trained_model_probe(ref, method, dtype, tokenizer, prompts)
+    logits_trained, greedy_trained = trained_model_probe(ref, method, dtype, tokenizer, prompts, chat)
     base_dir = local_model_dir(ref)
 
     def merge_and_check(out_dir, nf4_base: bool) -> dict:
         info = merge_shards(base_dir, layout.ADAPTER_DIR, out_dir, out_dtype=dtype, nf4_base=nf4_base,
                             compute_dtype=dtype, work=device())
-        logits, greedy = merged_probe(out_dir, dtype, tokenizer, prompts)
+        logits, greedy = merged_probe(out_dir, dtype, tokenizer, prompts, chat)
         return {**compare(logits_trained, logits, greedy_trained, greedy), "merge": info}
 
     bases = {"dequantized": True, "original": False} if method == "qlora" else {"original": False}
@@ -121,7 +139,7 @@ def run(params: MergeParams) -> dict:
                 f"{check['greedy_agreement']:.0%} (merge.min_greedy_agreement {params.min_greedy_agreement:.0%}). "
                 f"See {layout.MERGE_CHECK}. In a 16-bit dtype, rounding alone can reach about 5e-2: merge in "
                 "float32 (merge.dtype) or raise merge.atol.")
-        tokenizer.save_pretrained(tmp)
+        save_chat_format(tmp, tokenizer, chat)
         write_json(tmp / "merge_info.json", {k: check[k] for k in ("base", "base_revision", "merged_into",
                                                                      "adapter_sha256", "dtype")})
     log.info("merge check passed: max |logit diff| %.2e, greedy agreement %.0f%%; %d shards in %.1fs, peak RSS %.2f GiB",

@@ -1,10 +1,13 @@
-"""template stage: render each conversation with the tokenizer's chat template, and record which
-character spans are trainable (the assistant turns with their end-of-turn token).
+"""template stage: render each conversation with the chat template, and record which character
+spans are trainable (the assistant turns with their end-of-turn).
 
     python -m tasks.template    (or: dvc repro template)
 
-Also records, for evaluation, the prompt that precedes the last assistant turn (ending with the
-template's generation prompt) and that turn's text as the reference answer.
+Also records, for evaluation, the prompt that precedes the last assistant turn and that turn's
+answer as the reference, and writes the run's chat format (the template and its end-of-turn, one
+fact for every later stage) to data/interim/chat_format.json. A row the template cannot render or
+mask goes to data/interim/template_rejects.jsonl with its reason; the stage fails only when more
+than template.max_reject_fraction of the rows do.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import logging
 import pandas as pd
 
 from loraflow import layout
-from loraflow.artifacts import write_parquet
-from loraflow.masking import hf_render, trainable_spans
+from loraflow.artifacts import write_jsonl, write_parquet, write_text
+from loraflow.chat_format import chat_format_for, fold_system_prompt, generation_config_stop_ids
+from loraflow.errors import LoraflowError
+from loraflow.masking import RowError, render_spans, split_reasoning
 from loraflow.modeling import load_tokenizer, resolve_base
 from loraflow.params import TemplateParams
 from loraflow.stage import main
@@ -23,26 +28,55 @@ from loraflow.stage import main
 log = logging.getLogger("loraflow.template")
 
 
-def template_rows(df: pd.DataFrame, render, train_on: str) -> pd.DataFrame:
-    out = []
+def prepare_messages(messages: list[dict], params: TemplateParams) -> list[dict]:
+    """The row's turns as the template gets them: reasoning dropped, or the system prompt folded,
+    when params say so."""
+    if params.reasoning == "drop":
+        messages = [{**m, "content": split_reasoning(m["content"])[1].strip()} if m["role"] == "assistant" else m
+                    for m in messages]
+    if params.system_role == "fold":
+        messages = fold_system_prompt(messages)
+    return messages
+
+
+def template_rows(df: pd.DataFrame, render, end_of_turn: str, params: TemplateParams) -> tuple[pd.DataFrame, list[dict]]:
+    """Rendered rows with their trainable spans, and the rows the template could not take, with reasons."""
+    out, rejects = [], []
     for row in df.itertuples(index=False):
-        messages = json.loads(row.messages)
-        text, spans = trainable_spans(render, messages, train_on, int(getattr(row, "trainable_from", 0)))
-        # validation guarantees the last turn is the assistant's: its span starts where its prompt ends
-        prompt = text[:spans[-1][0]] if spans and spans[-1][1] == len(text) else render(messages[:-1], True)
+        messages = prepare_messages(json.loads(row.messages), params)
+        try:
+            done = render_spans(render, messages, end_of_turn, params.train_on, int(getattr(row, "trainable_from", 0)))
+        except RowError as e:
+            fix = (" (template.system_role: fold prepends it to the first user turn)"
+                   if messages[0]["role"] == "system" and "ystem" in str(e) else "")
+            rejects.append({"id": row.id, "source": row.source, "line": int(row.line), "reasons": [f"{e}{fix}"]})
+            continue
         out.append({"id": row.id, "family": row.family, "source": row.source, "line": row.line,
-                    "text": text, "spans": json.dumps(spans), "n_turns": len(messages),
-                    "prompt": prompt, "reference": messages[-1]["content"]})
-    return pd.DataFrame(out)
+                    "text": done.text, "spans": json.dumps(done.spans), "n_turns": len(messages),
+                    "prompt": done.prompt, "reference": split_reasoning(messages[-1]["content"])[1].strip()})
+    return pd.DataFrame(out, columns=["id", "family", "source", "line", "text", "spans", "n_turns", "prompt",
+                                      "reference"]), rejects
 
 
 def run(params: TemplateParams) -> dict:
-    tokenizer = load_tokenizer(resolve_base(layout.BASE_DIR))
+    ref = resolve_base(layout.BASE_DIR)
+    tokenizer = load_tokenizer(ref)
+    render, chat = chat_format_for(tokenizer, params, generation_config_stop_ids(ref.location, ref.revision))
     df = pd.read_parquet(layout.VALIDATED)
-    out = template_rows(df, hf_render(tokenizer), params.train_on)
+    out, rejects = template_rows(df, render, chat.end_of_turn, params)
+    write_jsonl(layout.TEMPLATE_REJECTS, rejects)
+    if len(df) and len(rejects) / len(df) > params.max_reject_fraction:
+        first = rejects[0]
+        raise LoraflowError(f"{len(rejects)} of {len(df)} rows could not be templated, over "
+                            f"template.max_reject_fraction={params.max_reject_fraction}; the first, "
+                            f"{first['source']}:{first['line']}: {first['reasons'][0]}. Every one is in "
+                            f"{layout.TEMPLATE_REJECTS}")
     write_parquet(layout.TEMPLATED, out)
-    return {"rows": len(out), "multi_turn_rows": int((out["n_turns"] > 2).sum()),
-            "trainable_spans": int(out["spans"].map(lambda s: len(json.loads(s))).sum())}
+    write_text(layout.CHAT_FORMAT, chat.to_json())
+    log.info("end of turn %r (ids %s); generation stops on ids %s", chat.end_of_turn, chat.end_of_turn_ids, chat.stop_ids)
+    return {"rows": len(out), "rejected": len(rejects), "multi_turn_rows": int((out["n_turns"] > 2).sum()),
+            "trainable_spans": int(out["spans"].map(lambda s: len(json.loads(s))).sum()),
+            "chat_template": params.chat_template, "end_of_turn": chat.end_of_turn, "stop_ids": chat.stop_ids}
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pandas as pd
 
 from loraflow import layout
 from loraflow.artifacts import atomic_path, write_json, write_jsonl, write_parquet, write_text
+from loraflow.chat_format import ChatFormat
 from loraflow.errors import LoraflowError
 from loraflow.masking import IGNORE_INDEX, label_array
 from loraflow.modeling import load_tokenizer, resolve_base
@@ -101,10 +102,11 @@ def mark_trained(tokenizer, ids: list[int], labels: list[int]) -> str:
     return "".join(out) + ("⟧" if inside else "")
 
 
-def mask_audit(df: pd.DataFrame, tokenizer, rejects: list[dict], examples: int = 4) -> dict:
-    eos = tokenizer.eos_token_id
-    n_eos_trained = df["labels"].map(lambda ls: int((np.asarray(ls) == eos).sum()))
-    n_eos_total = df["input_ids"].map(lambda ids: int((np.asarray(ids) == eos).sum()))
+def mask_audit(df: pd.DataFrame, tokenizer, rejects: list[dict], end_of_turn_ids: list[int], examples: int = 4) -> dict:
+    # The end-of-turn's last token marks where a turn ends (the whole text when it is one special token).
+    eot = end_of_turn_ids[-1]
+    n_eos_trained = df["labels"].map(lambda ls: int((np.asarray(ls) == eot).sum()))
+    n_eos_total = df["input_ids"].map(lambda ids: int((np.asarray(ids) == eot).sum()))
     return {
         "rows": len(df), "tokens": int(df["length"].sum()), "trained_tokens": int(df["trained_tokens"].sum()),
         "trained_fraction_mean": round(float((df["trained_tokens"] / df["length"]).mean()), 4),
@@ -112,9 +114,23 @@ def mask_audit(df: pd.DataFrame, tokenizer, rejects: list[dict], examples: int =
         "truncated_rows": int(df["truncated"].sum()), "rejected_rows": len(rejects),
         # Every assistant turn must teach the model to stop: its end-of-turn token is trained.
         "rows_without_trained_eos": int((n_eos_trained == 0).sum()),
+        "untruncated_rows_without_trained_eos": int(((n_eos_trained == 0) & ~df["truncated"].astype(bool)).sum()),
         "eos_tokens_trained": int(n_eos_trained.sum()), "eos_tokens_total": int(n_eos_total.sum()),
         "examples": [mark_trained(tokenizer, r.input_ids, r.labels) for r in df.head(examples).itertuples()],
     }
+
+
+def check_end_of_turn_trained(audit: dict, chat: ChatFormat) -> None:
+    """Every untruncated row must train its end-of-turn, or the model never learns to stop. Checked
+    when the end-of-turn is one token; a text end-of-turn (a base model's named template) may merge
+    with what follows it, so there the count is reported, not enforced."""
+    missing = audit["untruncated_rows_without_trained_eos"]
+    if missing and len(chat.end_of_turn_ids) == 1:
+        raise LoraflowError(f"{missing} untruncated rows train no end-of-turn {chat.end_of_turn!r}: the model would "
+                            f"not learn to stop. See {layout.MASK_AUDIT_MD}; set template.end_of_turn if the "
+                            "template ends turns otherwise")
+    if missing:
+        log.warning("%d untruncated rows show no trained %r token (a multi-token end-of-turn)", missing, chat.end_of_turn)
 
 
 def audit_markdown(audit: dict) -> str:
@@ -123,7 +139,8 @@ def audit_markdown(audit: dict) -> str:
              f"(mean trained fraction {audit['trained_fraction_mean']:.1%}).",
              f"Lengths: min {audit['length']['min']}, median {audit['length']['median']}, max {audit['length']['max']}. "
              f"Truncated rows: {audit['truncated_rows']}. Rejected rows: {audit['rejected_rows']}.",
-             f"End-of-turn tokens trained: {audit['eos_tokens_trained']} of {audit['eos_tokens_total']}; "
+             f"End-of-turn ({audit.get('end_of_turn')!r}) tokens trained: {audit['eos_tokens_trained']} of "
+             f"{audit['eos_tokens_total']}; "
              f"rows with no trained end-of-turn: **{audit['rows_without_trained_eos']}**.",
              f"Eval rows removed for leakage (prompt also in train): {audit.get('leakage_removed_from_eval', 0)}.", "",
              "Per-row counts: reports/mask_audit_rows.csv; histograms: reports/mask_audit.png.", "",
@@ -141,7 +158,10 @@ def run(params: TokenizeParams) -> dict:
     write_parquet(layout.TRAIN_TOKENS, train)
     write_parquet(layout.EVAL_TOKENS, evals)
     write_jsonl(layout.TOKENIZE_REJECTS, rejects + leaked)
-    audit = mask_audit(tokens, tokenizer, rejects)
+    chat = ChatFormat.read(layout.CHAT_FORMAT)
+    audit = mask_audit(tokens, tokenizer, rejects, chat.end_of_turn_ids)
+    audit["end_of_turn"] = chat.end_of_turn
+    check_end_of_turn_trained(audit, chat)
     audit["leakage_removed_from_eval"] = len(leaked)
     write_mask_audit_rows(tokens)
     write_json(layout.MASK_AUDIT_JSON, audit)

@@ -170,3 +170,15 @@ def flow_ws(tmp_path_factory, prefect_server):
     return SimpleNamespace(path=ws, first_run=run, first_tasks=tasks)
 
 
+
+
+def templated(df, tokenizer, **template_params):
+    """The template stage's rows for `df` with this tokenizer's own chat template; no row may be rejected."""
+    from loraflow.chat_format import chat_format_for
+    from loraflow.params import TemplateParams
+    from tasks.template import template_rows
+    params = TemplateParams(**template_params)
+    render, chat = chat_format_for(tokenizer, params)
+    out, rejects = template_rows(df, render, chat.end_of_turn, params)
+    assert not rejects, rejects
+    return out

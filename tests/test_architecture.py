@@ -1,4 +1,5 @@
-"""The shape the code must keep. A stage's code deps in dvc.yaml are exactly the project-local import closure of its command's module,
+"""The shape the code must keep (`python tests/test_architecture.py --write` rewrites the code deps).
+A stage's code deps in dvc.yaml are exactly the project-local import closure of its command's module,
 so a change to any code a stage runs reruns it (and nothing else is listed). The closure is read with
 `ast`: every import at any depth (inside functions too), relative ones resolved, and the `__init__.py` of
 every package on the way, since Python runs those too. And layers point one way: flows/ -> tasks/ ->
@@ -10,8 +11,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("loraflow", "tasks", "flows")
-# Code a module loads by path rather than by import: the evaluate metric modules (evaluate.load(path)).
-LOADED_BY_PATH = {"tasks/evaluate.py": {"loraflow/metrics"}}
+# Files a module loads by path rather than by import: the evaluate metric modules (evaluate.load(path)),
+# the chat templates shipped for base models.
+LOADED_BY_PATH = {"tasks/evaluate.py": {"loraflow/metrics"}, "loraflow/chat_format.py": {"loraflow/templates"}}
 
 
 def module_file(module: str, root: Path = ROOT) -> Path | None:
@@ -132,3 +134,35 @@ def test_layering_check_catches_an_upward_import(tmp_path):
     (tmp_path / "tasks" / "train.py").write_text("")
     (tmp_path / "loraflow" / "glue.py").write_text("def f():\n    from tasks import train\n")
     assert layering_violations(tmp_path) == ["loraflow/glue.py imports tasks", "loraflow/glue.py imports tasks.train"]
+
+
+def write_code_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> list[str]:
+    """Rewrite each stage's code deps in dvc.yaml to its import closure, keeping its inputs and comments;
+    returns the stages changed. `python tests/test_architecture.py --write` runs it."""
+    text, changed = dvc_yaml.read_text(), []
+    for name, stage in yaml.safe_load(text)["stages"].items():
+        closure, listed = sorted(import_closure(stage_module(stage))), code_deps(stage)
+        if set(closure) == listed:
+            continue
+        begin = text.index(f"\n  {name}:\n")
+        lines = text[begin:].split("\n")
+        deps_at = next(i for i, line in enumerate(lines) if line.strip() == "deps:")
+        end = deps_at + 1
+        while end < len(lines) and lines[end].startswith("      "):
+            end += 1
+        kept = [line for line in lines[deps_at + 1:end]
+                if not (line.strip().startswith("- ") and line.strip()[2:].split("/")[0] in PACKAGES)]
+        code_at = next((i for i, line in enumerate(kept) if line.strip().startswith("# code")), None)
+        new = [f"      - {path}" for path in closure]
+        kept = kept[:code_at + 1] + new + kept[code_at + 1:] if code_at is not None else new + kept
+        lines[deps_at + 1:end] = kept
+        text = text[:begin] + "\n".join(lines)
+        changed.append(name)
+    dvc_yaml.write_text(text)
+    return changed
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["--write"]:
+        print("code deps rewritten for:", ", ".join(write_code_deps()) or "none (already the import closures)")

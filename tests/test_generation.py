@@ -13,8 +13,9 @@ def test_batched_greedy_equals_one_at_a_time(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
                for c in ["Hi", "What is the capital of France and of Spain?", "Add two and three.", "x " * 30]]
-    batched = generate_texts(model, tok, prompts, max_new_tokens=12, batch_size=4)
-    single = [generate_texts(model, tok, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
+    kw = dict(stop_ids=[tok.eos_token_id], max_new_tokens=12)
+    batched = generate_texts(model, tok, prompts, batch_size=4, **kw)
+    single = [generate_texts(model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
     assert batched == single
     assert all(r["new_tokens"] >= 1 for r in batched)
 
@@ -36,12 +37,12 @@ def test_row_loop_equals_one_row_hf_generate(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True),
                    add_special_tokens=False)["input_ids"] for c in ["Hi", "What is two and two?", "y " * 40, "Tell me", "z"]]
-    kw = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=10)
+    kw = dict(pad_id=tok.pad_token_id, stop_ids=[tok.eos_token_id], max_new_tokens=10)
     ours = generate_ids_batch_invariant(model, prompts, batch_size=2, **kw)
     single = [generate_ids_hf(model, [p], batch_size=1, **kw)[0] for p in prompts]
     assert ours == single
-    no_eos = generate_ids_batch_invariant(model, prompts, batch_size=3, **{**kw, "eos_id": None})
-    assert no_eos == [generate_ids_hf(model, [p], batch_size=1, **{**kw, "eos_id": None})[0] for p in prompts]
+    no_eos = generate_ids_batch_invariant(model, prompts, batch_size=3, **{**kw, "stop_ids": []})
+    assert no_eos == [generate_ids_hf(model, [p], batch_size=1, **{**kw, "stop_ids": []})[0] for p in prompts]
     assert all(len(r["ids"]) == 10 for r in no_eos)
 
 
@@ -60,7 +61,7 @@ def test_row_loop_matches_hf_generate_on_other_architectures(model_type, extra):
     model = tiny_causal_lm(model_type, **extra)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 9, 1, 17, 5)]
-    kw = dict(pad_id=0, eos_id=None, max_new_tokens=8)
+    kw = dict(pad_id=0, stop_ids=[], max_new_tokens=8)
     assert generate_ids_batch_invariant(model, prompts, batch_size=2, **kw) == \
         [generate_ids_hf(model, [p], batch_size=1, **kw)[0] for p in prompts]
 
@@ -70,7 +71,7 @@ def test_row_loop_output_does_not_depend_on_batch_or_prefill_chunks(tiny_model_d
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (12, 2, 30, 7, 7, 19)]
-    kw = dict(pad_id=0, eos_id=None, max_new_tokens=6)
+    kw = dict(pad_id=0, stop_ids=[], max_new_tokens=6)
     alone = [generate_ids_batch_invariant(model, [p], batch_size=1, **kw)[0] for p in prompts]
     assert generate_ids_batch_invariant(model, prompts, batch_size=6, **kw) == alone
     assert generate_ids_batch_invariant(model, prompts, batch_size=4, prefill_tokens=20, **kw) == alone  # prefill in chunks
@@ -90,7 +91,7 @@ def test_unsupported_model_type_falls_back_to_hf_generate(caplog):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=64)).eval()
     prompts = [[5, 6, 7], [8, 9]]
-    kw = dict(pad_id=0, eos_id=None, max_new_tokens=4)
+    kw = dict(pad_id=0, stop_ids=[], max_new_tokens=4)
     with caplog.at_level("WARNING", logger="loraflow.generation"):
         out = generate_ids(model, prompts, batch_size=2, **kw)
     assert "not the batch-invariant loop: model type 'gpt2'" in caplog.text

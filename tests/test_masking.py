@@ -1,12 +1,14 @@
 """The masking primitive on toy conversations, and agreement with TRL's completion-only masking."""
 import json
 
-import pandas as pd
 import pytest
 
-from loraflow.masking import IGNORE_INDEX, hf_render, labels_from_spans, trainable_spans
+import datetime as dt
+
+from conftest import templated
+from loraflow.chat_format import renderer
+from loraflow.masking import IGNORE_INDEX, RowError, end_of_turn_text, labels_from_spans, render_spans
 from loraflow.params import TokenizeParams
-from tasks.template import template_rows
 from tasks.tokenize import tokenize_rows
 
 SINGLE = [{"role": "user", "content": "What is the capital of Peru?"}, {"role": "assistant", "content": "Lima"}]
@@ -16,9 +18,10 @@ MULTI = [{"role": "system", "content": "Be brief."},
 
 
 def tokens_and_labels(tok, messages, train_on="all_assistant"):
-    text, spans = trainable_spans(hf_render(tok), messages, train_on)
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    return enc["input_ids"], labels_from_spans(enc["input_ids"], enc["offset_mapping"], spans)
+    render = renderer(tok, tok.chat_template, dt.date(2026, 1, 1))
+    done = render_spans(render, messages, end_of_turn_text(render), train_on)
+    enc = tok(done.text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], labels_from_spans(enc["input_ids"], enc["offset_mapping"], done.spans)
 
 
 def trained_segments(tok, ids, labels):
@@ -56,24 +59,31 @@ def test_last_assistant_only(tiny_tokenizer):
 
 
 def test_spans_on_a_llama3_style_template():
-    """The span logic depends only on the template rendering prefixes as prefixes."""
     def render(messages, gen):
         out = "<|begin_of_text|>" + "".join(
             f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages)
         return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if gen else "")
-    text, spans = trainable_spans(render, MULTI)
-    assert [text[a:b] for a, b in spans] == ["Tuesday<|eot_id|>", "Wednesday<|eot_id|>"]
+    assert end_of_turn_text(render) == "<|eot_id|>"
+    done = render_spans(render, MULTI, "<|eot_id|>")
+    assert [done.text[a:b] for a, b in done.spans] == ["Tuesday<|eot_id|>", "Wednesday<|eot_id|>"]
+    assert done.prompt == render(MULTI[:-1], True)
 
 
-def test_template_that_rewrites_history_is_refused():
-    from loraflow.errors import LoraflowError
+def test_an_answer_quoted_in_the_prompt_is_not_the_trained_turn():
+    """Turns are located in order: the assistant's 'Lima' is the one after the user's 'Lima'."""
+    render = lambda msgs, gen: "".join(f"<{m['role']}>{m['content']}</s>" for m in msgs) + ("<assistant>" if gen else "")
+    done = render_spans(render, [{"role": "user", "content": "Say Lima"}, {"role": "assistant", "content": "Lima"}], "</s>")
+    assert done.spans == [(len("<user>Say Lima</s><assistant>"), len(done.text))]
+
+
+def test_template_that_drops_an_assistant_turn_rejects_the_row():
     render = lambda msgs, gen: "|".join(m["content"] for m in msgs[-1:]) + (">" if gen else "")
-    with pytest.raises(LoraflowError, match="prefixes"):
-        trainable_spans(render, MULTI)
+    with pytest.raises(RowError, match="assistant turn 2 does not appear"):
+        render_spans(render, MULTI, "")
 
 
 def test_fast_render_equals_apply_chat_template(tiny_tokenizer):
-    render = hf_render(tiny_tokenizer)
+    render = renderer(tiny_tokenizer, tiny_tokenizer.chat_template, dt.date(2026, 1, 1))
     for msgs in (SINGLE, MULTI, MULTI[:2]):
         for gen in (False, True):
             assert render(msgs, gen) == tiny_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
@@ -116,8 +126,7 @@ def test_labels_match_trl_completion_only(tiny_tokenizer, tiny_model_dir, tmp_pa
     src.write_text("".join(json.dumps(r) + "\n" for r in raw))
     ingested = ingest([str(src)])
     assert list(ingested["format"]) == ["prompt_completion"] * 3 and ingested["ingest_error"].isna().all()
-    templated = template_rows(ingested, hf_render(tok), "all_assistant")
-    ours, rejects = tokenize_rows(templated, tok, TokenizeParams())
+    ours, rejects = tokenize_rows(templated(ingested, tok), tok, TokenizeParams())
     assert not rejects
     assert [list(l) for l in ours["labels"]] == [list(l) for l in trl_labels]
     assert any(l == IGNORE_INDEX for l in trl_labels[1])  # the comparison is not vacuous

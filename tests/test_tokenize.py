@@ -3,9 +3,9 @@ import json
 
 import pandas as pd
 
-from loraflow.masking import IGNORE_INDEX, hf_render
+from conftest import templated
+from loraflow.masking import IGNORE_INDEX
 from loraflow.params import TokenizeParams
-from tasks.template import template_rows
 from tasks.tokenize import in_eval_split, tokenize_rows
 
 
@@ -17,18 +17,18 @@ def rows(n_long_turns=1):
 
 
 def test_overflow_drop_and_truncate_are_counted(tiny_tokenizer):
-    templated = template_rows(rows(), hf_render(tiny_tokenizer), "all_assistant")
-    kept, rejects = tokenize_rows(templated, tiny_tokenizer, TokenizeParams(max_length=40, overflow="drop"))
+    rendered = templated(rows(), tiny_tokenizer)
+    kept, rejects = tokenize_rows(rendered, tiny_tokenizer, TokenizeParams(max_length=40, overflow="drop"))
     assert list(kept["id"]) == ["short"] and rejects[0]["id"] == "long" and "max_length=40" in rejects[0]["reasons"][0]
     # truncating cuts the answer off: the row has no trained token left and is rejected, with that reason
-    kept, rejects = tokenize_rows(templated, tiny_tokenizer, TokenizeParams(max_length=40, overflow="truncate"))
+    kept, rejects = tokenize_rows(rendered, tiny_tokenizer, TokenizeParams(max_length=40, overflow="truncate"))
     assert rejects[0]["reasons"] == ["no trained tokens left after truncation"]
 
 
 def test_truncate_keeps_rows_with_trained_tokens(tiny_tokenizer):
-    templated = template_rows(rows(n_long_turns=60), hf_render(tiny_tokenizer), "all_assistant")
-    width = len(tiny_tokenizer(templated["text"][0])["input_ids"]) - 5
-    kept, rejects = tokenize_rows(templated, tiny_tokenizer, TokenizeParams(max_length=width, overflow="truncate"))
+    rendered = templated(rows(n_long_turns=60), tiny_tokenizer)
+    width = len(tiny_tokenizer(rendered["text"][0])["input_ids"]) - 5
+    kept, rejects = tokenize_rows(rendered, tiny_tokenizer, TokenizeParams(max_length=width, overflow="truncate"))
     long = kept[kept["id"] == "long"].iloc[0]
     assert long["truncated"] and long["length"] == width and any(l != IGNORE_INDEX for l in long["labels"])
 
