@@ -23,6 +23,9 @@ class Section(BaseModel):
 
 class BundledBase(Section):
     """Shape of the locally built default base model (a small Llama)."""
+    architecture: Literal["llama", "qwen3", "gemma3_text"] = "llama"
+    """The decoder's transformers model type: Llama (default), or Qwen3 / Gemma-3 to run every stage
+    on another family's modeling code offline."""
     vocab_size: int = Field(2048, ge=300)
     """Size of the BPE vocabulary trained on the bundled corpus."""
     hidden_size: int = Field(256, ge=16)
@@ -59,10 +62,45 @@ class BaseParams(Section):
     """Shape of the bundled default; ignored for any other source."""
 
 
+class Source(Section):
+    """One raw source given as a mapping: a file or directory (`path`) or a `datasets` name
+    (`dataset`), and how many of its rows to take when mixing sources."""
+    path: str | None = None
+    """A file (.jsonl, .json, .csv, .parquet; .gz too) or a saved `datasets` directory."""
+    dataset: str | None = None
+    """A `datasets` name or local dataset script/directory for load_dataset, e.g. org/name (needs the hub,
+    or its local cache with HF_DATASETS_OFFLINE=1)."""
+    split: str = "train"
+    """The split load_dataset reads (dataset sources only)."""
+    config: str | None = None
+    """The dataset's configuration name, if it has several (dataset sources only)."""
+    revision: str | None = None
+    """The dataset's revision (dataset sources only); recorded in lineage through the ingested table."""
+    max_rows: int | None = Field(None, ge=1)
+    """Take at most this many rows, a deterministic sample (by a hash of each row's id)."""
+    weight: float = Field(1.0, gt=0, le=1)
+    """Take this share of the source's rows (after max_rows), the same deterministic sample; for mixing
+    a large source down beside a small one."""
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of path or dataset")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How rows name their source: the path, or dataset:NAME[:CONFIG]:SPLIT."""
+        if self.path is not None:
+            return self.path
+        return ":".join(["dataset", self.dataset, *([self.config] if self.config else []), self.split])
+
+
 class IngestParams(Section):
     """Raw inputs to normalize into one table."""
-    sources: list[str] = ["data/raw/alpaca.jsonl", "data/raw/chat.jsonl"]
-    """Files or saved `datasets` directories: .jsonl, .json, .csv, .parquet."""
+    sources: list[str | Source] = ["data/raw/alpaca.jsonl", "data/raw/chat.jsonl"]
+    """Files or saved `datasets` directories (.jsonl, .json, .csv, .parquet, each also .gz), or mappings
+    (Source) that name a `datasets` dataset or sample a source with max_rows / weight."""
     system_prompt: str | None = None
     """System turn prepended to rows that have none (None: leave rows as they are)."""
 

@@ -48,16 +48,19 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
 
 
 def build_model(tokenizer, shape: BundledBase):
+    """A randomly initialised decoder of the shape's architecture (Llama by default; Qwen3 and Gemma-3
+    to run the whole pipeline on another family's code offline)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(shape.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_heads // 2, max_position_embeddings=2048, tie_word_embeddings=False,
+    config = AutoConfig.for_model(
+        shape.architecture, vocab_size=len(tokenizer), hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_heads // 2,
+        head_dim=shape.hidden_size // shape.num_heads, max_position_embeddings=2048, tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def pretrain(model, tokenizer, corpus: list[str], shape: BundledBase, seq_len: int = 48, batch: int = 16) -> list[float]:

@@ -2,14 +2,18 @@
 
     python -m tasks.ingest      (or: dvc repro ingest)
 
-Reads JSONL/JSON, CSV, Parquet files and saved `datasets` directories, in alpaca
-(instruction/input/output), chat `messages`, or prompt/completion form (strings or message lists).
+Reads JSONL/JSON, CSV, Parquet files (each also gzip-compressed, `.gz`), saved `datasets` directories
+and `datasets` names (`{dataset: org/name}` through load_dataset), in alpaca (instruction/input/output),
+chat `messages` (OpenAI-style content parts and capitalised roles included), ShareGPT `conversations`
+(from/value, human/gpt/system), or prompt/completion form (strings or message lists). Per source,
+`max_rows` and `weight` take a deterministic sample (by a hash of each row's id), for mixing.
 Each output row has a stable content-derived id, the conversation as role/content turns, and the
 source file and line it came from. A row that cannot be understood is kept, with `ingest_error`
 saying why, so that validation rejects it with its reason: nothing is dropped here.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -22,7 +26,7 @@ import pandas as pd
 from loraflow import layout
 from loraflow.artifacts import write_parquet
 from loraflow.errors import LoraflowError
-from loraflow.params import IngestParams
+from loraflow.params import IngestParams, Source
 from loraflow.text import squash
 from loraflow.stage import main
 
@@ -31,6 +35,9 @@ log = logging.getLogger("loraflow.ingest")
 COLUMNS = ["id", "content_hash", "near_key", "messages", "trainable_from", "format", "family", "source", "line",
            "ingest_error"]
 FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+# ShareGPT's speaker names (and other exporters'), mapped to chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "model": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
 
 
 def conversation_id(messages: Any) -> str:
@@ -51,8 +58,36 @@ def _turns_from_value(value: Any, default_role: str) -> list[dict] | None:
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
     if isinstance(value, list):
-        return [dict(t) if isinstance(t, dict) else {"role": None, "content": t} for t in value]
+        return [_turn(t) for t in value]
     return None
+
+
+def _turn(raw: Any) -> dict:
+    """One turn as {role, content}: roles lower-cased and trimmed ("User" is "user"), OpenAI-style
+    content parts ([{"type": "text", "text": ...}]) joined. A part that is not text stays a list, which
+    validation rejects as not a string, with its reason."""
+    if not isinstance(raw, dict):
+        return {"role": None, "content": raw}
+    turn = dict(raw)
+    if isinstance(turn.get("role"), str):
+        turn["role"] = turn["role"].strip().lower()
+    content = turn.get("content")
+    if hasattr(content, "tolist"):  # Parquet/Arrow arrays
+        content = content.tolist()
+    if isinstance(content, list) and content and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        turn["content"] = "".join(str(p.get("text", "")) for p in content)
+    return turn
+
+
+def _sharegpt_turns(conversations: list) -> list[dict]:
+    turns = []
+    for t in conversations:
+        if not isinstance(t, dict):
+            turns.append({"role": None, "content": t})
+            continue
+        speaker = str(t.get("from", "")).strip().lower()
+        turns.append({"role": SHAREGPT_ROLES.get(speaker, speaker), "content": t.get("value")})
+    return turns
 
 
 def normalize(record: Any) -> tuple[str, list[dict] | None, str | None]:
@@ -71,7 +106,19 @@ def normalize(record: Any) -> tuple[str, list[dict] | None, str | None]:
             msgs = msgs.tolist()
         if not isinstance(msgs, list):
             return "chat", None, f"messages must be a list of turns, got {type(msgs).__name__}"
-        return "chat", [dict(t) if isinstance(t, dict) else {"role": None, "content": t} for t in msgs], None
+        return "chat", [_turn(t) for t in msgs], None
+    if "conversations" in record:
+        convs = record["conversations"]
+        if isinstance(convs, str):
+            try:
+                convs = json.loads(convs)
+            except json.JSONDecodeError as e:
+                return "sharegpt", None, f"conversations is not valid JSON: {e.msg}"
+        if hasattr(convs, "tolist"):
+            convs = convs.tolist()
+        if not isinstance(convs, list):
+            return "sharegpt", None, f"conversations must be a list of turns, got {type(convs).__name__}"
+        return "sharegpt", _sharegpt_turns(convs), None
     if "instruction" in record or "output" in record:
         missing = [k for k in ("instruction", "output") if k not in record or record[k] is None]
         if missing:
@@ -103,7 +150,7 @@ def completion_turns(record: dict) -> int | None:
 
 
 def _records_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8")
@@ -123,7 +170,7 @@ def _records_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield lineno, None, f"malformed JSON at column {e.colno}: {e.msg}"
 
 
-FORMS = ({"messages"}, {"instruction", "output"}, {"prompt", "completion"})
+FORMS = ({"messages"}, {"conversations"}, {"instruction", "output"}, {"prompt", "completion"})
 
 
 def _records_table(df: pd.DataFrame, first_line: int, path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -132,8 +179,10 @@ def _records_table(df: pd.DataFrame, first_line: int, path: Path) -> Iterator[tu
         raise LoraflowError(f"{path}: columns {sorted(map(str, df.columns))} match no supported form; expected "
                             "'messages', or 'instruction' + 'output' (+ 'input'), or 'prompt' + 'completion'. "
                             "Rename the columns or convert the file.")
+    # a missing cell is an absent field: a table that mixes forms (as load_dataset unifies them) has
+    # every form's columns, and a row's own form is the one whose fields it fills
     for i, rec in enumerate(df.to_dict(orient="records")):
-        yield first_line + i, {k: (None if _is_missing(v) else v) for k, v in rec.items()}, None
+        yield first_line + i, {k: v for k, v in rec.items() if not _is_missing(v)}, None
 
 
 def _is_missing(v: Any) -> bool:
@@ -141,6 +190,27 @@ def _is_missing(v: Any) -> bool:
         return bool(pd.isna(v))
     except (TypeError, ValueError):
         return False  # lists/arrays are values, not missing
+
+
+def _data_suffix(path: Path) -> str:
+    """The file type, looking through a .gz compression suffix."""
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
+def read_dataset(source: Source) -> Iterator[tuple[int, Any, str | None]]:
+    """Rows of a `datasets` dataset by name, through load_dataset (the hub, or its local cache offline)."""
+    import datasets
+    try:
+        ds = datasets.load_dataset(source.dataset, source.config, split=source.split, revision=source.revision)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types (offline, not found, bad split)
+        raise LoraflowError(f"ingest.sources: dataset {source.dataset!r} (split {source.split!r}) could not be "
+                            f"loaded: {str(e).splitlines()[0]}") from None
+    yield from _records_table(ds.to_pandas(), 0, Path(source.label))
 
 
 def read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -154,15 +224,19 @@ def read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             yield from _records_table(ds.to_pandas(), 0, path)
             return
         raise LoraflowError(f"{path}: a directory, but not a saved `datasets` directory (no dataset_info.json)")
-    suffix = path.suffix.lower()
+    suffix = _data_suffix(path)
     if suffix in (".jsonl", ".json"):
-        if suffix == ".json" and path.read_bytes().lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
-            yield from _records_table(pd.DataFrame(json.loads(path.read_text(encoding="utf-8-sig"))), 0, path)
-            return
+        if suffix == ".json":
+            with _open_binary(path) as f:
+                data = f.read()
+            if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+                yield from _records_table(pd.DataFrame(json.loads(data.decode("utf-8-sig"))), 0, path)
+                return
         yield from _records_jsonl(path)
     elif suffix == ".csv":
         # Line 1 is the header; quoted fields may span lines, so this is the record's row number + 1.
-        yield from _records_table(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[]), 2, path)
+        yield from _records_table(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[],
+                                              compression="infer"), 2, path)
     elif suffix == ".parquet":
         yield from _records_table(pd.read_parquet(path), 0, path)
     else:
@@ -170,19 +244,39 @@ def read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                             "or a saved datasets directory")
 
 
-def ingest(sources: list[str], system_prompt: str | None = None) -> pd.DataFrame:
-    rows, seen = [], Counter()
-    for src in sources:
-        path = Path(src)
-        if not path.exists():
-            raise LoraflowError(f"ingest.sources: {src} does not exist. Fix the path in params.yaml.")
+def records_of(source: Source) -> Iterator[tuple[int, Any, str | None]]:
+    if source.dataset is not None:
+        return read_dataset(source)
+    path = Path(source.path)
+    if not path.exists():
+        raise LoraflowError(f"ingest.sources: {source.path} does not exist. Fix the path in params.yaml.")
+    return read_source(path)
+
+
+def sample(rows: list[dict], source: Source) -> list[dict]:
+    """The source's rows cut to max_rows, then to weight x that many: the rows whose hash of their id is
+    smallest, so the same rows are taken on every run and a row's presence does not depend on its order."""
+    keep = len(rows) if source.max_rows is None else min(len(rows), source.max_rows)
+    keep = round(keep * source.weight)
+    if keep >= len(rows):
+        return rows
+    chosen = set(sorted(range(len(rows)), key=lambda i: hashlib.sha256(rows[i]["id"].encode()).digest())[:keep])
+    return [r for i, r in enumerate(rows) if i in chosen]
+
+
+def ingest(sources: list[str | Source], system_prompt: str | None = None) -> pd.DataFrame:
+    rows, seen, read_per_source = [], Counter(), {}
+    for given in sources:
+        source = given if isinstance(given, Source) else Source(path=given)
+        src = source.label
         before = len(rows)
-        for line, record, error in read_source(path):
+        for line, record, error in records_of(source):
             fmt, messages, norm_error = ("unknown", None, error) if error else normalize(record)
             if messages is not None and system_prompt and not any(t.get("role") == "system" for t in messages):
                 messages = [{"role": "system", "content": system_prompt}, *messages]
             own_id = record.get("id") if isinstance(record, dict) else None
-            family = record.get("family") if isinstance(record, dict) else None
+            # a `family` or `task` column groups rows for per-family scoring
+            family = (record.get("family", record.get("task")) if isinstance(record, dict) else None)
             n_completion = completion_turns(record) if messages is not None else None
             content_hash = conversation_id(messages if messages is not None else [src, line])
             seen[content_hash] += 1
@@ -198,16 +292,24 @@ def ingest(sources: list[str], system_prompt: str | None = None) -> pd.DataFrame
                 "format": fmt, "family": str(family) if family is not None else "",
                 "source": src, "line": int(line), "ingest_error": norm_error,
             })
-        log.info("%s: %d rows", src, len(rows) - before)
         if len(rows) == before:
             raise LoraflowError(f"{src}: no rows found. Is the file empty?")
-    return pd.DataFrame(rows, columns=COLUMNS)
+        read = read_per_source[src] = len(rows) - before
+        rows[before:] = sample(rows[before:], source)
+        log.info("%s: %d rows%s", src, len(rows) - before,
+                 f" sampled of {read} (max_rows {source.max_rows}, weight {source.weight})" if len(rows) - before < read else "")
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs["read_per_source"] = read_per_source  # before sampling: the summary says what was left out
+    return table
 
 
 def run(params: IngestParams) -> dict:
     df = ingest(params.sources, params.system_prompt)
+    read = df.attrs.pop("read_per_source")
     write_parquet(layout.INGESTED, df)
-    return {"rows": len(df), "per_source": df.groupby("source").size().to_dict(),
+    kept = df.groupby("source").size().to_dict()
+    sampled_out = {src: n - kept.get(src, 0) for src, n in read.items() if n > kept.get(src, 0)}
+    return {"rows": len(df), "per_source": kept, "sampled_out_per_source": sampled_out,
             "per_format": df.groupby("format").size().to_dict(),
             "unparsed": int(df["ingest_error"].notna().sum())}
 

@@ -87,3 +87,65 @@ def test_missing_path_and_empty_file_are_clear_errors(tmp_path):
 def test_system_prompt_added_where_missing(tmp_path):
     df = ingest([jsonl(tmp_path / "a.jsonl", [ALPACA])], system_prompt="Be brief.")
     assert json.loads(df["messages"][0])[0] == {"role": "system", "content": "Be brief."}
+
+
+def test_data_users_hand_over(tmp_path):
+    """ShareGPT rows, OpenAI-style content parts, capitalised roles, and a `task` column as the family."""
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                  {"from": "gpt", "value": "Hello"}], "task": "greeting"}
+    parts = {"messages": [{"role": "User", "content": [{"type": "text", "text": "Capital of "},
+                                                       {"type": "text", "text": "Peru?"}]},
+                          {"role": "ASSISTANT", "content": "Lima"}]}
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                          {"role": "assistant", "content": "A cat"}]}
+    df = ingest([jsonl(tmp_path / "h.jsonl", [sharegpt, parts, image])])
+    assert list(df["format"]) == ["sharegpt", "chat", "chat"]
+    assert json.loads(df["messages"][0]) == [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert df["family"][0] == "greeting"
+    assert json.loads(df["messages"][1]) == [{"role": "user", "content": "Capital of Peru?"},
+                                             {"role": "assistant", "content": "Lima"}]
+    # a non-text part is not silently flattened: validation rejects the row (content is not a string)
+    from loraflow.params import ValidateParams
+    from tasks.validate import reasons_by_row
+    assert 2 in reasons_by_row(df, ValidateParams()) and 1 not in reasons_by_row(df, ValidateParams())
+
+
+def test_gzip_compressed_files(tmp_path):
+    import gzip
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps(ALPACA) + "\n" + json.dumps(CHAT) + "\n")
+    with gzip.open(tmp_path / "b.csv.gz", "wt", encoding="utf-8") as f:
+        f.write("instruction,input,output\nWhat is 2+2?,,4\n")
+    with gzip.open(tmp_path / "c.json.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps([PC]))
+    df = ingest([str(tmp_path / n) for n in ("a.jsonl.gz", "b.csv.gz", "c.json.gz")])
+    assert list(df["format"]) == ["alpaca", "chat", "alpaca", "prompt_completion"] and df["ingest_error"].isna().all()
+
+
+def test_a_datasets_dataset_through_load_dataset(tmp_path, monkeypatch):
+    """A `datasets` name goes through load_dataset: here a local dataset directory of JSONL files (the
+    hub is out of reach; a hub id takes the same call)."""
+    from loraflow.params import Source
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "ds").mkdir()
+    jsonl(tmp_path / "ds" / "train.jsonl", [ALPACA, PC])
+    df = ingest([Source(dataset=str(tmp_path / "ds"), split="train")])
+    assert list(df["format"]) == ["alpaca", "prompt_completion"]
+    assert set(df["source"]) == {f"dataset:{tmp_path / 'ds'}:train"}
+    with pytest.raises(LoraflowError, match="could not be loaded"):
+        ingest([Source(dataset=str(tmp_path / "missing"))])
+
+
+def test_mixing_samples_deterministically_whatever_the_order(tmp_path):
+    from loraflow.params import Source
+    rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}"} for i in range(100)]
+    forward, backward = jsonl(tmp_path / "f.jsonl", rows), jsonl(tmp_path / "b.jsonl", rows[::-1])
+    a = ingest([Source(path=forward, max_rows=40, weight=0.5)])
+    b = ingest([Source(path=backward, max_rows=40, weight=0.5)])
+    assert len(a) == 20 and sorted(a["id"]) == sorted(b["id"])
+    assert a.attrs["read_per_source"] == {forward: 100}
+    assert len(ingest([Source(path=forward, weight=0.25)])) == 25
+    with pytest.raises(ValueError, match="exactly one of path or dataset"):
+        Source(path=forward, dataset="x")

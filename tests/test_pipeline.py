@@ -126,3 +126,23 @@ def test_flow_reports_a_failing_stage(flow_ws, prefect_server):
         assert states["validate"] == "FAILED" and "train" not in states  # later stages never started
     finally:
         (flow_ws / "params.yaml").write_text(original)
+
+
+def test_a_qwen3_base_runs_every_stage_and_tuned_beats_base(tmp_path):
+    """Another family's modeling code end to end: the bundled base built as a tiny Qwen3 (q/k norms,
+    its own attention), through `dvc repro`; the fine-tuned model must beat its base on exact match."""
+    ws = make_workspace(tmp_path / "qwen3_ws")
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    edit_params(ws, base={"bundled": {**params["base"]["bundled"], "architecture": "qwen3"}},
+                evaluate={"max_rows": 120})
+    sh([str(BIN / "dvc"), "repro"], ws)
+    config = json.loads((ws / "models/merged/config.json").read_text())
+    assert config["model_type"] == "qwen3"
+    m = read_json(ws, "reports/metrics.json")
+    print("qwen3 metrics:", json.dumps({k: m[k] for k in ("base", "tuned", "delta")}))
+    assert m["tuned"]["exact_match"] >= m["base"]["exact_match"] + 0.2
+    chat = read_json(ws, "data/interim/chat_format.json")
+    generation_config = read_json(ws, "models/merged/generation_config.json")
+    assert chat["stop_ids"] and set(chat["stop_ids"]) <= set(generation_config["eos_token_id"])
+    assert json.loads((ws / "models/merged/tokenizer_config.json").read_text()).get("chat_template") or \
+        (ws / "models/merged/chat_template.jinja").is_file()
