@@ -134,8 +134,8 @@ def make_chat_format(tokenizer, chat_template: str, template_source: str, render
 def chat_format_for(tokenizer, params, generation_config_ids: list[int] = ()) -> tuple[Render, ChatFormat]:
     """The renderer and the chat format that template params (TemplateParams) give for this tokenizer."""
     chat_template = resolve_chat_template(params.chat_template, tokenizer)
-    render = renderer(tokenizer, chat_template, params.date)
-    return render, make_chat_format(tokenizer, chat_template, params.chat_template, render, params.date,
+    render = renderer(tokenizer, chat_template, params.fixed_date)
+    return render, make_chat_format(tokenizer, chat_template, params.chat_template, render, params.fixed_date,
                                     list(generation_config_ids), params.end_of_turn)
 
 

@@ -134,9 +134,9 @@ class TemplateParams(Section):
     end_of_turn: str | None = None
     """The text that ends an assistant turn; unset: read off the template (what it writes after an
     assistant turn's content). Trained after every assistant turn; generation stops on it."""
-    date: dt.date = dt.date(2026, 1, 1)
-    """The date templates that print today's date (Llama 3.x) render with: fixed, so the same data
-    renders the same text on any day and the cache holds."""
+    date: str = "2026-01-01"
+    """The date (YYYY-MM-DD, quoted) that templates printing today's date (Llama 3.x) render with:
+    fixed, so the same data renders the same text on any day and the cache holds."""
     system_role: Literal["keep", "fold"] = "keep"
     """A system prompt under a template that has no system role (Gemma 2): keep (the row is rejected
     with the template's reason) or fold (prepended to the first user turn)."""
@@ -146,6 +146,18 @@ class TemplateParams(Section):
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
     """The stage fails when more rows than this share cannot be rendered or masked (each rejected row
     goes to data/interim/template_rejects.jsonl with its reason)."""
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _iso_date(cls, v):
+        if isinstance(v, dt.date):  # YAML reads an unquoted 2026-01-01 as a date, which DVC cannot store
+            raise ValueError(f'quote the date ("{v.isoformat()}"): DVC cannot read unquoted YAML dates')
+        dt.date.fromisoformat(str(v))  # ValueError names the bad value
+        return v
+
+    @property
+    def fixed_date(self) -> dt.date:
+        return dt.date.fromisoformat(self.date)
 
 
 class TokenizeParams(Section):

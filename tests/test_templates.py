@@ -198,7 +198,9 @@ def test_llama_3_2_renders_a_fixed_date_so_the_cache_holds(tokenizers):
     first = render_row(tok, family, messages)[2]["text"][0]
     assert "Today Date: 01 Jan 2026" in first
     assert render_row(tok, family, messages)[2]["text"][0] == first
-    assert "Today Date: 02 Mar 2027" in render_row(tok, family, messages, date=dt.date(2027, 3, 2))[2]["text"][0]
+    with pytest.raises(ValueError, match="quote the date"):
+        TemplateParams(date=dt.date(2027, 3, 2))
+    assert "Today Date: 02 Mar 2027" in render_row(tok, family, messages, date="2027-03-02")[2]["text"][0]
 
 
 def test_a_template_that_raises_rejects_the_row_not_the_stage(tokenizers):
