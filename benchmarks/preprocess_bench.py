@@ -63,7 +63,7 @@ def run_ours(path: str) -> dict:
     accepted = df[~df.index.isin(list(reasons))]
     t1 = time.perf_counter()
     render, chat = chat_format_for(tok, TemplateParams())
-    templated, _ = template_rows(accepted, render, chat.end_of_turn, TemplateParams())
+    templated, _ = template_rows(accepted, render, chat, TemplateParams())
     t2 = time.perf_counter()
     tokens, rejects = tokenize_rows(templated, tok, TokenizeParams(max_length=4096))
     t3 = time.perf_counter()

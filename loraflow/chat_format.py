@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loraflow.errors import LoraflowError
-from loraflow.masking import THINK_CLOSE, THINK_OPEN, Render, end_of_turn_text
+from loraflow.masking import THINK_CLOSE, THINK_OPEN, Render, end_of_turn_text, user_turn_end
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"  # named templates, loaded by path
 NAMED_TEMPLATES = ("chatml", "llama3", "gemma", "mistral", "phi3", "qwen2.5")
@@ -41,6 +41,9 @@ class ChatFormat:
     """The fixed date templates that print today's date render with (so the cache does not expire daily)."""
     sources: dict = field(default_factory=dict)
     """Which id came from where, for the audit and the README's table."""
+    user_end: str = ""
+    """What the template writes between a user turn and the answer (masking.user_turn_end): where
+    user turns are located."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -128,7 +131,8 @@ def make_chat_format(tokenizer, chat_template: str, template_source: str, render
     stop = ([eot_ids[0]] if len(eot_ids) == 1 else []) + list(generation_config_ids) + (
         [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     return ChatFormat(chat_template=chat_template, template_source=template_source, end_of_turn=eot,
-                      end_of_turn_ids=eot_ids, stop_ids=sorted(set(stop)), date=date.isoformat(), sources=sources)
+                      end_of_turn_ids=eot_ids, stop_ids=sorted(set(stop)), date=date.isoformat(), sources=sources,
+                      user_end=user_turn_end(render))
 
 
 def chat_format_for(tokenizer, params, generation_config_ids: list[int] = ()) -> tuple[Render, ChatFormat]:

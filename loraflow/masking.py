@@ -26,7 +26,7 @@ IGNORE_INDEX = -100
 Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Probe contents for reading the template's structure: strings no real data row contains.
-PROBE_FIRST, PROBE_SECOND, PROBE_USER = "loraflowprobeA7", "loraflowprobeB7", "loraflowprobeU7"
+PROBE_FIRST, PROBE_SECOND, PROBE_USER0, PROBE_USER = "loraflowprobeA7", "loraflowprobeB7", "loraflowprobeV7", "loraflowprobeU7"
 
 
 class RowError(ValueError):
@@ -43,22 +43,38 @@ class Rendered:
     inserts there, such as Qwen3's empty reasoning block)."""
 
 
+def _probe(render: Render) -> str:
+    probe = [{"role": "user", "content": PROBE_USER0}, {"role": "assistant", "content": PROBE_FIRST},
+             {"role": "user", "content": PROBE_USER}, {"role": "assistant", "content": PROBE_SECOND}]
+    try:
+        return render(probe, False)
+    except Exception as e:  # noqa: BLE001 - a template's own raise_exception is a plain Exception
+        raise LoraflowError(f"the chat template cannot render a plain user/assistant conversation: {e}") from None
+
+
 def end_of_turn_text(render: Render) -> str:
     """What the template writes right after an assistant turn's content: the part shared by the text
     between that turn and the next user turn, and the text after a final assistant turn, less
     trailing whitespace (a newline after `<|im_end|>` is layout, not the turn's end)."""
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE_FIRST},
-             {"role": "user", "content": PROBE_USER}, {"role": "assistant", "content": PROBE_SECOND}]
-    try:
-        text = render(probe, False)
-    except Exception as e:  # noqa: BLE001 - a template's own raise_exception is a plain Exception
-        raise LoraflowError(f"the chat template cannot render a plain user/assistant conversation: {e}") from None
+    text = _probe(render)
     first_end = text.index(PROBE_FIRST) + len(PROBE_FIRST)
     between = text[first_end:text.index(PROBE_USER, first_end)]
     trailer = text[text.rindex(PROBE_SECOND) + len(PROBE_SECOND):]
     # up to the first newline: text after it is the next turn's layout (Phi-3 writes <|end|>\n<|user|>
     # mid-conversation and <|end|>\n<|endoftext|> at the end, which share "<|end|>\n<|")
     return os.path.commonprefix([between, trailer]).split("\n", 1)[0].rstrip()
+
+
+def user_turn_end(render: Render) -> str:
+    """What the template writes between a user turn's content and the assistant's answer (the user's
+    end and the assistant's header), as shared by a mid-conversation and a final exchange. A user
+    turn is located only where this follows it, so a short answer is never found inside a header
+    ("end" inside "<|end|>") or a user turn inside template text."""
+    text = _probe(render)
+    user0_end = text.index(PROBE_USER0) + len(PROBE_USER0)
+    user_end = text.index(PROBE_USER) + len(PROBE_USER)
+    return os.path.commonprefix([text[user0_end:text.index(PROBE_FIRST, user0_end)],
+                                 text[user_end:text.index(PROBE_SECOND, user_end)]])
 
 
 def split_reasoning(content: str) -> tuple[str | None, str]:
@@ -70,18 +86,32 @@ def split_reasoning(content: str) -> tuple[str | None, str]:
     return head.split(THINK_OPEN, 1)[-1], answer
 
 
-def _find_content(text: str, content: str, start: int) -> tuple[int, int] | None:
-    """Where `content` stands in `text` at or after `start`, as written or trimmed (templates trim)."""
-    for needle in (content, content.strip()):
-        if needle:
-            at = text.find(needle, start)
-            if at >= 0:
-                return at, at + len(needle)
-    return None
+def _find_content(text: str, content: str, start: int, followed_by: str = "") -> tuple[int, int] | None:
+    """The first place at or after `start` where `content` stands in `text`, as written or trimmed
+    (templates trim), followed by `followed_by` (after whitespace the content itself ended with)."""
+    best = None
+    for needle in dict.fromkeys((content, content.strip())):
+        if not needle:
+            continue
+        at = text.find(needle, start)
+        while at >= 0 and (best is None or at < best[0]):
+            if text.startswith(followed_by, _skip_trailing(text, at + len(needle), content)):
+                best = (at, at + len(needle))
+                break
+            at = text.find(needle, at + 1)
+    return best
+
+
+def _skip_trailing(text: str, end: int, content: str) -> int:
+    """Past the whitespace at `end` that the content itself ended with (a template that trims drops it)."""
+    k, trailing = end, len(content) - len(content.rstrip())
+    while k < len(text) and k - end < trailing and text[k].isspace():
+        k += 1
+    return k
 
 
 def render_spans(render: Render, messages: list[dict], end_of_turn: str, train_on: str = "all_assistant",
-                 first_trainable: int = 0) -> Rendered:
+                 first_trainable: int = 0, user_end: str = "") -> Rendered:
     """The text of the whole conversation, the trainable (start, end) character spans, and the eval prompt.
 
     Turns before `first_trainable` are context only: prompt/completion rows train their completion
@@ -99,13 +129,18 @@ def render_spans(render: Render, messages: list[dict], end_of_turn: str, train_o
     for i, message in enumerate(messages):
         if message["role"] == "system":
             continue  # templates move it (into the first or the last user turn, or before the BOS)
-        reasoning, answer = split_reasoning(message["content"]) if message["role"] == "assistant" else (None, message["content"])
-        found = _find_content(text, message["content"], pos)
+        assistant = message["role"] == "assistant"
+        reasoning, answer = split_reasoning(message["content"]) if assistant else (None, message["content"])
+        follow = end_of_turn if assistant else user_end if message["role"] == "user" else ""
+        found = _find_content(text, message["content"], pos, follow)
         if found is None and reasoning is not None:  # the template rewrote the reasoning block: the answer follows it
             at = text.find(reasoning.strip(), pos) if reasoning.strip() else -1
-            found = _find_content(text, answer, at + len(reasoning.strip()) if at >= 0 else pos)
+            found = _find_content(text, answer, at + len(reasoning.strip()) if at >= 0 else pos, follow)
         if found is None:
-            if message["role"] == "assistant":
+            if assistant and _find_content(text, answer, pos):
+                raise RowError(f"assistant turn {i} is not followed by the end-of-turn {end_of_turn!r} in the "
+                               f"rendered text, so the model could not learn to stop there")
+            if assistant:
                 raise RowError(f"assistant turn {i} does not appear in the rendered text: the chat template "
                                f"rewrites it, so its tokens cannot be located")
             continue  # a user turn the template rewrote: only assistant turns need a position
@@ -165,9 +200,7 @@ def _reasoning_start(text: str, reasoning: str | None, search_from: int, answer_
 def _end_of_turn_end(text: str, content_end: int, content: str, end_of_turn: str, turn: int) -> int:
     """The end of the turn's end-of-turn text, which follows the content (after any whitespace the
     content itself ended with)."""
-    k, trailing = content_end, len(content) - len(content.rstrip())
-    while k < len(text) and k - content_end < trailing and text[k].isspace():
-        k += 1
+    k = _skip_trailing(text, content_end, content)
     if not end_of_turn:
         return k
     if not text.startswith(end_of_turn, k):

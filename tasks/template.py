@@ -18,7 +18,7 @@ import pandas as pd
 
 from loraflow import layout
 from loraflow.artifacts import write_jsonl, write_parquet, write_text
-from loraflow.chat_format import chat_format_for, fold_system_prompt, generation_config_stop_ids
+from loraflow.chat_format import ChatFormat, chat_format_for, fold_system_prompt, generation_config_stop_ids
 from loraflow.errors import LoraflowError
 from loraflow.masking import RowError, render_spans, split_reasoning
 from loraflow.modeling import load_tokenizer, resolve_base
@@ -39,13 +39,14 @@ def prepare_messages(messages: list[dict], params: TemplateParams) -> list[dict]
     return messages
 
 
-def template_rows(df: pd.DataFrame, render, end_of_turn: str, params: TemplateParams) -> tuple[pd.DataFrame, list[dict]]:
+def template_rows(df: pd.DataFrame, render, chat: ChatFormat, params: TemplateParams) -> tuple[pd.DataFrame, list[dict]]:
     """Rendered rows with their trainable spans, and the rows the template could not take, with reasons."""
     out, rejects = [], []
     for row in df.itertuples(index=False):
         messages = prepare_messages(json.loads(row.messages), params)
         try:
-            done = render_spans(render, messages, end_of_turn, params.train_on, int(getattr(row, "trainable_from", 0)))
+            done = render_spans(render, messages, chat.end_of_turn, params.train_on, int(getattr(row, "trainable_from", 0)),
+                                chat.user_end)
         except RowError as e:
             fix = (" (template.system_role: fold prepends it to the first user turn)"
                    if messages[0]["role"] == "system" and "ystem" in str(e) else "")
@@ -63,7 +64,7 @@ def run(params: TemplateParams) -> dict:
     tokenizer = load_tokenizer(ref)
     render, chat = chat_format_for(tokenizer, params, generation_config_stop_ids(ref.location, ref.revision))
     df = pd.read_parquet(layout.VALIDATED)
-    out, rejects = template_rows(df, render, chat.end_of_turn, params)
+    out, rejects = template_rows(df, render, chat, params)
     write_jsonl(layout.TEMPLATE_REJECTS, rejects)
     if len(df) and len(rejects) / len(df) > params.max_reject_fraction:
         first = rejects[0]

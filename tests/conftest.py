@@ -179,6 +179,6 @@ def templated(df, tokenizer, **template_params):
     from tasks.template import template_rows
     params = TemplateParams(**template_params)
     render, chat = chat_format_for(tokenizer, params)
-    out, rejects = template_rows(df, render, chat.end_of_turn, params)
+    out, rejects = template_rows(df, render, chat, params)
     assert not rejects, rejects
     return out

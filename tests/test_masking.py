@@ -7,7 +7,8 @@ import datetime as dt
 
 from conftest import templated
 from loraflow.chat_format import renderer
-from loraflow.masking import IGNORE_INDEX, RowError, end_of_turn_text, labels_from_spans, render_spans
+from loraflow.masking import (IGNORE_INDEX, RowError, end_of_turn_text, labels_from_spans, render_spans,
+                              user_turn_end)
 from loraflow.params import TokenizeParams
 from tasks.tokenize import tokenize_rows
 
@@ -19,7 +20,7 @@ MULTI = [{"role": "system", "content": "Be brief."},
 
 def tokens_and_labels(tok, messages, train_on="all_assistant"):
     render = renderer(tok, tok.chat_template, dt.date(2026, 1, 1))
-    done = render_spans(render, messages, end_of_turn_text(render), train_on)
+    done = render_spans(render, messages, end_of_turn_text(render), train_on, user_end=user_turn_end(render))
     enc = tok(done.text, add_special_tokens=False, return_offsets_mapping=True)
     return enc["input_ids"], labels_from_spans(enc["input_ids"], enc["offset_mapping"], done.spans)
 
@@ -51,6 +52,16 @@ def test_multi_turn_trains_every_assistant_turn(tiny_tokenizer):
     n_trained_eos = sum(l == tiny_tokenizer.eos_token_id for l in labels)
     assert n_trained_eos == 2  # only the assistant turns' end tokens, not the user/system ones
     assert sum(i == tiny_tokenizer.eos_token_id for i in ids) == 5
+
+
+def test_an_answer_spelled_like_the_templates_own_tokens(tiny_tokenizer):
+    """'end' stands inside the template's <|end|> right after the question: the answer is the 'end'
+    followed by the end-of-turn, and the question the text followed by the user turn's end."""
+    for messages in ([{"role": "user", "content": "What is the opposite of begin?"}, {"role": "assistant", "content": "end"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "end"},
+                      {"role": "assistant", "content": "end"}]):
+        ids, labels = tokens_and_labels(tiny_tokenizer, messages)
+        assert trained_segments(tiny_tokenizer, ids, labels) == ["end<|end|>"]
 
 
 def test_last_assistant_only(tiny_tokenizer):

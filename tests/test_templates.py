@@ -112,7 +112,7 @@ def render_row(tok, family: Family, messages, trainable_from=0, **params):
     render, chat = chat_format_for(tok, params, ids_of(tok, family.generation_config_eos))
     df = pd.DataFrame([{"id": "r", "family": "f", "source": "s", "line": 1, "messages": json.dumps(messages),
                         "trainable_from": trainable_from}])
-    out, rejects = template_rows(df, render, chat.end_of_turn, params)
+    out, rejects = template_rows(df, render, chat, params)
     return render, chat, out, rejects
 
 
@@ -279,3 +279,30 @@ def test_generation_stops_on_the_trained_end_of_turn(tokenizers, family_name):
     result = generate_texts(model, tok, [prompt], stop_ids=chat.stop_ids, end_of_turn=chat.end_of_turn,
                             max_new_tokens=12, batch_size=1)[0]
     assert result == {"text": "Lima", "ended": True, "new_tokens": len(answer) + 1}
+
+
+def test_a_base_checkpoint_trains_with_a_named_template(tiny_tokenizer, monkeypatch):
+    """A base tokenizer has no chat template: the stage says which to name; with `chatml` the answer and
+    the end-of-turn text are trained (several tokens to this tokenizer), and generation ends there."""
+    from loraflow.errors import LoraflowError
+    from loraflow.generation import generate_texts
+    from transformers import PreTrainedTokenizerFast
+    base = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tiny_tokenizer.backend_tokenizer),
+                                   eos_token="<|end|>", pad_token="<|pad|>")
+    assert not base.chat_template
+    with pytest.raises(LoraflowError, match="no chat template.*chatml, llama3, gemma, mistral, phi3, qwen2.5"):
+        chat_format_for(base, TemplateParams())
+    family = Family("", None, "<|end|>", "<|pad|>", (), "<|im_end|>")
+    messages, _ = CONVERSATIONS["single"]
+    render, chat, out, rejects = render_row(base, family, messages, chat_template="chatml")
+    assert not rejects and chat.end_of_turn == "<|im_end|>" and len(chat.end_of_turn_ids) > 1
+    tokens, _ = tokenize_rows(out, base, TokenizeParams(max_length=1024))
+    assert "".join(trained_runs(base, tokens["input_ids"][0], tokens["labels"][0])) == "Lima<|im_end|>"
+    # No stop id catches a text end-of-turn, so the decoded text ends there. Its pieces repeat ids, which
+    # a rigged model cannot chain, so the loop's output is given here: the answer, the end-of-turn, more.
+    import loraflow.generation as generation
+    emitted = base("Lima<|im_end|>\n<|im_start|>user", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(generation, "generate_ids", lambda *a, **k: [{"ids": emitted, "ended": False}])
+    result = generate_texts(None, base, [out["prompt"][0]], stop_ids=chat.stop_ids, end_of_turn=chat.end_of_turn,
+                            max_new_tokens=len(emitted), batch_size=1)[0]
+    assert result["text"] == "Lima" and result["ended"]
