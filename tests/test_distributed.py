@@ -139,7 +139,7 @@ def test_adapter_is_found_in_the_gathered_state_dict_of_an_fsdp_wrapped_model(tm
 def test_plan_command_plans_per_gpu_for_fsdp(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from loraflow import cli
+    from flows import cli
     config_dir = Path(__file__).resolve().parent.parent / "benchmarks/configs/llama-3.1-8b"
     monkeypatch.chdir(tmp_path)
     args = ["plan", "--model", str(config_dir), "--seq", "2048", "--batch", "8", "--method", "lora", "--budget-gib", "139"]
