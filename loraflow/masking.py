@@ -123,11 +123,11 @@ def render_spans(render: Render, messages: list[dict], end_of_turn: str, train_o
     except Exception as e:  # noqa: BLE001 - jinja's TemplateError and the template's raise_exception
         raise RowError(f"the chat template refuses this row: {e}") from None
     trainable = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_trainable]
-    if train_on == "last_assistant":
-        trainable = trainable[-1:]
-    spans, starts, pos = [], {}, 0
+    trainable = set(trainable[-1:] if train_on == "last_assistant" else trainable)
+    spans, starts, unlocated, pos = [], {}, [], 0
     for i, message in enumerate(messages):
         if message["role"] == "system":
+            unlocated.append(message)
             continue  # templates move it (into the first or the last user turn, or before the BOS)
         assistant = message["role"] == "assistant"
         reasoning, answer = split_reasoning(message["content"]) if assistant else (None, message["content"])
@@ -143,6 +143,7 @@ def render_spans(render: Render, messages: list[dict], end_of_turn: str, train_o
             if assistant:
                 raise RowError(f"assistant turn {i} does not appear in the rendered text: the chat template "
                                f"rewrites it, so its tokens cannot be located")
+            unlocated.append(message)
             continue  # a user turn the template rewrote: only assistant turns need a position
         start, end = found
         if message["role"] == "assistant":
@@ -157,18 +158,19 @@ def render_spans(render: Render, messages: list[dict], end_of_turn: str, train_o
         return Rendered(text, spans, _generation_prompt(render, messages))
     prompt = text[:starts[last]]
     generation_prompt = _generation_prompt(render, messages)
-    if _drops_context(text, generation_prompt, messages):
+    if _drops_context(text, generation_prompt, [m for m in unlocated if m is not messages[-1]]):
         return _rendered_from_generation_prompt(generation_prompt, text, spans, starts[last], end_of_turn)
     return Rendered(text, spans, prompt)
 
 
-def _drops_context(text: str, generation_prompt: str, messages: list[dict]) -> bool:
+def _drops_context(text: str, generation_prompt: str, unlocated: list[dict]) -> bool:
     """True when the whole conversation's text lacks a turn that the template's generation prompt has:
     Mistral's templates write the system prompt only into the last user turn of a prompt, so a
     conversation ending with the answer renders without it. Training on that text would teach the
-    model to answer without the system prompt it is always served with."""
+    model to answer without the system prompt it is always served with. Only the turns that were not
+    located are looked for (the system prompt, rewritten user turns), so a long row stays linear."""
     return any(m["content"].strip() and m["content"].strip() not in text and m["content"].strip() in generation_prompt
-               for m in messages[:-1])
+               for m in unlocated)
 
 
 def _rendered_from_generation_prompt(generation_prompt: str, text: str, spans: list[tuple[int, int]],

@@ -69,8 +69,12 @@ def compute_dtype(name: str) -> torch.dtype:
 
 def load_tokenizer(ref: BaseRef):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(ref.location, revision=ref.revision,
-                                        trust_remote_code=ref.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.location, revision=ref.revision,
+                                            trust_remote_code=ref.trust_remote_code)
+    except (OSError, ValueError) as e:  # a missing repo or file, a malformed id (HFValidationError)
+        raise LoraflowError(f"{ref.location}: could not load a tokenizer ({str(e).splitlines()[0]}). For a hub id, "
+                            "check the name, revision and network/HF_HUB_OFFLINE; for a path, that it holds one") from None
     if tok.pad_token is None:
         # Padding positions are masked out of attention and labels, so any id serves.
         tok.pad_token = tok.eos_token

@@ -18,7 +18,10 @@ PARAMS_FILE = Path("params.yaml")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    # strict: a security switch takes a real boolean ("yes" is not true) and a number is not a boolean
+    # (lr: true is not 1.0); no inf or nan, which pass `gt=0` and train an all-NaN adapter.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class BundledBase(Section):
@@ -192,7 +195,7 @@ class TrainParams(Section):
     modules_to_save: list[str] = []
     """Modules trained in full beside the adapter (saved with it), e.g. [lm_head] when the chat
     template's tokens are new to the base model, as with a base (non-instruct) checkpoint."""
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)
     """Peak learning rate (linear decay after warmup)."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     """Share of steps spent warming up."""
@@ -249,6 +252,20 @@ class TrainParams(Section):
                              "derives the micro-batch")
         return data
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_module(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one module to adapt, or all-linear")
+        return v
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _positive_micro_batch(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("micro_batch must be at least 1, or auto")
+        return v
+
     @field_validator("num_gpus")
     @classmethod
     def _at_least_one_gpu(cls, v):
@@ -297,11 +314,18 @@ class EvaluateParams(Section):
     samples_in_report: int = Field(20, ge=0)
     """Rows shown side by side in reports/generation_audit.md."""
 
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("batch_size must be at least 1, or auto")
+        return v
+
 
 class PromoteParams(Section):
     """The promotion gate after evaluation."""
-    metrics: list[Literal["exact_match", "rouge1", "rouge2", "rougeL"]] = ["exact_match", "rougeL"]
-    """Metrics on which the new adapter must win (all of them)."""
+    metrics: list[Literal["exact_match", "rouge1", "rouge2", "rougeL"]] = Field(["exact_match", "rougeL"], min_length=1)
+    """Metrics on which the new adapter must win (all of them); at least one, or the gate passes anything."""
     min_gain_over_base: float = 0.05
     """The tuned model must beat the base model by at least this much on each metric."""
     min_gain_over_promoted: float = 0.0
@@ -362,11 +386,23 @@ def load_section(name: str, path: Path | str = PARAMS_FILE) -> Section:
     """Load and check one section of params.yaml."""
     path = Path(path)
     model = SECTIONS[name]
-    raw = _read(path).get(name) or {}
+    data = _read(path)
+    missing = _missing_section(name, data)
+    if missing:
+        raise ParamsError(f"{path}: invalid parameters:\n  {missing}")
     try:
-        return model.model_validate(raw)
+        return model.model_validate(data.get(name) or {})
     except ValidationError as e:
         raise ParamsError(f"{path}: invalid parameters:\n  " + "\n  ".join(_problems(name, e))) from None
+
+
+def _missing_section(name: str, data: dict) -> str | None:
+    """A section with settings must be in the file: an absent or empty one would silently run on the
+    code's defaults, which are not the values params.yaml documents."""
+    if SECTIONS[name].model_fields and not data.get(name):
+        return (f"{name}: section missing or empty; list its keys (see loraflow/params.py, or a fresh "
+                f"clone's params.yaml)")
+    return None
 
 
 def load_all(path: Path | str = PARAMS_FILE) -> dict[str, Section]:
@@ -380,6 +416,10 @@ def validate_all(data: dict, origin: str) -> dict[str, Section]:
     problems = [f"{k}: unknown section (known: {', '.join(SECTIONS)})" for k in data if k not in SECTIONS]
     loaded = {}
     for name, model in SECTIONS.items():
+        missing = _missing_section(name, data)
+        if missing:
+            problems.append(missing)
+            continue
         try:
             loaded[name] = model.model_validate(data.get(name) or {})
         except ValidationError as e:

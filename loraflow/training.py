@@ -17,6 +17,7 @@ import torch
 
 from loraflow import distributed, fastpath, layout, memplan
 from loraflow.artifacts import atomic_path, sha256_file, sha256_tree
+from loraflow.errors import LoraflowError
 from loraflow.faults import maybe_die
 from loraflow.masking import IGNORE_INDEX
 from loraflow.modeling import device_map, load_model, quantization_config
@@ -76,7 +77,11 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
         fastpath.apply_fused_kernels(model, layers=setup.fused_layers)
     # No prepare_model_for_kbit_training: it upcasts the embedding, the output head and every norm
     # to fp32 (about 2 GiB at 8B), which training a LoRA adapter does not need.
-    model = get_peft_model(model, lora_config(params))
+    try:
+        model = get_peft_model(model, lora_config(params))
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise LoraflowError(f"train.target_modules: {e}. This model's linear layers: {', '.join(linear)}") from None
     if dtype != torch.float32:
         fastpath.keep_adapter_inputs_in_compute_dtype(model)
     if speed.fused and setup.method == "qlora" and not distributed.fsdp_enabled():

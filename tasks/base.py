@@ -16,6 +16,7 @@ from pathlib import Path
 from loraflow import layout
 from loraflow.artifacts import atomic_path, sha256_tree, write_json
 from loraflow.modeling import REFERENCE_FILE, BaseRef, load_tokenizer
+from loraflow.errors import LoraflowError
 from loraflow.params import BaseParams, BundledBase
 from loraflow.stage import main
 
@@ -117,7 +118,15 @@ def build_bundled(shape: BundledBase, corpus_path: Path, out_dir: Path) -> dict:
             "pretrain_loss_last": losses[-1] if losses else None}
 
 
+def looks_like_a_path(source: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (absolute, relative, deeper) names a directory."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or Path(source).is_dir()
+
+
 def write_reference(params: BaseParams, out_dir: Path) -> dict:
+    if looks_like_a_path(params.source) and not Path(params.source).expanduser().is_dir():
+        raise LoraflowError(f"base.source: {params.source} is not a directory here (a local model path). Fix "
+                            "the path, or give a hub id such as meta-llama/Llama-3.1-8B-Instruct")
     ref = BaseRef(params.source, params.revision, params.trust_remote_code)
     load_tokenizer(ref)  # fail here, early and clearly, if the source is unusable
     info = {"source": params.source, "revision": params.revision, "trust_remote_code": params.trust_remote_code}

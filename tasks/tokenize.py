@@ -154,7 +154,16 @@ def run(params: TokenizeParams) -> dict:
     tokenizer = load_tokenizer(resolve_base(layout.BASE_DIR))
     df = pd.read_parquet(layout.TEMPLATED)
     tokens, rejects = tokenize_rows(df, tokenizer, params)
+    if tokens.empty:
+        raise LoraflowError(f"no row is left to train on: all {len(df)} were set aside ({rejects[0]['reasons'][0]} ...); "
+                            f"see {layout.TOKENIZE_REJECTS} reasons, e.g. raise tokenize.max_length (now "
+                            f"{params.max_length})" if rejects else "no rows to tokenize")
     train, evals, leaked = split_with_leakage_check(tokens, params)
+    if train.empty or evals.empty:
+        empty = "train" if train.empty else "eval"
+        raise LoraflowError(f"the {empty} split is empty ({len(train)} train, {len(evals)} eval rows of {len(tokens)}): "
+                            f"{'lower' if train.empty else 'raise'} tokenize.eval_fraction (now {params.eval_fraction}) "
+                            "or add rows")
     write_parquet(layout.TRAIN_TOKENS, train)
     write_parquet(layout.EVAL_TOKENS, evals)
     write_jsonl(layout.TOKENIZE_REJECTS, rejects + leaked)

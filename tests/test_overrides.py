@@ -11,7 +11,11 @@ from loraflow.params import ParamsError, PromoteParams
 from loraflow.workspace import workspace_lock
 from tasks.promote import decide
 
-PARAMS = "# top comment\ntrain:\n  lr: 0.002  # peak lr\n  rank: 16\nevaluate:\n  max_rows: 200\n"
+from conftest import ROOT
+
+# the project's own params (every section must be there), with a comment of our own on train.lr
+PARAMS = "# top comment\n" + (ROOT / "params.yaml").read_text().replace("  lr: 0.001\n", "  lr: 0.002  # peak lr\n", 1)
+assert "# peak lr" in PARAMS
 
 
 @pytest.fixture
@@ -33,7 +37,8 @@ def test_apply_writes_values_and_keeps_comments(params_file):
     text = params_file.read_text()
     assert "# top comment" in text and "# peak lr" in text
     data = yaml.safe_load(text)
-    assert data["train"] == {"lr": 0.001, "rank": 16, "seed": 3} and data["evaluate"]["max_rows"] == 50
+    assert (data["train"]["lr"], data["train"]["rank"], data["train"]["seed"]) == (0.001, 16, 3)
+    assert data["evaluate"]["max_rows"] == 50
 
 
 @pytest.mark.parametrize("overrides, named", [

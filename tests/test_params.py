@@ -1,3 +1,6 @@
+"""params.yaml: every section typed and checked; bad keys and values named, every problem at once."""
+import re
+
 import pytest
 
 from loraflow.params import ParamsError, load_all, load_section
@@ -43,10 +46,36 @@ def test_nested_section_checked(tmp_path):
         load_section("base", p)
 
 
-def test_missing_section_takes_defaults(tmp_path):
-    p = write(tmp_path, "train:\n  rank: 4\n")
-    assert load_section("evaluate", p).max_new_tokens > 0
+def test_a_missing_or_empty_section_is_refused_not_defaulted(tmp_path):
+    """It would run on the code's defaults, which are not the values params.yaml documents."""
+    p = write(tmp_path, "train:\n  rank: 4\nevaluate:\n")
     assert load_section("train", p).rank == 4
+    with pytest.raises(ParamsError, match="evaluate: section missing or empty"):
+        load_section("evaluate", p)
+    with pytest.raises(ParamsError, match="tokenize: section missing or empty"):
+        load_section("tokenize", p)
+    assert load_section("lineage", p) is not None  # a section with no settings needs no keys
+
+
+@pytest.mark.parametrize("section, key, value, named", [
+    ("train", "micro_batch", 0, "micro_batch must be at least 1"),
+    ("train", "micro_batch", -2, "micro_batch must be at least 1"),
+    ("train", "target_modules", [], "name at least one module"),
+    ("train", "lr", float("inf"), "train.lr: Input should be a finite number"),
+    ("train", "lr", True, "train.lr: Input should be a valid number"),
+    ("base", "trust_remote_code", "yes", "base.trust_remote_code: Input should be a valid boolean"),
+    ("evaluate", "batch_size", 0, "batch_size must be at least 1"),
+    ("promote", "metrics", [], "promote.metrics: List should have at least 1 item"),
+])
+def test_values_that_would_crash_or_do_nonsense_are_refused(tmp_path, section, key, value, named):
+    import yaml
+    from conftest import ROOT
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data[section][key] = value
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=re.escape(named)):
+        load_section(section, p)
 
 
 def test_old_batch_keys_name_their_replacement(tmp_path):

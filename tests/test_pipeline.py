@@ -146,3 +146,22 @@ def test_a_qwen3_base_runs_every_stage_and_tuned_beats_base(tmp_path):
     assert chat["stop_ids"] and set(chat["stop_ids"]) <= set(generation_config["eos_token_id"])
     assert json.loads((ws / "models/merged/tokenizer_config.json").read_text()).get("chat_template") or \
         (ws / "models/merged/chat_template.jinja").is_file()
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("tokenize", {"max_length": 8}, "no row is left to train on"),
+    ("tokenize", {"eval_fraction": 0.00001}, "the eval split is empty"),
+    ("tokenize", {"eval_fraction": 0.99999}, "the train split is empty"),
+    ("train", {"target_modules": ["no_such_proj"], "max_steps": 1}, "train.target_modules:"),
+    ("base", {"source": "./no/such/model"}, "base.source: ./no/such/model is not a directory"),
+])
+def test_values_that_pass_the_check_but_cannot_work_fail_clearly(repro_ws, tmp_path, section, values, message):
+    """A clear `error:` line and exit 2, no traceback, and the stage's outputs left as they were."""
+    params = yaml.safe_load((repro_ws / "params.yaml").read_text())
+    params[section].update(values)
+    other = tmp_path / "params.yaml"
+    other.write_text(yaml.safe_dump(params))
+    before = {p: p.stat().st_mtime_ns for p in (repro_ws / "data/processed").glob("*.parquet")}
+    proc = sh([str(BIN / "python"), "-m", f"tasks.{section}", "--params", str(other)], repro_ws, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (repro_ws / "data/processed").glob("*.parquet")} == before
