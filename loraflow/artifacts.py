@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +34,7 @@ def atomic_path(final: Path | str, *, is_dir: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         maybe_die(f"rename:{final}")
+        _readable_like_any_output(tmp)
         if final.is_dir() and not final.is_symlink():
             # os.replace cannot swap a non-empty directory: move the old one aside first.
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -43,6 +45,17 @@ def atomic_path(final: Path | str, *, is_dir: bool = False) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         _remove(tmp)
+
+
+def _readable_like_any_output(path: Path) -> None:
+    """Every output gets the mode a plain file of this process gets (0644 under the usual umask): some
+    writers (temporary files, safetensors) leave weights at 0600, unreadable to a colleague sharing the
+    workspace or a DVC cache."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _remove_leftovers(final: Path) -> None:
@@ -70,9 +83,35 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def strict_json(obj: Any, **kwargs) -> str:
+    """JSON that strict readers take: NaN and infinities (pandas' missing values) become null."""
+    try:
+        return json.dumps(obj, allow_nan=False, default=str, **kwargs)
+    except ValueError:
+        return json.dumps(_finite(obj), allow_nan=False, default=str, **kwargs)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+SPREADSHEET_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (=, +, -, @ first), quoted with a leading '."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(SPREADSHEET_FORMULA_STARTS) else value
+
+
 def write_json(path: Path | str, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(redact(json.dumps(obj, indent=2, sort_keys=False, default=str)) + "\n", encoding="utf-8")
+        tmp.write_text(redact(strict_json(obj, indent=2, sort_keys=False)) + "\n", encoding="utf-8")
 
 
 def write_text(path: Path | str, text: str) -> None:
@@ -83,7 +122,7 @@ def write_text(path: Path | str, text: str) -> None:
 def write_jsonl(path: Path | str, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(redact(json.dumps(row, ensure_ascii=False, default=str)) + "\n")
+            f.write(redact(strict_json(row, ensure_ascii=False)) + "\n")
 
 
 def read_jsonl(path: Path | str) -> list[dict]:

@@ -44,6 +44,8 @@ class ChatFormat:
     user_end: str = ""
     """What the template writes between a user turn and the answer (masking.user_turn_end): where
     user turns are located."""
+    control_tokens: list[str] = field(default_factory=list)
+    """The tokenizer's special and added tokens: text that must not come from a data row."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -132,7 +134,24 @@ def make_chat_format(tokenizer, chat_template: str, template_source: str, render
         [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     return ChatFormat(chat_template=chat_template, template_source=template_source, end_of_turn=eot,
                       end_of_turn_ids=eot_ids, stop_ids=sorted(set(stop)), date=date.isoformat(), sources=sources,
-                      user_end=user_turn_end(render))
+                      user_end=user_turn_end(render), control_tokens=control_tokens(tokenizer))
+
+
+def control_tokens(tokenizer) -> list[str]:
+    """Strings the tokenizer reads as single control tokens wherever they stand in a text."""
+    added = getattr(tokenizer, "added_tokens_encoder", {}) or {}
+    return sorted({t for t in [*tokenizer.all_special_tokens, *added] if t and not t.isspace()}, key=lambda t: (-len(t), t))
+
+
+WORD_JOINER = "\u2060"
+
+
+def escape_control_tokens(text: str, tokens: list[str]) -> str:
+    """Each control token in `text` broken by a word joiner after its first character: it stays text."""
+    for token in tokens:
+        if token in text:
+            text = text.replace(token, token[0] + WORD_JOINER + token[1:])
+    return text
 
 
 def chat_format_for(tokenizer, params, generation_config_ids: list[int] = ()) -> tuple[Render, ChatFormat]:

@@ -149,6 +149,10 @@ class TemplateParams(Section):
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
     """The stage fails when more rows than this share cannot be rendered or masked (each rejected row
     goes to data/interim/template_rejects.jsonl with its reason)."""
+    control_tokens: Literal["reject", "escape"] = "reject"
+    """Row content holding the tokenizer's control tokens (<|im_start|>, <|eot_id|>, ...) would be
+    tokenized as the template's own tokens and could inject turns: reject the row (with the reason),
+    or escape them (a word joiner, U+2060, after their first character, so they stay text)."""
 
     @field_validator("date", mode="before")
     @classmethod

@@ -18,9 +18,10 @@ import pandas as pd
 
 from loraflow import layout
 from loraflow.artifacts import write_jsonl, write_parquet, write_text
-from loraflow.chat_format import ChatFormat, chat_format_for, fold_system_prompt, generation_config_stop_ids
+from loraflow.chat_format import (ChatFormat, chat_format_for, escape_control_tokens, fold_system_prompt,
+                                  generation_config_stop_ids)
 from loraflow.errors import LoraflowError
-from loraflow.masking import RowError, render_spans, split_reasoning
+from loraflow.masking import THINK_CLOSE, THINK_OPEN, RowError, render_spans, split_reasoning
 from loraflow.modeling import load_tokenizer, resolve_base
 from loraflow.params import TemplateParams
 from loraflow.stage import main
@@ -28,9 +29,21 @@ from loraflow.stage import main
 log = logging.getLogger("loraflow.template")
 
 
-def prepare_messages(messages: list[dict], params: TemplateParams) -> list[dict]:
-    """The row's turns as the template gets them: reasoning dropped, or the system prompt folded,
-    when params say so."""
+def prepare_messages(messages: list[dict], params: TemplateParams, control: list[str] = ()) -> list[dict]:
+    """The row's turns as the template gets them: control tokens refused or escaped, reasoning dropped,
+    or the system prompt folded, when params say so."""
+    for i, m in enumerate(messages):
+        # an answer's own <think>...</think> block is the reasoning format, not an injection
+        allowed = (THINK_OPEN, THINK_CLOSE) if m["role"] == "assistant" else ()
+        found = next((t for t in control if t in m["content"] and t not in allowed), None)
+        if found and params.control_tokens == "reject":
+            raise RowError(f"turn {i} ({m['role']}) contains the control token {found!r}: it would be read as the "
+                           "template's own token and could inject a turn; remove it, or set "
+                           "template.control_tokens: escape")
+    if control and params.control_tokens == "escape":
+        messages = [{**m, "content": escape_control_tokens(
+            m["content"], [t for t in control if m["role"] != "assistant" or t not in (THINK_OPEN, THINK_CLOSE)])}
+            for m in messages]
     if params.reasoning == "drop":
         messages = [{**m, "content": split_reasoning(m["content"])[1].strip()} if m["role"] == "assistant" else m
                     for m in messages]
@@ -43,8 +56,9 @@ def template_rows(df: pd.DataFrame, render, chat: ChatFormat, params: TemplatePa
     """Rendered rows with their trainable spans, and the rows the template could not take, with reasons."""
     out, rejects = [], []
     for row in df.itertuples(index=False):
-        messages = prepare_messages(json.loads(row.messages), params)
+        messages = json.loads(row.messages)
         try:
+            messages = prepare_messages(messages, params, chat.control_tokens)
             done = render_spans(render, messages, chat.end_of_turn, params.train_on, int(getattr(row, "trainable_from", 0)),
                                 chat.user_end)
         except RowError as e:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from loraflow import layout
-from loraflow.artifacts import atomic_path, write_json, write_jsonl, write_parquet, write_text
+from loraflow.artifacts import atomic_path, spreadsheet_safe, write_json, write_jsonl, write_parquet, write_text
 from loraflow.chat_format import ChatFormat
 from loraflow.errors import LoraflowError
 from loraflow.masking import IGNORE_INDEX, label_array
@@ -181,7 +181,7 @@ def run(params: TokenizeParams) -> dict:
 
 def write_mask_audit_rows(tokens: pd.DataFrame) -> None:
     """Per-row counts (a CSV DVC can plot) and histograms of lengths and trained fractions (PNG)."""
-    rows = pd.DataFrame({"id": tokens["id"], "length": tokens["length"], "trained_tokens": tokens["trained_tokens"],
+    rows = pd.DataFrame({"id": tokens["id"].map(spreadsheet_safe), "length": tokens["length"], "trained_tokens": tokens["trained_tokens"],
                          "trained_fraction": (tokens["trained_tokens"] / tokens["length"]).round(4)})
     with atomic_path(layout.MASK_AUDIT_ROWS) as tmp:
         rows.to_csv(tmp, index=False)
