@@ -165,9 +165,24 @@ def _records_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield lineno, None, "contains NUL bytes (binary data?): remove them from the line"
                 continue
             try:
-                yield lineno, json.loads(text), None
+                record = json.loads(text)
             except json.JSONDecodeError as e:
                 yield lineno, None, f"malformed JSON at column {e.colno}: {e.msg}"
+                continue
+            except RecursionError:
+                yield lineno, None, "JSON nested too deeply to be a conversation"
+                continue
+            surrogate = _lone_surrogate(record)
+            yield (lineno, None, surrogate) if surrogate else (lineno, record, None)
+
+
+def _lone_surrogate(record: Any) -> str | None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which is no character: no UTF-8 writer takes it."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds an invalid character (a lone UTF-16 surrogate, {e.object[e.start:e.end]!a}): fix the escape"
+    return None
 
 
 FORMS = ({"messages"}, {"conversations"}, {"instruction", "output"}, {"prompt", "completion"})
@@ -214,7 +229,29 @@ def read_dataset(source: Source) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line or row number, record, read error) for every record of one file or directory."""
+    """(line or row number, record, read error) for every record of one file or directory. A file
+    that cannot be read as a whole (a truncated JSON array, a CSV row of the wrong width, a file that
+    is not UTF-8, a corrupt Parquet file) is one clear error naming the file and the fix."""
+    try:
+        yield from _read_source(path)
+    except LoraflowError:
+        raise
+    except UnicodeDecodeError as e:
+        raise LoraflowError(f"{path}: not UTF-8 (byte {e.start}): re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise LoraflowError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); a truncated "
+                            "file? Fix it, or write one object per line (JSONL) so one bad line is one reject") from None
+    except RecursionError:
+        raise LoraflowError(f"{path}: JSON nested too deeply to be conversations") from None
+    except pd.errors.ParserError as e:
+        raise LoraflowError(f"{path}: not a well-formed CSV file ({str(e).strip()}); every row needs the header's "
+                            "number of fields (quote fields that hold commas)") from None
+    except (OSError, ValueError, EOFError) as e:  # ArrowInvalid is a ValueError; a cut .gz an EOFError
+        raise LoraflowError(f"{path}: could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "is the file complete and of the type its name says?") from None
+
+
+def _read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             import datasets

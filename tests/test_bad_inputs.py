@@ -154,3 +154,35 @@ def test_input_problem_shows_no_traceback(in_tmp):
     assert proc.returncode == 2
     assert "loraflow ingest: error: ingest.sources: missing.jsonl does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+HOSTILE_ROWS = [
+    ("a lone surrogate", b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}\n',
+     "lone UTF-16 surrogate"),
+    ("JSON nested 100,000 deep", b"[" * 100_000 + b"\n", "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize("case, line, reason", HOSTILE_ROWS, ids=[c[0] for c in HOSTILE_ROWS])
+def test_hostile_row_is_one_reject(in_tmp, case, line, reason):
+    src = write_lines("raw.jsonl", [good(1), line, good(2)])
+    report, rejects = validate_files(src)
+    assert reason in rejects[(src, 2)], rejects
+    assert report["accepted"] == 2 and report["rejected"] == 1
+
+
+HOSTILE_FILES = [
+    ("a truncated JSON array", "rows.json", b'[{"instruction": "a", "output": "b"}, {"instruc', "not valid JSON at line 1"),
+    ("a CSV row of the wrong width", "rows.csv", b"instruction,input,output\na,,b\nc,d,e,f,g\n", "not a well-formed CSV"),
+    ("a Latin-1 CSV", "rows.csv", "instruction,input,output\ncaf\u00e9,,b\n".encode("latin-1"), "not UTF-8"),
+    ("a corrupt Parquet file", "rows.parquet", b"PAR1" + b"\x00garbage" * 20, "could not be read"),
+    ("a corrupt gzip file", "rows.jsonl.gz", b"\x1f\x8b\x08garbage", "could not be read"),
+]
+
+
+@pytest.mark.parametrize("case, name, data, reason", HOSTILE_FILES, ids=[c[0] for c in HOSTILE_FILES])
+def test_hostile_file_is_one_clear_error_naming_it(in_tmp, case, name, data, reason):
+    (in_tmp / name).write_bytes(data)
+    with pytest.raises(LoraflowError, match=reason) as e:
+        ingest([name])
+    assert name in str(e.value)
