@@ -340,7 +340,26 @@ def ingest(sources: list[str | Source], system_prompt: str | None = None) -> pd.
     return table
 
 
+def check_sources_are_dependencies(sources: list[str | Source], dvc_yaml: Path = Path("dvc.yaml")) -> None:
+    """Every file source must lie under one of the ingest stage's deps in dvc.yaml, or DVC would not
+    see it change and the results would go stale silently."""
+    if not dvc_yaml.exists():
+        return  # run outside a DVC project (tests, a notebook): nothing to keep in step
+    import yaml
+    deps = [Path(d).resolve() for d in yaml.safe_load(dvc_yaml.read_text())["stages"]["ingest"].get("deps", [])]
+    for given in sources:
+        path = given.path if isinstance(given, Source) else given
+        if path is None:
+            continue  # a datasets name: pin its revision to make it reproducible
+        where = Path(path).resolve()
+        if not any(where == d or d in where.parents for d in deps):
+            raise LoraflowError(f"ingest.sources: {path} is not under the ingest stage's dependencies in dvc.yaml "
+                                "(data/raw), so DVC would not rerun when it changes. Move it into data/raw, or add "
+                                "it to the ingest stage's deps in dvc.yaml")
+
+
 def run(params: IngestParams) -> dict:
+    check_sources_are_dependencies(params.sources)
     df = ingest(params.sources, params.system_prompt)
     read = df.attrs.pop("read_per_source")
     write_parquet(layout.INGESTED, df)

@@ -186,3 +186,13 @@ def test_hostile_file_is_one_clear_error_naming_it(in_tmp, case, name, data, rea
     with pytest.raises(LoraflowError, match=reason) as e:
         ingest([name])
     assert name in str(e.value)
+
+
+def test_a_source_dvc_does_not_track_is_refused(in_tmp):
+    """A source outside the ingest stage's deps would not rerun the pipeline when it changes."""
+    from tasks.ingest import check_sources_are_dependencies
+    (in_tmp / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: x\n    deps: [tasks/ingest.py, data/raw]\n")
+    (in_tmp / "data/raw").mkdir(parents=True)
+    check_sources_are_dependencies(["data/raw/a.jsonl", "data/raw/sub/b.csv"])
+    with pytest.raises(LoraflowError, match="elsewhere.jsonl is not under the ingest stage's dependencies"):
+        check_sources_are_dependencies(["data/raw/a.jsonl", str(in_tmp / "elsewhere.jsonl")])
