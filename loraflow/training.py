@@ -104,21 +104,52 @@ def fingerprint(params: TrainParams, ref) -> str:
     return h.hexdigest()
 
 
-def resumable(ckpt_dir: Path, fp: str) -> bool:
-    """True when ckpt_dir holds a checkpoint of this very run."""
+def complete_checkpoint(path: Path) -> bool:
+    """A checkpoint the Trainer finished writing: its trainer_state.json (written last) parses, and the
+    adapter weights and the optimizer state are there. A kill or a full disk mid-save leaves one that
+    is not, which resuming must skip, not fail on."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = any(path.glob("adapter_model.safetensors")) or any(path.glob("pytorch_model_fsdp*"))
+    optimizer = (path / "optimizer.pt").is_file() or any(path.glob("optimizer_*"))
+    return weights and optimizer
+
+
+def checkpoint_step(path: Path) -> int:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def resumable(ckpt_dir: Path, fp: str) -> Path | None:
+    """The newest complete checkpoint of this very run in ckpt_dir, if any."""
     marker = ckpt_dir / FINGERPRINT_FILE
-    same = marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp
-    return same and any(ckpt_dir.glob("checkpoint-*"))
+    try:
+        same = json.loads(marker.read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        return None
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and complete_checkpoint(p)]
+    return max(done, key=checkpoint_step) if done else None
 
 
-def prepare_checkpoints(ckpt_dir: Path, fp: str) -> bool:
-    """True when ckpt_dir holds a checkpoint of this very run to resume from; else starts it clean.
-    Only the main process writes; the others wait for it and then read the same answer."""
-    if distributed.is_main_process() and not resumable(ckpt_dir, fp):
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        ckpt_dir.mkdir(parents=True)
-        (ckpt_dir / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
+def prepare_checkpoints(ckpt_dir: Path, fp: str) -> Path | None:
+    """The checkpoint of this very run to resume from (the newest complete one), or None, having
+    started ckpt_dir clean. Incomplete checkpoints are deleted, so the Trainer's own rotation never
+    counts them. Only the main process writes; the others wait for it and read the same answer."""
+    if distributed.is_main_process():
+        resume = resumable(ckpt_dir, fp)
+        if resume is None:
+            if ckpt_dir.exists():
+                shutil.rmtree(ckpt_dir)
+            ckpt_dir.mkdir(parents=True)
+            (ckpt_dir / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp}))
+        for partial in ckpt_dir.glob("checkpoint-*"):
+            if partial.is_dir() and not complete_checkpoint(partial):
+                log.warning("ignoring an incomplete checkpoint (a kill or a full disk mid-save): %s", partial)
+                shutil.rmtree(partial)
     distributed.barrier()
     return resumable(ckpt_dir, fp)
 
@@ -175,9 +206,9 @@ def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, t
     return trainer
 
 
-def train_or_name_next_rung(trainer, plan: memplan.Plan, resume: bool):
+def train_or_name_next_rung(trainer, plan: memplan.Plan, resume: Path | None):
     try:
-        return trainer.train(resume_from_checkpoint=True if resume else None)
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError as e:
         raise out_of_memory(plan, e) from None
 

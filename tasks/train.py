@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -72,7 +73,7 @@ class RunSetup:
     model: object
     adapter_keys: dict
     fingerprint: str
-    resume: bool
+    resume: Path | None
 
 
 @dataclass
@@ -120,7 +121,7 @@ def setup(params: TrainParams) -> RunSetup:
     fingerprint = training.fingerprint(params, ref)
     resume = training.prepare_checkpoints(layout.CHECKPOINTS_DIR, fingerprint)
     if resume:
-        log.info("resuming from the last checkpoint in %s", layout.CHECKPOINTS_DIR)
+        log.info("resuming from %s, the newest complete checkpoint", resume)
     return RunSetup(ref, load_tokenizer(ref), train_rows, eval_rows, dtype, speed, plan, model, adapter_keys,
                  fingerprint, resume)
 
@@ -165,7 +166,7 @@ def save(params: TrainParams, run: RunSetup, outcome: Outcome) -> dict:
             "measured_peak_gib": max(peaks) if peaks[0] is not None else None,
             "measured_peak_gib_per_process": peaks,
             "trainable_parameters": trainable, "total_parameters": total,
-            "steps": outcome.trainer.state.global_step, "resumed": run.resume,
+            "steps": outcome.trainer.state.global_step, "resumed": run.resume is not None,
             "train_loss_first": points[0]["loss"] if points else None,
             "train_loss_last": points[-1]["loss"] if points else None,
             "train_loss_mean": round(outcome.result.training_loss, 4),

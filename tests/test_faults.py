@@ -57,9 +57,16 @@ def test_killed_training_resumes_from_its_checkpoint_and_matches_an_uninterrupte
     killed = sh([DVC, "repro", "--force", "--single-item", "train"], tiny_ws, check=False, LORAFLOW_FAULT="save:10")
     assert killed.returncode != 0
     assert (tiny_ws / "models/checkpoints/checkpoint-10").is_dir() and not (tiny_ws / "models/adapter").exists()
+    # a later save cut short (a kill or a full disk mid-write): no trainer_state.json, a truncated optimizer
+    partial = tiny_ws / "models/checkpoints/checkpoint-15"
+    shutil.copytree(tiny_ws / "models/checkpoints/checkpoint-10", partial)
+    (partial / "trainer_state.json").unlink()
+    (partial / "optimizer.pt").write_bytes((partial / "optimizer.pt").read_bytes()[:100])
     # --force: this very run finished once before (the fixture), so plain repro would restore it from the cache
     resumed_run = sh([DVC, "repro", "--single-item", "--force", "train"], tiny_ws)
-    assert "resuming from the last checkpoint" in resumed_run.stderr + resumed_run.stdout
+    log = resumed_run.stderr + resumed_run.stdout
+    assert "ignoring an incomplete checkpoint" in log and "checkpoint-15" in log
+    assert "checkpoint-10, the newest complete checkpoint" in log
     summary = read_json(tiny_ws, "reports/stages/train.json")
     assert summary["resumed"] and summary["steps"] == 20
     resumed = adapter_tensors(tiny_ws)
@@ -99,3 +106,26 @@ def test_a_planted_token_never_reaches_logs_or_reports(tiny_ws):
         text = path.read_text()
         assert FAKE_TOKEN not in text and "planted-secret-value-42" not in text, path
     assert "[REDACTED]" in (tiny_ws / "data/interim/rejects.jsonl").read_text()
+
+
+def test_only_complete_checkpoints_are_resumed(tmp_path):
+    """The newest checkpoint whose save finished; half-written ones are deleted, not resumed or fatal."""
+    from loraflow.training import FINGERPRINT_FILE, prepare_checkpoints
+
+    def checkpoint(step, state='{"global_step": 1}', optimizer=True):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"w")
+        if optimizer:
+            (d / "optimizer.pt").write_bytes(b"o")
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+    (tmp_path / FINGERPRINT_FILE).write_text('{"fingerprint": "fp"}')
+    checkpoint(10)
+    checkpoint(20)
+    checkpoint(30, state=None)                # killed before trainer_state.json
+    checkpoint(40, state='{"global_st')       # disk full while writing it
+    checkpoint(50, optimizer=False)
+    assert prepare_checkpoints(tmp_path, "fp") == tmp_path / "checkpoint-20"
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
+    assert prepare_checkpoints(tmp_path, "another run") is None and not any(tmp_path.glob("checkpoint-*"))
