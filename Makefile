@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
+	$(PY) -m loraflow.lockfile
 	dvc repro
 	dvc metrics show --precision 3
 

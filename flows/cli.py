@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except LoraflowError as e:
         print(f"loraflow {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return subprocess.call([str(Path(sys.executable).parent / "dvc"), "repro"])
+    from loraflow.lockfile import main as check_lock
+    return check_lock() or subprocess.call([str(Path(sys.executable).parent / "dvc"), "repro"])
 
 
 def plan(args) -> int:

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 
-from loraflow import layout, overrides as overrides_mod
+from loraflow import layout, lockfile, overrides as overrides_mod
 from loraflow.layout import STAGES
 from loraflow.artifacts import sha256_tree, write_json
 from loraflow.params import load_section, validate_all
@@ -36,6 +37,7 @@ from loraflow.workspace import workspace_lock
 GPU_STAGES = {"base", "train", "merge", "evaluate"}
 GPU_LIMIT = "loraflow-gpu"
 INPUT_ERROR_EXIT = 2  # tasks' exit code for problems in the user's data or params: never retried
+RETRY_DELAY_S = float(os.environ.get("LORAFLOW_RETRY_DELAY_S", "30"))  # between tries of a killed stage
 
 
 class StageFailed(RuntimeError):
@@ -60,19 +62,45 @@ def stale_stages(workdir: Path, stage: str | None = None) -> set[str]:
     return {name.split(":")[-1] for name in json.loads(proc.stdout or "{}")}
 
 
+# DVC reports a stage's own exit as "failed to run: <cmd>, exited with <code>" and exits 255 itself;
+# a negative code (or 128+n from a shell) is a signal: the OOM killer, a dying machine.
+STAGE_EXIT = re.compile(r"exited with (-?\d+)")
+LOCK_BUSY = ("is busy", "Unable to acquire lock")
+
+
+def is_transient(failure: StageFailed) -> bool:
+    """A stage killed by a signal, or DVC's lock held by another process: worth a retry. A stage that
+    rejected its input (exit 2) fails the same way every time, so it is not retried."""
+    if failure.returncode < 0 or any(marker in str(failure) for marker in LOCK_BUSY):
+        return True
+    codes = [int(c) for c in STAGE_EXIT.findall(str(failure))]
+    return bool(codes) and (codes[-1] < 0 or codes[-1] > 128)
+
+
+def stale_with_retries(root: Path, attempts: int = 3) -> set[str]:
+    """The flow's first `dvc status`, retried like a stage when DVC's lock is busy."""
+    for attempt in range(attempts):
+        try:
+            return stale_stages(root)
+        except StageFailed as e:
+            if attempt == attempts - 1 or not is_transient(e):
+                raise
+            time.sleep(RETRY_DELAY_S)
+    raise AssertionError("unreachable")
+
+
 def transient(task, task_run, state) -> bool:
-    """Retry a stage only when it was killed (a signal, such as the OOM killer) or DVC's lock was
-    busy; a stage that rejected its input fails the same way every time."""
+    """Prefect's retry condition for a stage task (see is_transient)."""
     try:
         state.result()
     except StageFailed as e:
-        return e.returncode < 0 or "Unable to acquire lock" in str(e)
+        return is_transient(e)
     except Exception:
         return False
     return False
 
 
-@task(task_run_name="{stage}", retries=2, retry_delay_seconds=30, retry_condition_fn=transient)
+@task(task_run_name="{stage}", retries=2, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=transient)
 def run_stage(stage: str, workdir: str, maybe_stale: bool = True) -> dict:
     """Run one dvc.yaml stage if DVC says it is out of date."""
     logger = get_run_logger()
@@ -85,7 +113,8 @@ def run_stage(stage: str, workdir: str, maybe_stale: bool = True) -> dict:
     for line in (proc.stderr + proc.stdout).splitlines():
         logger.info("%s", line)
     if proc.returncode != 0:
-        raise StageFailed(f"stage {stage} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", proc.returncode)
+        raise StageFailed(f"stage {stage} failed (exit {proc.returncode}):\n{(proc.stderr + proc.stdout)[-4000:]}",
+                          proc.returncode)
     summary = json.loads((root / layout.stage_summary(stage)).read_text())
     return {**summary, "executed": True}
 
@@ -95,8 +124,8 @@ def fingerprints(workdir: Path, overrides: dict[str, Any]) -> tuple[str, str]:
     merged = overrides_mod.check(workdir / "params.yaml", overrides)
     sections = validate_all(merged, "params")
     params_hash = sha256_text(json.dumps({k: v.model_dump() for k, v in sections.items()}, sort_keys=True))
-    data_hash = sha256_text("".join(sha256_tree(workdir / s) for s in sections["ingest"].sources
-                                    if (workdir / s).exists()))
+    paths = [s if isinstance(s, str) else s.path for s in sections["ingest"].sources]
+    data_hash = sha256_text("".join(sha256_tree(workdir / p) for p in paths if p and (workdir / p).exists()))
     return data_hash[:8], params_hash[:8]
 
 
@@ -148,7 +177,10 @@ def finetune(workdir: str = ".", overrides: dict[str, Any] | None = None, wait_f
         if overrides:
             logger.info("overrides written to params.yaml: %s", overrides)
         t0 = time.perf_counter()
-        stale = stale_stages(root)
+        restored = lockfile.check_or_restore(root)
+        if restored:
+            logger.warning("%s", restored)
+        stale = stale_with_retries(root)
         if not stale:
             logger.info("nothing changed since the last run (data, params and code as recorded in dvc.lock): "
                         "no stage will be re-executed")
