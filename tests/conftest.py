@@ -123,9 +123,9 @@ def stage_mtimes(ws: Path) -> dict:
     return {s: (ws / f"reports/stages/{s}.json").stat().st_mtime_ns for s in STAGES}
 
 
-def run_flow(ws: Path, server: dict, *args: str) -> dict[str, str]:
+def run_flow(ws: Path, server: dict, *args: str, **env: str) -> dict[str, str]:
     """`loraflow run` against the server; returns each stage's line ('ran in ...' or 'up to date')."""
-    out = sh([str(BIN / "loraflow"), "run", "--workdir", str(ws), *args], ws, **prefect_env(server)).stdout
+    out = sh([str(BIN / "loraflow"), "run", "--workdir", str(ws), *args], ws, **prefect_env(server), **env).stdout
     lines = dict(l.strip().split(": ", 1) for l in out.splitlines() if l.strip().split(": ", 1)[0] in STAGES)
     assert set(lines) == set(STAGES), out
     return lines

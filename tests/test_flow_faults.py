@@ -1,0 +1,45 @@
+"""The flow's retries, for real: a stage SIGKILLed in a flow run against a Prefect server is retried
+and the run completes; a stage that rejects its input fails once, not three times."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import BIN, last_flow_run_tasks, make_tiny, make_workspace, prefect_env, run_flow, sh
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fault_ws(tmp_path_factory, prefect_server):
+    ws = make_workspace(tmp_path_factory.mktemp("fault_ws"))
+    make_tiny(ws)
+    run_flow(ws, prefect_server)
+    return ws
+
+
+def task_run(server: dict, stage: str) -> dict:
+    _, tasks = last_flow_run_tasks(server)
+    return next(t for t in tasks if t["name"] == stage)
+
+
+def test_a_killed_stage_is_retried_and_the_run_completes(fault_ws, prefect_server, tmp_path):
+    (fault_ws / "reports/lineage.json").unlink()  # lineage is out of date: the run executes it
+    once = tmp_path / "died-once"
+    lines = run_flow(fault_ws, prefect_server, **{"LORAFLOW_FAULT": "rename:reports/lineage.json",
+                                                  "LORAFLOW_FAULT_ONCE": str(once), "LORAFLOW_RETRY_DELAY_S": "1"})
+    assert once.exists()  # the first try was SIGKILLed as it was about to publish its output
+    assert lines["lineage"].startswith("ran in") and (fault_ws / "reports/lineage.json").is_file()
+    assert task_run(prefect_server, "lineage")["run_count"] == 2
+
+
+def test_an_input_error_fails_once_without_retries(fault_ws, prefect_server):
+    params = fault_ws / "params.yaml"
+    kept = params.read_text()
+    try:
+        proc = sh([str(BIN / "loraflow"), "run", "--workdir", str(fault_ws), "-S", "validate.max_reject_fraction=0.0"],
+                  fault_ws, check=False, LORAFLOW_RETRY_DELAY_S="1", **prefect_env(prefect_server))
+    finally:
+        params.write_text(kept)
+    assert proc.returncode != 0
+    validate = task_run(prefect_server, "validate")
+    assert validate["state_type"] == "FAILED" and validate["run_count"] == 1
