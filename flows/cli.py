@@ -46,9 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     from loraflow.errors import LoraflowError
     try:
         if args.command == "run":
+            from loraflow.overrides import check, parse_cli
+            overrides = parse_cli(args.set)
+            # every override checked before Prefect starts: a bad key, or a secret that would be stored
+            # in its database with the run's parameters, never reaches it
+            check(Path(args.workdir) / "params.yaml", overrides)
             from flows.finetune import finetune
-            from loraflow.overrides import parse_cli
-            results = finetune(workdir=args.workdir, overrides=parse_cli(args.set), wait_for_workspace_s=args.wait)
+            results = finetune(workdir=args.workdir, overrides=overrides, wait_for_workspace_s=args.wait)
             for r in results:
                 print(f"{r['stage']}: {'ran in %.1fs' % r['seconds'] if r['executed'] else 'up to date'}")
             return 0

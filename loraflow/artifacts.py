@@ -114,9 +114,10 @@ def write_json(path: Path | str, obj: Any) -> None:
         tmp.write_text(redact(strict_json(obj, indent=2, sort_keys=False)) + "\n", encoding="utf-8")
 
 
-def write_text(path: Path | str, text: str) -> None:
+def write_text(path: Path | str, text: str, redact_secrets: bool = True) -> None:
+    """redact_secrets=False only for a file the user owns (params.yaml): we never change their values."""
     with atomic_path(path) as tmp:
-        tmp.write_text(redact(text), encoding="utf-8")
+        tmp.write_text(redact(text) if redact_secrets else text, encoding="utf-8")
 
 
 def write_jsonl(path: Path | str, rows: list[dict]) -> None:

@@ -78,4 +78,4 @@ def apply(params_path: Path | str, overrides: dict[str, Any]) -> None:
         _set(doc, key, value, [])
     buf = io.StringIO()
     ry.dump(doc, buf)
-    write_text(params_path, buf.getvalue())
+    write_text(params_path, buf.getvalue(), redact_secrets=False)

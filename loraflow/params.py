@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraflow.errors import LoraflowError
+from loraflow.secrets import TOKEN_SHAPES
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -394,6 +395,9 @@ def load_section(name: str, path: Path | str = PARAMS_FILE) -> Section:
     missing = _missing_section(name, data)
     if missing:
         raise ParamsError(f"{path}: invalid parameters:\n  {missing}")
+    secrets = secret_values({name: data.get(name)})
+    if secrets:
+        raise ParamsError(f"{path}: invalid parameters:\n  " + "\n  ".join(f"{k}: {SECRET_IN_PARAMS}" for k in secrets))
     try:
         return model.model_validate(data.get(name) or {})
     except ValidationError as e:
@@ -415,9 +419,28 @@ def load_all(path: Path | str = PARAMS_FILE) -> dict[str, Section]:
     return validate_all(_read(path), str(path))
 
 
+def secret_values(data: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose value holds a token-shaped secret."""
+    found = []
+    for key, value in data.items() if isinstance(data, dict) else []:
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found += secret_values(value, dotted + ".")
+        elif isinstance(value, list):
+            found += secret_values({str(i): v for i, v in enumerate(value)}, dotted + ".")
+        elif isinstance(value, str) and TOKEN_SHAPES.search(value):
+            found.append(dotted)
+    return found
+
+
+SECRET_IN_PARAMS = ("holds a token-shaped secret; secrets never go in params.yaml (it is committed, and its values "
+                    "reach dvc.lock and Prefect's database): read it from an environment variable instead")
+
+
 def validate_all(data: dict, origin: str) -> dict[str, Section]:
     """Check a whole params mapping; `origin` names where it came from in the error."""
     problems = [f"{k}: unknown section (known: {', '.join(SECTIONS)})" for k in data if k not in SECTIONS]
+    problems += [f"{key}: {SECRET_IN_PARAMS}" for key in secret_values(data)]
     loaded = {}
     for name, model in SECTIONS.items():
         missing = _missing_section(name, data)

@@ -27,6 +27,7 @@ from loraflow import layout
 from loraflow.artifacts import write_parquet
 from loraflow.errors import LoraflowError
 from loraflow.params import IngestParams, Source
+from loraflow.secrets import MASK, TOKEN_SHAPES
 from loraflow.text import squash
 from loraflow.stage import main
 
@@ -281,6 +282,23 @@ def _read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                             "or a saved datasets directory")
 
 
+SECRET_FOUND = ("held a token-shaped secret (hf_..., sk-..., ghp_..., AKIA...), masked in every output and "
+                "rejected: remove it from the source data")
+
+
+def mask_secrets(messages: list[dict] | None, record: Any) -> tuple[list[dict] | None, Any, str | None]:
+    """Token-shaped secrets in a row's turns or id are masked before anything is written (the row then
+    never reaches a Parquet file, a report or dvc.lock as it was) and the row is rejected, saying why."""
+    found = False
+    if messages is not None:
+        text = json.dumps(messages, ensure_ascii=False)
+        if TOKEN_SHAPES.search(text):
+            messages, found = json.loads(TOKEN_SHAPES.sub(MASK, text)), True
+    if isinstance(record, dict) and isinstance(record.get("id"), str) and TOKEN_SHAPES.search(record["id"]):
+        record, found = {**record, "id": TOKEN_SHAPES.sub(MASK, record["id"])}, True
+    return messages, record, SECRET_FOUND if found else None
+
+
 def records_of(source: Source) -> Iterator[tuple[int, Any, str | None]]:
     if source.dataset is not None:
         return read_dataset(source)
@@ -309,6 +327,8 @@ def ingest(sources: list[str | Source], system_prompt: str | None = None) -> pd.
         before = len(rows)
         for line, record, error in records_of(source):
             fmt, messages, norm_error = ("unknown", None, error) if error else normalize(record)
+            messages, record, secret = mask_secrets(messages, record)
+            norm_error = norm_error or secret
             if messages is not None and system_prompt and not any(t.get("role") == "system" for t in messages):
                 messages = [{"role": "system", "content": system_prompt}, *messages]
             own_id = record.get("id") if isinstance(record, dict) else None

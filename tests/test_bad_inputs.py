@@ -196,3 +196,14 @@ def test_a_source_dvc_does_not_track_is_refused(in_tmp):
     check_sources_are_dependencies(["data/raw/a.jsonl", "data/raw/sub/b.csv"])
     with pytest.raises(LoraflowError, match="elsewhere.jsonl is not under the ingest stage's dependencies"):
         check_sources_are_dependencies(["data/raw/a.jsonl", str(in_tmp / "elsewhere.jsonl")])
+
+
+def test_a_secret_in_a_row_is_masked_everywhere_and_the_row_rejected(in_tmp):
+    token = "hf_" + "A1b2C3d4" * 4
+    leaky = {"id": f"row-{token}", "messages": [{"role": "user", "content": f"my key is {token}"}, A]}
+    src = write_lines("raw.jsonl", [good(1), leaky, good(2)])
+    report, rejects = validate_files(src)
+    assert "token-shaped secret" in rejects[(src, 2)] and report["rejected"] == 1
+    for path in [layout.INGESTED, layout.REJECTS, layout.VALIDATED, layout.VALIDATION_JSON]:
+        data = path.read_bytes()
+        assert token.encode() not in data, path

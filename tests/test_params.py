@@ -83,3 +83,29 @@ def test_old_batch_keys_name_their_replacement(tmp_path):
     params.write_text("train:\n  batch_size: 8\n  grad_accum: 2\n")
     with pytest.raises(ParamsError, match=r"train: batch_size and grad_accum were replaced by rows_per_step"):
         load_section("train", params)
+
+
+def test_a_secret_in_params_is_refused_naming_the_key(tmp_path):
+    import yaml
+    from conftest import ROOT
+    from loraflow.overrides import check
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["ingest"]["system_prompt"] = "Use the key hf_abcdefghijklmnopqrstuvwxyz0123 to log in."
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match="ingest.system_prompt: holds a token-shaped secret.*environment variable"):
+        load_section("ingest", p)
+    (tmp_path / "clean.yaml").write_text((ROOT / "params.yaml").read_text())
+    with pytest.raises(ParamsError, match="ingest.system_prompt: holds a token-shaped secret"):
+        check(tmp_path / "clean.yaml", {"ingest.system_prompt": "sk-" + "a" * 30})
+
+
+def test_an_override_is_written_as_given_never_redacted(tmp_path, monkeypatch):
+    """Redaction is for logs and reports; the user's own params.yaml keeps exactly what they set."""
+    from conftest import ROOT
+    from loraflow.overrides import apply
+    monkeypatch.setenv("MY_API_TOKEN", "a-value-of-my-own")
+    p = tmp_path / "params.yaml"
+    p.write_text((ROOT / "params.yaml").read_text())
+    apply(p, {"ingest.system_prompt": "Answer as a-value-of-my-own would."})
+    assert "Answer as a-value-of-my-own would." in p.read_text()
