@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             # every override checked before Prefect starts: a bad key, or a secret that would be stored
             # in its database with the run's parameters, never reaches it
             check(Path(args.workdir) / "params.yaml", overrides)
+            if not args.wait:  # a busy workspace is said plainly, before Prefect logs a failed run
+                from loraflow.workspace import workspace_lock
+                with workspace_lock(Path(args.workdir).resolve(), wait_s=0, holder="loraflow run (checking)"):
+                    pass
             from flows.finetune import finetune
             results = finetune(workdir=args.workdir, overrides=overrides, wait_for_workspace_s=args.wait)
             for r in results:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from loraflow import layout, lockfile, overrides as overrides_mod
 from loraflow.layout import STAGES
 from loraflow.artifacts import sha256_tree, write_json
 from loraflow.params import load_section, validate_all
+from loraflow.processes import die_with_parent
 from loraflow.workspace import workspace_lock
 
 # Stages that hold the accelerator: a global concurrency limit of this name keeps two runs from
@@ -49,10 +51,20 @@ class StageFailed(RuntimeError):
 
 
 def dvc(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
-    # The venv's dvc, and the venv's python for stage commands, whatever PATH the worker has.
+    """The venv's dvc (and the venv's python for stage commands, whatever PATH the worker has), in its
+    own process group, dying with this process; if this call is interrupted (a task timeout, a
+    cancel), the whole group is killed, so no stage runs on without the run that started it."""
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(bindir / "dvc"), *args], cwd=workdir, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen([str(bindir / "dvc"), *args], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=die_with_parent)
+    try:
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def stale_stages(workdir: Path, stage: str | None = None) -> set[str]:

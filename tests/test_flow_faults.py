@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import BIN, last_flow_run_tasks, make_tiny, make_workspace, prefect_env, run_flow, sh
+from conftest import (BIN, dvc_status, edit_params, last_flow_run_tasks, make_tiny, make_workspace, prefect_env,
+                      run_flow, sh)
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +24,14 @@ def task_run(server: dict, stage: str) -> dict:
 
 
 def test_a_killed_stage_is_retried_and_the_run_completes(fault_ws, prefect_server, tmp_path):
-    (fault_ws / "reports/lineage.json").unlink()  # lineage is out of date: the run executes it
+    edit_params(fault_ws, promote={"min_gain_over_promoted": -0.5})  # promote is out of date: the run executes it
     once = tmp_path / "died-once"
-    lines = run_flow(fault_ws, prefect_server, **{"LORAFLOW_FAULT": "rename:reports/lineage.json",
+    lines = run_flow(fault_ws, prefect_server, **{"LORAFLOW_FAULT": "rename:reports/stages/promote.json",
                                                   "LORAFLOW_FAULT_ONCE": str(once), "LORAFLOW_RETRY_DELAY_S": "1"})
-    assert once.exists()  # the first try was SIGKILLed as it was about to publish its output
-    assert lines["lineage"].startswith("ran in") and (fault_ws / "reports/lineage.json").is_file()
-    assert task_run(prefect_server, "lineage")["run_count"] == 2
+    assert once.exists()  # the first try was SIGKILLed as it was about to publish its summary
+    assert lines["promote"].startswith("ran in") and (fault_ws / "reports/stages/promote.json").is_file()
+    assert task_run(prefect_server, "promote")["run_count"] == 2
+    assert not dvc_status(fault_ws)
 
 
 def test_an_input_error_fails_once_without_retries(fault_ws, prefect_server):
