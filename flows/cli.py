@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             from flows.finetune import finetune
             results = finetune(workdir=args.workdir, overrides=overrides, wait_for_workspace_s=args.wait)
             for r in results:
-                print(f"{r['stage']}: {'ran in %.1fs' % r['seconds'] if r['executed'] else 'up to date'}")
+                done = ("restored from the DVC run cache" if r.get("restored_from_cache") else "ran in %.1fs" % r["seconds"])
+                print(f"{r['stage']}: {done if r['executed'] else 'up to date'}")
             return 0
         if args.command == "serve":
             from flows.deploy import serve

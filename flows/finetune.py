@@ -128,7 +128,10 @@ def run_stage(stage: str, workdir: str, maybe_stale: bool = True) -> dict:
         raise StageFailed(f"stage {stage} failed (exit {proc.returncode}):\n{(proc.stderr + proc.stdout)[-4000:]}",
                           proc.returncode)
     summary = json.loads((root / layout.stage_summary(stage)).read_text())
-    return {**summary, "executed": True}
+    # DVC restores a stage it ran before with the same inputs from its run cache instead of running
+    # it: the summary's seconds are then the earlier run's, not this one's
+    restored = "is cached - skipping run" in proc.stdout + proc.stderr
+    return {**summary, "executed": True, "restored_from_cache": restored}
 
 
 def fingerprints(workdir: Path, overrides: dict[str, Any]) -> tuple[str, str]:

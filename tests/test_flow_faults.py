@@ -34,6 +34,12 @@ def test_a_killed_stage_is_retried_and_the_run_completes(fault_ws, prefect_serve
     assert not dvc_status(fault_ws)
 
 
+def test_a_stage_dvc_restores_from_its_run_cache_is_not_reported_as_run(fault_ws, prefect_server):
+    edit_params(fault_ws, promote={"min_gain_over_promoted": 0.0})  # back to the value the first run used
+    lines = run_flow(fault_ws, prefect_server)
+    assert lines["promote"] == "restored from the DVC run cache"
+
+
 def test_an_input_error_fails_once_without_retries(fault_ws, prefect_server):
     params = fault_ws / "params.yaml"
     kept = params.read_text()
