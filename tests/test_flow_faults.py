@@ -3,6 +3,7 @@ and the run completes; a stage that rejects its input fails once, not three time
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from conftest import (BIN, dvc_status, edit_params, last_flow_run_tasks, make_tiny, make_workspace, prefect_env,
                       run_flow, sh)
@@ -35,9 +36,11 @@ def test_a_killed_stage_is_retried_and_the_run_completes(fault_ws, prefect_serve
 
 
 def test_a_stage_dvc_restores_from_its_run_cache_is_not_reported_as_run(fault_ws, prefect_server):
-    edit_params(fault_ws, promote={"min_gain_over_promoted": 0.0})  # back to the value the first run used
-    lines = run_flow(fault_ws, prefect_server)
-    assert lines["promote"] == "restored from the DVC run cache"
+    before = yaml.safe_load((fault_ws / "params.yaml").read_text())["evaluate"]["samples_in_report"]
+    edit_params(fault_ws, evaluate={"samples_in_report": before + 3})
+    assert run_flow(fault_ws, prefect_server)["evaluate"].startswith("ran in")
+    edit_params(fault_ws, evaluate={"samples_in_report": before})  # the value an earlier run used
+    assert run_flow(fault_ws, prefect_server)["evaluate"] == "restored from the DVC run cache"
 
 
 def test_an_input_error_fails_once_without_retries(fault_ws, prefect_server):
