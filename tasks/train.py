@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,9 @@ def save(params: TrainParams, run: RunSetup, outcome: Outcome) -> dict:
             "base": run.ref.location, "base_revision": run.ref.revision, "method": planned.method,
             "fingerprint": run.fingerprint, "params": params.model_dump()}, indent=2))
     points = training.save_loss_curve(outcome.trainer.state.log_history)
+    # Checkpoints serve only a run that was killed; a finished run's would make a forced rerun
+    # "resume" past its last step (21 steps reported for max_steps 20)
+    shutil.rmtree(layout.CHECKPOINTS_DIR, ignore_errors=True)
     trainable, total = parameter_counts(run.model)
     trained_tokens = int(run.train_rows["trained_tokens"].sum() * params.epochs) if params.max_steps < 0 else None
     peaks = outcome.peaks
