@@ -120,6 +120,7 @@ def test_overlapping_runs_second_fails_clearly_and_workspace_stays_intact(ws, pr
     second = sh([str(BIN / "loraflow"), "run", "--workdir", str(ws)], ws, check=False, **prefect_env(prefect_server))
     out = first.communicate(timeout=900)[0]
     assert second.returncode != 0 and "is busy" in second.stdout + second.stderr
+    assert "Traceback" not in second.stdout + second.stderr  # said plainly, before Prefect starts a run
     assert first.returncode == 0, out
     assert "train: ran in" in out
     assert dvc_status(ws) == {}
