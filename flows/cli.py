@@ -58,8 +58,13 @@ def main(argv: list[str] | None = None) -> int:
             from flows.finetune import finetune
             results = finetune(workdir=args.workdir, overrides=overrides, wait_for_workspace_s=args.wait)
             for r in results:
-                done = ("restored from the DVC run cache" if r.get("restored_from_cache") else "ran in %.1fs" % r["seconds"])
-                print(f"{r['stage']}: {done if r['executed'] else 'up to date'}")
+                if not r["executed"]:
+                    done = "up to date"
+                elif r.get("restored_from_cache"):
+                    done = "restored from the DVC run cache"
+                else:
+                    done = f"ran in {r['seconds']:.1f}s"
+                print(f"{r['stage']}: {done}")
             return 0
         if args.command == "serve":
             from flows.deploy import serve
