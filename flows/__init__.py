@@ -1,0 +1,1 @@
+"""The Prefect flow and deployments, and the `loraflow` command line: wiring only, no stage logic."""
