@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return plan(args)
     except LoraflowError as e:
-        print(f"loraflow {args.command}: error: {e}", file=sys.stderr)
+        from loraflow.secrets import redact
+        print(redact(f"loraflow {args.command}: error: {e}"), file=sys.stderr)
         return 2
     from loraflow.lockfile import main as check_lock
     return check_lock() or subprocess.call([str(Path(sys.executable).parent / "dvc"), "repro"])

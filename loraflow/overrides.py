@@ -58,7 +58,8 @@ def check(params_path: Path | str, overrides: dict[str, Any]) -> dict:
     if problems:
         raise ParamsError("invalid overrides:\n  " + "\n  ".join(problems))
     try:
-        validate_all(merged, f"{params_path} with overrides {overrides}")
+        # keys only: a value may be what the check refuses (a secret), and errors are printed and logged
+        validate_all(merged, f"{params_path} with overrides of {', '.join(overrides)}")
     except ParamsError as e:
         raise ParamsError(str(e)) from None
     return merged

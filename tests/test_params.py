@@ -109,3 +109,22 @@ def test_an_override_is_written_as_given_never_redacted(tmp_path, monkeypatch):
     p.write_text((ROOT / "params.yaml").read_text())
     apply(p, {"ingest.system_prompt": "Answer as a-value-of-my-own would."})
     assert "Answer as a-value-of-my-own would." in p.read_text()
+
+
+@pytest.mark.parametrize("override, named", [
+    ("ingest.system_prompt=hf_abcdefghijklmnopqrstuvwxyz0123", "ingest.system_prompt: holds a token-shaped secret"),
+    ("train.lrr=0.1", "train.lrr: unknown key"),
+])
+def test_a_bad_or_secret_override_stops_before_prefect_starts(tmp_path, override, named):
+    """`loraflow run -S ...` checks every override first: nothing reaches Prefect's database or log."""
+    import subprocess
+    from conftest import BIN, ROOT, tool_env
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    env = {k: v for k, v in tool_env().items() if not k.startswith("PREFECT_")}
+    proc = subprocess.run([str(BIN / "loraflow"), "run", "--workdir", str(tmp_path), "-S", override], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and named in out and "Traceback" not in out
+    assert "Flow run" not in out and "temporary server" not in out.lower()
+    assert "hf_abcdefghijklmnopqrstuvwxyz0123" not in out  # the error names the key, never the value
+    assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
