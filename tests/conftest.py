@@ -182,3 +182,17 @@ def templated(df, tokenizer, **template_params):
     out, rejects = template_rows(df, render, chat, params)
     assert not rejects, rejects
     return out
+
+
+def stage_processes(stage: str, ws: Path) -> list[int]:
+    """PIDs of running `python -m tasks.<stage>` processes working in the workspace `ws`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if f"tasks.{stage}".encode() in cmd and Path(cwd) == Path(ws).resolve():
+            found.append(int(pid))
+    return found

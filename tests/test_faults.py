@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, dvc_status, make_tiny, make_workspace, read_json, sh
+from conftest import BIN, dvc_status, make_tiny, make_workspace, read_json, sh, stage_processes
 
 pytestmark = pytest.mark.slow
 DVC = str(BIN / "dvc")
@@ -132,20 +132,6 @@ def test_only_complete_checkpoints_are_resumed(tmp_path):
     assert prepare_checkpoints(tmp_path, "another run") is None and not any(tmp_path.glob("checkpoint-*"))
 
 
-def stage_processes(stage: str) -> list[int]:
-    """PIDs of running `python -m tasks.<stage>` processes."""
-    import os
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if f"tasks.{stage}".encode() in cmd:
-            found.append(int(pid))
-    return found
-
-
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_a_stage_dies_with_the_dvc_repro_that_runs_it(tiny_ws):
     """kill -9 of `dvc repro` while it trains: the stage must not run on, holding models/checkpoints."""
@@ -157,14 +143,14 @@ def test_a_stage_dies_with_the_dvc_repro_that_runs_it(tiny_ws):
     runner = subprocess.Popen([DVC, "repro", "--force", "--single-item", "train"], cwd=tiny_ws, env=tool_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not stage_processes("train") and time.time() < deadline:
+    while not stage_processes("train", tiny_ws) and time.time() < deadline:
         time.sleep(0.2)
-    assert stage_processes("train"), "the train stage never started"
+    assert stage_processes("train", tiny_ws), "the train stage never started"
     time.sleep(1)
     os.kill(runner.pid, signal.SIGKILL)
     runner.wait()
     deadline = time.time() + 15
-    while stage_processes("train") and time.time() < deadline:
+    while stage_processes("train", tiny_ws) and time.time() < deadline:
         time.sleep(0.2)
-    assert stage_processes("train") == []
+    assert stage_processes("train", tiny_ws) == []
     sh([DVC, "repro", "--single-item", "train"], tiny_ws)  # and the next run is not blocked

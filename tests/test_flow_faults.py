@@ -54,3 +54,30 @@ def test_an_input_error_fails_once_without_retries(fault_ws, prefect_server):
     assert proc.returncode != 0
     validate = task_run(prefect_server, "validate")
     assert validate["state_type"] == "FAILED" and validate["run_count"] == 1
+
+
+def test_killing_the_flow_kills_its_stage_and_frees_the_workspace(fault_ws, prefect_server):
+    """kill -9 of `loraflow run` while a stage trains: dvc and the stage die with it (no orphan keeps
+    training on models/checkpoints), and the next run takes the workspace and completes."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from conftest import stage_processes, tool_env
+    edit_params(fault_ws, train={"seed": 7})  # train is out of date: the run executes it
+    runner = subprocess.Popen([str(BIN / "loraflow"), "run", "--workdir", str(fault_ws)], cwd=fault_ws,
+                              env=tool_env(**prefect_env(prefect_server)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not stage_processes("train", fault_ws) and time.time() < deadline:
+        assert runner.poll() is None, "the run ended before training started"
+        time.sleep(0.2)
+    assert stage_processes("train", fault_ws), "the train stage never started"
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait()
+    deadline = time.time() + 15
+    while stage_processes("train", fault_ws) and time.time() < deadline:
+        time.sleep(0.2)
+    assert stage_processes("train", fault_ws) == []
+    lines = run_flow(fault_ws, prefect_server)
+    assert lines["train"].startswith("ran in")

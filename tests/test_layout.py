@@ -55,3 +55,18 @@ def test_gpu_stages_import_without_prefect_dvc_or_pandera():
             "import tasks.train, tasks.merge, tasks.evaluate\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_committed_dvc_lock_records_the_pipeline_as_dvc_yaml_declares_it():
+    """dvc.lock is committed so a clone knows what produced the results; it must describe this
+    dvc.yaml (the same stages, commands, dependency and output paths), or `make run` on a fresh clone
+    rewrites it. Regenerate it with `make run` after changing dvc.yaml."""
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    stages = dvc_stages()
+    assert set(lock) == set(stages)
+    for name, stage in stages.items():
+        recorded = lock[name]
+        assert recorded["cmd"] == stage["cmd"], name
+        assert {d["path"] for d in recorded.get("deps", [])} == paths(stage.get("deps")), name
+        declared = paths(stage.get("outs")) | paths(stage.get("metrics")) | paths(stage.get("plots"))
+        assert {o["path"] for o in recorded.get("outs", [])} == declared, name
