@@ -81,3 +81,20 @@ def test_killing_the_flow_kills_its_stage_and_frees_the_workspace(fault_ws, pref
     assert stage_processes("train", fault_ws) == []
     lines = run_flow(fault_ws, prefect_server)
     assert lines["train"].startswith("ran in")
+
+
+def test_a_stage_timeout_ends_the_stage_process_too(fault_ws, prefect_server):
+    """schedule.stage_timeout_s reached while train runs: the run fails and no stage process runs on."""
+    import time
+    from conftest import stage_processes
+    edit_params(fault_ws, train={"seed": 8}, schedule={"stage_timeout_s": 4})
+    try:
+        proc = sh([str(BIN / "loraflow"), "run", "--workdir", str(fault_ws)], fault_ws, check=False,
+                  **prefect_env(prefect_server))
+    finally:
+        edit_params(fault_ws, schedule={"stage_timeout_s": 43200})
+    assert proc.returncode != 0 and "timed out" in (proc.stdout + proc.stderr).lower()
+    deadline = time.time() + 15
+    while stage_processes("train", fault_ws) and time.time() < deadline:
+        time.sleep(0.2)
+    assert stage_processes("train", fault_ws) == []

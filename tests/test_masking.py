@@ -141,3 +141,15 @@ def test_labels_match_trl_completion_only(tiny_tokenizer, tiny_model_dir, tmp_pa
     assert not rejects
     assert [list(l) for l in ours["labels"]] == [list(l) for l in trl_labels]
     assert any(l == IGNORE_INDEX for l in trl_labels[1])  # the comparison is not vacuous
+
+
+def test_a_long_row_renders_a_constant_number_of_times(tiny_tokenizer):
+    """Template time is linear in the turns: the conversation is rendered once (plus its generation
+    prompt), not once per prefix, which made a 10,000-turn row take minutes."""
+    base = renderer(tiny_tokenizer, tiny_tokenizer.chat_template, dt.date(2026, 1, 1))
+    calls = []
+    render = lambda messages, gen: calls.append(len(messages)) or base(messages, gen)
+    messages = [m for i in range(100) for m in ({"role": "user", "content": f"Question {i}?"},
+                                                 {"role": "assistant", "content": f"Answer {i}."})]
+    done = render_spans(render, messages, end_of_turn_text(base), user_end=user_turn_end(base))
+    assert len(done.spans) == 100 and len(calls) <= 2
