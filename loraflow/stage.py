@@ -18,7 +18,6 @@ from loraflow.artifacts import write_json
 from loraflow.errors import LoraflowError
 from loraflow.layout import stage_summary
 from loraflow.params import Section, load_section
-from loraflow.processes import die_with_parent
 from loraflow.secrets import RedactingFilter, redact
 
 log = logging.getLogger("loraflow")
@@ -35,7 +34,6 @@ def main(stage: str, run: Callable[[Section], dict], section: str | None = None)
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args()
-    die_with_parent()  # `dvc repro` or the flow killed: this stage goes too, never runs on as an orphan
     configure_logging()
     try:
         params = load_section(section or stage, args.params)
