@@ -5,6 +5,7 @@ base model. The lineage stage writes it to reports/lineage.json; `loraflow linea
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -36,7 +37,16 @@ def _git(*args: str) -> str | None:
 
 def code_version() -> dict:
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+    return {"git_commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
+            "cpu_kernels": cpu_kernels()}
+
+
+def cpu_kernels() -> dict:
+    """What decides CPU results' bits besides the code: the kernels ATen and MKL were pinned to."""
+    import torch
+    return {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"), "MKL_CBWR": os.environ.get("MKL_CBWR"),
+            "torch": torch.__version__}
 
 
 def base_model() -> dict:
