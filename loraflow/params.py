@@ -18,6 +18,15 @@ from loraflow.secrets import TOKEN_SHAPES
 PARAMS_FILE = Path("params.yaml")
 
 
+def at_least_one_or_auto(name: str):
+    """A field validator: an int of at least 1, or "auto"."""
+    def check(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError(f"{name} must be at least 1, or auto")
+        return v
+    return field_validator(name)(classmethod(check))
+
+
 class Section(BaseModel):
     # strict: a security switch takes a real boolean ("yes" is not true) and a number is not a boolean
     # (lr: true is not 1.0); no inf or nan, which pass `gt=0` and train an all-NaN adapter.
@@ -264,19 +273,9 @@ class TrainParams(Section):
             raise ValueError("name at least one module to adapt, or all-linear")
         return v
 
-    @field_validator("micro_batch")
-    @classmethod
-    def _positive_micro_batch(cls, v):
-        if v != "auto" and v < 1:
-            raise ValueError("micro_batch must be at least 1, or auto")
-        return v
+    _positive_micro_batch = at_least_one_or_auto("micro_batch")
 
-    @field_validator("num_gpus")
-    @classmethod
-    def _at_least_one_gpu(cls, v):
-        if v != "auto" and v < 1:
-            raise ValueError("num_gpus must be at least 1, or auto")
-        return v
+    _at_least_one_gpu = at_least_one_or_auto("num_gpus")
 
 
 class MergeParams(Section):
@@ -319,12 +318,7 @@ class EvaluateParams(Section):
     samples_in_report: int = Field(20, ge=0)
     """Rows shown side by side in reports/generation_audit.md."""
 
-    @field_validator("batch_size")
-    @classmethod
-    def _positive_batch(cls, v):
-        if v != "auto" and v < 1:
-            raise ValueError("batch_size must be at least 1, or auto")
-        return v
+    _positive_batch = at_least_one_or_auto("batch_size")
 
 
 class PromoteParams(Section):

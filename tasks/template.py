@@ -32,18 +32,17 @@ log = logging.getLogger("loraflow.template")
 def prepare_messages(messages: list[dict], params: TemplateParams, control: list[str] = ()) -> list[dict]:
     """The row's turns as the template gets them: control tokens refused or escaped, reasoning dropped,
     or the system prompt folded, when params say so."""
+    escaped = []
     for i, m in enumerate(messages):
         # an answer's own <think>...</think> block is the reasoning format, not an injection
-        allowed = (THINK_OPEN, THINK_CLOSE) if m["role"] == "assistant" else ()
-        found = next((t for t in control if t in m["content"] and t not in allowed), None)
+        tokens = [t for t in control if m["role"] != "assistant" or t not in (THINK_OPEN, THINK_CLOSE)]
+        found = next((t for t in tokens if t in m["content"]), None)
         if found and params.control_tokens == "reject":
             raise RowError(f"turn {i} ({m['role']}) contains the control token {found!r}: it would be read as the "
                            "template's own token and could inject a turn; remove it, or set "
                            "template.control_tokens: escape")
-    if control and params.control_tokens == "escape":
-        messages = [{**m, "content": escape_control_tokens(
-            m["content"], [t for t in control if m["role"] != "assistant" or t not in (THINK_OPEN, THINK_CLOSE)])}
-            for m in messages]
+        escaped.append({**m, "content": escape_control_tokens(m["content"], tokens)} if found else m)
+    messages = escaped
     if params.reasoning == "drop":
         messages = [{**m, "content": split_reasoning(m["content"])[1].strip()} if m["role"] == "assistant" else m
                     for m in messages]

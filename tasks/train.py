@@ -75,6 +75,7 @@ class RunSetup:
     adapter_keys: dict
     fingerprint: str
     resume: Path | None
+    parameters: tuple[int, int]  # (trainable, total), counted once the adapter is in place
 
 
 @dataclass
@@ -116,15 +117,15 @@ def setup(params: TrainParams) -> RunSetup:
         raise LoraflowError("the memory plan does not fit (the main process names the next rung down)")
     model = training.build_peft_model(params, ref, dtype, plan.chosen.setup, speed)
     adapter_keys = training.adapter_key_map(model)  # before FSDP renames the modules
+    parameters = parameter_counts(model)
     log.info("%s on %s (%s): %d trainable of %d parameters, %d train rows; packing %s, fused kernels %s",
-             plan.chosen.setup.method, device(), dtype, *parameter_counts(model), len(train_rows), speed.packing,
-             speed.fused)
+             plan.chosen.setup.method, device(), dtype, *parameters, len(train_rows), speed.packing, speed.fused)
     fingerprint = training.fingerprint(params, ref)
     resume = training.prepare_checkpoints(layout.CHECKPOINTS_DIR, fingerprint)
     if resume:
         log.info("resuming from %s, the newest complete checkpoint", resume)
     return RunSetup(ref, load_tokenizer(ref), train_rows, eval_rows, dtype, speed, plan, model, adapter_keys,
-                 fingerprint, resume)
+                 fingerprint, resume, parameters)
 
 
 def train(params: TrainParams, run: RunSetup) -> Outcome:
@@ -159,7 +160,7 @@ def save(params: TrainParams, run: RunSetup, outcome: Outcome) -> dict:
     # Checkpoints serve only a run that was killed; a finished run's would make a forced rerun
     # "resume" past its last step (21 steps reported for max_steps 20)
     shutil.rmtree(layout.CHECKPOINTS_DIR, ignore_errors=True)
-    trainable, total = parameter_counts(run.model)
+    trainable, total = run.parameters
     trained_tokens = int(run.train_rows["trained_tokens"].sum() * params.epochs) if params.max_steps < 0 else None
     peaks = outcome.peaks
     return {"method": planned.method, "device": str(device()), "dtype": str(run.dtype).replace("torch.", ""),

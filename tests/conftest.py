@@ -196,3 +196,13 @@ def stage_processes(stage: str, ws: Path) -> list[int]:
         if f"tasks.{stage}".encode() in cmd and Path(cwd) == Path(ws).resolve():
             found.append(int(pid))
     return found
+
+
+def wait_for_stage(stage: str, ws: Path, running: bool, timeout_s: float, runner=None) -> list[int]:
+    """Poll until the stage's processes in `ws` are running (or all gone); returns them. `runner`: a
+    Popen that must not end first."""
+    deadline = time.time() + timeout_s
+    while bool(stage_processes(stage, ws)) != running and time.time() < deadline:
+        assert runner is None or runner.poll() is None, "the runner ended first"
+        time.sleep(0.2)
+    return stage_processes(stage, ws)

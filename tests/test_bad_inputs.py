@@ -67,6 +67,9 @@ ROW_CASES = [
     ("no assistant turn", {"messages": [U]}, "does not end with an assistant turn"),
     ("not a list of turns", {"messages": {"role": "user"}}, "must be a list of turns"),
     ("no recognised fields", {"question": "x", "answer": "y"}, "no recognised fields"),
+    ("a lone surrogate", b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}\n',
+     "lone UTF-16 surrogate"),
+    ("JSON nested 100,000 deep", b"[" * 100_000 + b"\n", "nested too deeply"),
 ]
 
 
@@ -154,21 +157,6 @@ def test_input_problem_shows_no_traceback(in_tmp):
     assert proc.returncode == 2
     assert "loraflow ingest: error: ingest.sources: missing.jsonl does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-HOSTILE_ROWS = [
-    ("a lone surrogate", b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}\n',
-     "lone UTF-16 surrogate"),
-    ("JSON nested 100,000 deep", b"[" * 100_000 + b"\n", "nested too deeply"),
-]
-
-
-@pytest.mark.parametrize("case, line, reason", HOSTILE_ROWS, ids=[c[0] for c in HOSTILE_ROWS])
-def test_hostile_row_is_one_reject(in_tmp, case, line, reason):
-    src = write_lines("raw.jsonl", [good(1), line, good(2)])
-    report, rejects = validate_files(src)
-    assert reason in rejects[(src, 2)], rejects
-    assert report["accepted"] == 2 and report["rejected"] == 1
 
 
 HOSTILE_FILES = [

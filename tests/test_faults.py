@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, dvc_status, make_tiny, make_workspace, read_json, sh, stage_processes
+from conftest import BIN, dvc_status, make_tiny, make_workspace, read_json, sh, wait_for_stage
 
 pytestmark = pytest.mark.slow
 DVC = str(BIN / "dvc")
@@ -142,15 +142,9 @@ def test_a_stage_dies_with_the_dvc_repro_that_runs_it(tiny_ws):
     from conftest import tool_env
     runner = subprocess.Popen([DVC, "repro", "--force", "--single-item", "train"], cwd=tiny_ws, env=tool_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not stage_processes("train", tiny_ws) and time.time() < deadline:
-        time.sleep(0.2)
-    assert stage_processes("train", tiny_ws), "the train stage never started"
+    assert wait_for_stage("train", tiny_ws, running=True, timeout_s=120), "the train stage never started"
     time.sleep(1)
     os.kill(runner.pid, signal.SIGKILL)
     runner.wait()
-    deadline = time.time() + 15
-    while stage_processes("train", tiny_ws) and time.time() < deadline:
-        time.sleep(0.2)
-    assert stage_processes("train", tiny_ws) == []
+    assert wait_for_stage("train", tiny_ws, running=False, timeout_s=15) == []
     sh([DVC, "repro", "--single-item", "train"], tiny_ws)  # and the next run is not blocked

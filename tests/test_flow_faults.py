@@ -62,31 +62,22 @@ def test_killing_the_flow_kills_its_stage_and_frees_the_workspace(fault_ws, pref
     import os
     import signal
     import subprocess
-    import time
-    from conftest import stage_processes, tool_env
+    from conftest import tool_env, wait_for_stage
     edit_params(fault_ws, train={"seed": 7})  # train is out of date: the run executes it
     runner = subprocess.Popen([str(BIN / "loraflow"), "run", "--workdir", str(fault_ws)], cwd=fault_ws,
                               env=tool_env(**prefect_env(prefect_server)), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not stage_processes("train", fault_ws) and time.time() < deadline:
-        assert runner.poll() is None, "the run ended before training started"
-        time.sleep(0.2)
-    assert stage_processes("train", fault_ws), "the train stage never started"
+    assert wait_for_stage("train", fault_ws, running=True, timeout_s=180, runner=runner), "training never started"
     os.kill(runner.pid, signal.SIGKILL)
     runner.wait()
-    deadline = time.time() + 15
-    while stage_processes("train", fault_ws) and time.time() < deadline:
-        time.sleep(0.2)
-    assert stage_processes("train", fault_ws) == []
+    assert wait_for_stage("train", fault_ws, running=False, timeout_s=15) == []
     lines = run_flow(fault_ws, prefect_server)
     assert lines["train"].startswith("ran in")
 
 
 def test_a_stage_timeout_ends_the_stage_process_too(fault_ws, prefect_server):
     """schedule.stage_timeout_s reached while train runs: the run fails and no stage process runs on."""
-    import time
-    from conftest import stage_processes
+    from conftest import wait_for_stage
     edit_params(fault_ws, train={"seed": 8}, schedule={"stage_timeout_s": 4})
     try:
         proc = sh([str(BIN / "loraflow"), "run", "--workdir", str(fault_ws)], fault_ws, check=False,
@@ -94,7 +85,4 @@ def test_a_stage_timeout_ends_the_stage_process_too(fault_ws, prefect_server):
     finally:
         edit_params(fault_ws, schedule={"stage_timeout_s": 43200})
     assert proc.returncode != 0 and "timed out" in (proc.stdout + proc.stderr).lower()
-    deadline = time.time() + 15
-    while stage_processes("train", fault_ws) and time.time() < deadline:
-        time.sleep(0.2)
-    assert stage_processes("train", fault_ws) == []
+    assert wait_for_stage("train", fault_ws, running=False, timeout_s=15) == []
