@@ -22,6 +22,8 @@ import sys, yaml
 run = sys.argv[1]; p = yaml.safe_load(open(f"/tmp/params-{run}.yaml"))
 p["merge"]["dtype"] = "float32"
 p["train"]["embedding_on_cpu"] = run.endswith("_embedding_cpu") or "auto"
+if run.endswith("_embedding_cpu"):  # an input embedding in CPU memory is frozen: the head learns the chat tokens
+    p["train"].update(trainable_tokens=[], modules_to_save=["lm_head"])
 yaml.safe_dump(p, open(f"/tmp/params-{run}.yaml", "w"))
 PY
   for stage in train merge evaluate; do

@@ -56,7 +56,7 @@ def run(args) -> None:
     ws = Path(args.ws)
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["train"].update(num_gpus=args.gpus, method=args.method, max_steps=args.steps, rows_per_step=args.batch,
-                           save_steps=10**6, modules_to_save=[])
+                           save_steps=10**6, modules_to_save=[], trainable_tokens=[])
     path = ws / f"params-{args.method}-{args.gpus}.yaml"
     path.write_text(yaml.safe_dump(params))
     done = subprocess.run([sys.executable, "-m", "tasks.train", "--params", str(path)], cwd=ws,

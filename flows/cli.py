@@ -1,12 +1,17 @@
 """`loraflow` command line.
 
-    loraflow run [-S train.lr=0.001 ...]   the pipeline as a Prefect flow (a temporary local server
-                                           unless PREFECT_API_URL is set)
-    loraflow repro                         the pipeline with `dvc repro` (what `make run` does)
-    loraflow serve --name N --cron "0 3 * * *"   serve the flow as a scheduled deployment
-    loraflow lineage                       print raw data -> ... -> metrics for this workspace
-    loraflow plan [--model DIR|ID] [--seq N] [--batch N] [--method M] [--budget-gib G]
-                                           the memory plan the train stage would make, without training
+    loraflow run [--workdir DIR] [-S SECTION.KEY=VALUE ...] [--wait SECONDS]
+        the pipeline as a Prefect flow (a temporary local server unless PREFECT_API_URL is set)
+    loraflow repro
+        the pipeline with `dvc repro` (what `make run` does)
+    loraflow serve [--name NAME] [--cron "0 3 * * *"] [--workdir DIR]
+        serve the flow as a deployment on a cron schedule
+    loraflow lineage [--json]
+        print raw data -> ... -> metrics for this workspace
+    loraflow plan [--model DIR|ID] [--seq N] [--batch N] [--method M] [--budget-gib G] [--gpus N]
+        the memory plan the train stage would make for a GPU, without training
+
+`loraflow <command> --help` describes each flag.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run the pipeline as a Prefect flow")
@@ -28,19 +33,26 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--wait", type=float, default=0, help="seconds to wait for a busy workspace (default: 0)")
     sub.add_parser("repro", help="run the pipeline with dvc repro")
     p_serve = sub.add_parser("serve", help="serve the flow as a deployment with a cron schedule")
-    p_serve.add_argument("--name", default="scheduled")
-    p_serve.add_argument("--cron", default=os.environ.get("LORAFLOW_CRON"))
-    p_serve.add_argument("--workdir", default=".")
+    p_serve.add_argument("--name", default="scheduled", help="the deployment's name: finetune/NAME (default: scheduled)")
+    p_serve.add_argument("--cron", default=os.environ.get("LORAFLOW_CRON"),
+                         help="cron schedule in UTC, e.g. \"0 3 * * *\" (default: $LORAFLOW_CRON, else params.yaml's "
+                              "schedule.cron; none: runs only when triggered)")
+    p_serve.add_argument("--workdir", default=".", help="project directory the runs work in (default: .)")
     p_lin = sub.add_parser("lineage", help="print the lineage of this workspace's results")
     p_lin.add_argument("--json", action="store_true", help="print reports/lineage.json as JSON")
     p_plan = sub.add_parser("plan", help="print the memory plan for training, without training")
     p_plan.add_argument("--model", help="model directory (a config.json is enough) or hub id; default: models/base")
     p_plan.add_argument("--seq", type=int, help="longest row in tokens; default: the train split's, else tokenize.max_length")
     p_plan.add_argument("--batch", type=int, help="rows per optimizer step (train.rows_per_step)")
-    p_plan.add_argument("--method", choices=["lora", "lora8", "qlora", "auto"])
+    p_plan.add_argument("--method", choices=["lora", "lora8", "qlora", "auto"],
+                        help="train.method to plan for; auto: the fastest that fits the budget")
     p_plan.add_argument("--budget-gib", type=float, help="GPU memory to plan for (train.memory_budget_gib)")
     p_plan.add_argument("--gpus", type=int, help="plan per GPU for training sharded over this many GPUs (FSDP; train.num_gpus)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from loraflow.errors import LoraflowError
@@ -104,7 +116,13 @@ def plan(args) -> int:
         speed = Speed(packing=params.packing is not False, fused=params.fused_kernels is not False)
         dtype = torch.bfloat16 if params.dtype == "auto" else compute_dtype(params.dtype)
         print(f"no GPU here: planning for a CUDA GPU ({str(dtype)[6:]}, packing {speed.packing}, fused kernels {speed.fused})")
-    result = make_plan(params, config, seq, speed, dtype, fsdp_gpus=args.gpus if args.gpus and args.gpus > 1 else None)
+    tokens, vocab = 0, 0
+    if not args.model and layout.CHAT_FORMAT.exists():  # the run's own chat tokens, as the train stage plans them
+        from loraflow.training import run_tokens
+        tokenizer, ids = run_tokens(params, ref)
+        tokens, vocab = len(ids), len(tokenizer)
+    result = make_plan(params, config, seq, speed, dtype, fsdp_gpus=args.gpus if args.gpus and args.gpus > 1 else None,
+                       trainable_tokens=tokens, vocab_size=vocab)
     print(memplan.render(result))
     write_plan(result, layout.PLAN_PREVIEW_MD, layout.PLAN_PREVIEW_JSON)
     print(f"written to {layout.PLAN_PREVIEW_MD} and {layout.PLAN_PREVIEW_JSON}")

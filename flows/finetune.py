@@ -169,7 +169,7 @@ def publish_artifacts(root: Path, results: list[dict]) -> None:
         create_markdown_artifact(key="metrics", description="held-out metrics, base vs fine-tuned",
                                  markdown=f"| metric | base | tuned | delta |\n|---|---|---|---|\n{rows}\n")
     for key, path in (("generation-audit", layout.GENERATION_AUDIT), ("validation-report", layout.VALIDATION_MD),
-                      ("promotion", layout.PROMOTION_MD)):
+                      ("promotion", layout.PROMOTION_MD), ("data-changes", layout.DATA_CHANGES_MD)):
         if (root / path).exists():
             create_markdown_artifact(key=key, markdown=(root / path).read_text(), description=str(path))
     links = [f"- [{p}]({(root / p).as_uri()})" for p in sorted(q.relative_to(root) for q in (root / "reports").glob("*.*"))]

@@ -15,14 +15,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from loraflow.errors import LoraflowError
-from loraflow.masking import THINK_CLOSE, THINK_OPEN, Render, end_of_turn_text, user_turn_end
+from loraflow.masking import THINK_CLOSE, THINK_OPEN, Render, end_of_turn_text, probe_text, user_turn_end
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"  # named templates, loaded by path
 NAMED_TEMPLATES = ("chatml", "llama3", "gemma", "mistral", "phi3", "qwen2.5")
+TEMPLATE_TOKENS = TEMPLATES_DIR / "tokens.json"  # each named template's control tokens
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class ChatFormat:
     user turns are located."""
     control_tokens: list[str] = field(default_factory=list)
     """The tokenizer's special and added tokens: text that must not come from a data row."""
+    added_tokens: list[str] = field(default_factory=list)
+    """Tokens the template needs and the base tokenizer lacked, added in this order (ids from its
+    old size up): every later stage loads the tokenizer with them (run_tokenizer) and the model with
+    its vocabulary grown to match (modeling.fit_vocab)."""
+    untrained_tokens: list[str] = field(default_factory=list)
+    """The template's tokens the base never learned: train.trainable_tokens: auto trains their
+    embedding and output rows beside the adapter."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -109,6 +117,21 @@ def fold_system_prompt(messages: list[dict]) -> list[dict]:
     return rest
 
 
+def save_chat_format(model_dir, tokenizer, chat: ChatFormat) -> None:
+    """The tokenizer with the chat template training used, and a generation_config that stops on every
+    end-of-turn id: a serving stack then renders and stops as the model was trained and evaluated."""
+    from transformers import GenerationConfig
+    tokenizer.chat_template = chat.chat_template
+    tokenizer.save_pretrained(model_dir)
+    try:
+        config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        config = GenerationConfig()
+    config.eos_token_id = chat.stop_ids
+    config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(model_dir)
+
+
 def generation_config_stop_ids(location: str, revision: str | None = None) -> list[int]:
     """The eos ids of the model's generation_config.json (an int or a list), if it has one."""
     try:
@@ -118,6 +141,46 @@ def generation_config_stop_ids(location: str, revision: str | None = None) -> li
         return []
     eos = config.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def tokens_to_add(setting: str, add_tokens: str | list[str]) -> list[str]:
+    """template.add_tokens: 'auto' is the named template's own control tokens (none for the
+    tokenizer's template or a .jinja file); a list names them."""
+    if add_tokens != "auto":
+        return list(add_tokens)
+    return json.loads(TEMPLATE_TOKENS.read_text(encoding="utf-8")).get(setting, [])
+
+
+def add_tokens(tokenizer, tokens: list[str]) -> list[str]:
+    """The tokens the tokenizer lacked, added as special tokens (always one id, never split, never
+    merged with neighbouring text), in order."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in dict.fromkeys(tokens) if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return missing
+
+
+def run_tokenizer(ref, chat: "ChatFormat"):
+    """The base tokenizer with the tokens the template stage added: the same ids in every stage."""
+    from loraflow.modeling import load_tokenizer
+    tokenizer = load_tokenizer(ref)
+    size = len(tokenizer)
+    if add_tokens(tokenizer, chat.added_tokens) != chat.added_tokens or len(tokenizer) != size + len(chat.added_tokens):
+        raise LoraflowError(f"{ref.location}: the tokenizer changed since the template stage added "
+                            f"{chat.added_tokens}; rerun from it (dvc repro template)")
+    return tokenizer
+
+
+def template_control_tokens(render: Render, control: list[str]) -> list[str]:
+    """The control tokens a conversation rendered with this template holds (its role headers and
+    turn ends), system prompt and generation prompt included where the template takes them."""
+    text = probe_text(render) + render([{"role": "user", "content": "q"}], True)
+    try:
+        text += render([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], True)
+    except Exception:  # noqa: BLE001 - a template without a system role raises its own plain Exception
+        pass
+    return sorted(t for t in control if t in text)
 
 
 def make_chat_format(tokenizer, chat_template: str, template_source: str, render: Render, date: dt.date,
@@ -154,12 +217,21 @@ def escape_control_tokens(text: str, tokens: list[str]) -> str:
     return text
 
 
-def chat_format_for(tokenizer, params, generation_config_ids: list[int] = ()) -> tuple[Render, ChatFormat]:
-    """The renderer and the chat format that template params (TemplateParams) give for this tokenizer."""
+def chat_format_for(tokenizer, params, generation_config_ids: list[int] = (),
+                    base_knows_chat_tokens: bool = True) -> tuple[Render, ChatFormat]:
+    """The renderer and the chat format that template params (TemplateParams) give for this tokenizer,
+    which gains the tokens the template needs. The template's tokens count as untrained when they were
+    added now, or the base is a base checkpoint: one given a template of loraflow's or a file
+    (not its own), or one that says so (base_knows_chat_tokens false: the bundled base)."""
     chat_template = resolve_chat_template(params.chat_template, tokenizer)
+    added = add_tokens(tokenizer, tokens_to_add(params.chat_template, params.add_tokens))
     render = renderer(tokenizer, chat_template, params.fixed_date)
-    return render, make_chat_format(tokenizer, chat_template, params.chat_template, render, params.fixed_date,
-                                    list(generation_config_ids), params.end_of_turn)
+    chat = make_chat_format(tokenizer, chat_template, params.chat_template, render, params.fixed_date,
+                            list(generation_config_ids), params.end_of_turn)
+    in_template = template_control_tokens(render, chat.control_tokens)
+    base_model = params.chat_template != "tokenizer" or not base_knows_chat_tokens
+    untrained = in_template if base_model else [t for t in in_template if t in added]
+    return render, replace(chat, added_tokens=added, untrained_tokens=sorted(set(untrained) | set(added)))
 
 
 REASONING_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE), re.S)

@@ -8,6 +8,7 @@ sections follow it (tests/test_layout.py checks each)."""
 
 BASE_CORPUS = Path("data/base_corpus.txt")
 BASE_DIR = Path("models/base")
+BUILD_INFO = BASE_DIR / "build_info.json"  # written only for the bundled base, which is built here
 
 INGESTED = Path("data/interim/ingested.parquet")
 VALIDATED = Path("data/interim/validated.parquet")
@@ -22,6 +23,8 @@ CHAT_FORMAT = Path("data/interim/chat_format.json")  # the chat template and end
 TOKENS_DIR = Path("data/processed")
 TRAIN_TOKENS = TOKENS_DIR / "train.parquet"
 EVAL_TOKENS = TOKENS_DIR / "eval.parquet"
+GOLDEN_TOKENS = TOKENS_DIR / "golden.parquet"  # ingest.golden_sources' rows: scored, never trained on
+GOLDEN_SOURCE = "golden:"  # the source label's prefix that marks a golden row from ingest to tokenize
 TOKENIZE_REJECTS = TOKENS_DIR / "rejects.jsonl"
 MASK_AUDIT_JSON = Path("reports/mask_audit.json")
 MASK_AUDIT_MD = Path("reports/mask_audit.md")
@@ -33,6 +36,7 @@ CHECKPOINTS_DIR = Path("models/checkpoints")
 LAUNCH_DIR = Path("models/launch")  # the params and accelerate config of a multi-GPU train run (scratch)
 LOSS_CSV = Path("reports/train_loss.csv")
 LOSS_PNG = Path("reports/train_loss.png")
+TRAIN_LIVE = Path("reports/train_live")  # DVCLive's live metrics and plots of the train stage
 MEMORY_PLAN_MD = Path("reports/memory_plan.md")
 MEMORY_PLAN_JSON = Path("reports/memory_plan.json")
 PLAN_PREVIEW_MD = Path("reports/memory_plan_preview.md")
@@ -48,6 +52,8 @@ GENERATION_AUDIT = Path("reports/generation_audit.md")
 PROMOTED_DIR = Path("models/promoted")
 PROMOTION_JSON = Path("reports/promotion.json")
 PROMOTION_MD = Path("reports/promotion.md")
+DATA_CHANGES_JSON = Path("reports/data_changes.json")  # the training data since the champion's (promote)
+DATA_CHANGES_MD = Path("reports/data_changes.md")
 
 LINEAGE = Path("reports/lineage.json")
 RUN_RECORD = Path("reports/last_flow_run.json")  # written by the Prefect flow: its name, overrides, what it ran

@@ -54,9 +54,15 @@ def base_model() -> dict:
     if ref.exists():
         info = json.loads(ref.read_text())
         return {"id": info["source"], "revision": info.get("revision"), "content_sha256": info.get("content_sha256")}
-    build = layout.BASE_DIR / "build_info.json"
+    build = layout.BUILD_INFO
     return {"id": "bundled", "revision": None,
             "build": json.loads(build.read_text()) if build.exists() else None}
+
+
+def warm_start() -> dict | None:
+    """The adapter the trained one continued (train.init_from), with its content hash; None: a fresh one."""
+    info = layout.ADAPTER_DIR / "train_info.json"
+    return json.loads(info.read_text()).get("init_from") if info.exists() else None
 
 
 def hashes(entries: list[dict]) -> dict[str, str]:
@@ -73,7 +79,7 @@ def build(lock_path: Path = Path("dvc.lock")) -> dict:
     params = {s: next(iter(v.get("params", {}).values()), {}).get(s) for s, v in stages.items() if v.get("params")}
     metrics = json.loads(layout.METRICS.read_text()) if layout.METRICS.exists() else None
     promotion = json.loads(layout.PROMOTION_JSON.read_text()) if layout.PROMOTION_JSON.exists() else None
-    return {"chain": links, "code": code_version(), "base_model": base_model(), "params": params,
+    return {"chain": links, "code": code_version(), "base_model": base_model(), "warm_start": warm_start(), "params": params,
             "metrics": {m: metrics[m] for m in ("base", "tuned")} if metrics else None,
             "promoted": promotion["promoted"] if promotion else None}
 
@@ -81,6 +87,9 @@ def build(lock_path: Path = Path("dvc.lock")) -> dict:
 def describe(lineage: dict) -> str:
     lines = [f"code      {lineage['code']['git_commit']}{' (dirty)' if lineage['code']['dirty'] else ''}",
              f"base      {lineage['base_model']['id']} @ {lineage['base_model']['revision'] or '-'}"]
+    if lineage.get("warm_start"):
+        parent = lineage["warm_start"]
+        lines.append(f"parent    {parent['sha256'][:12]}  {parent['path']}  (train.init_from: the adapter continued)")
     for link in lineage["chain"]:
         lines.append(f"{link['name']:<13} {(link['md5'] or 'missing')[:12]}  {link['path']}  (stage {link['stage']})")
     if lineage["metrics"]:

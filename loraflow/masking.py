@@ -43,7 +43,7 @@ class Rendered:
     inserts there, such as Qwen3's empty reasoning block)."""
 
 
-def _probe(render: Render) -> str:
+def probe_text(render: Render) -> str:
     probe = [{"role": "user", "content": PROBE_USER0}, {"role": "assistant", "content": PROBE_FIRST},
              {"role": "user", "content": PROBE_USER}, {"role": "assistant", "content": PROBE_SECOND}]
     try:
@@ -56,7 +56,7 @@ def end_of_turn_text(render: Render) -> str:
     """What the template writes right after an assistant turn's content: the part shared by the text
     between that turn and the next user turn, and the text after a final assistant turn, less
     trailing whitespace (a newline after `<|im_end|>` is layout, not the turn's end)."""
-    text = _probe(render)
+    text = probe_text(render)
     first_end = text.index(PROBE_FIRST) + len(PROBE_FIRST)
     between = text[first_end:text.index(PROBE_USER, first_end)]
     trailer = text[text.rindex(PROBE_SECOND) + len(PROBE_SECOND):]
@@ -70,7 +70,7 @@ def user_turn_end(render: Render) -> str:
     end and the assistant's header), as shared by a mid-conversation and a final exchange. A user
     turn is located only where this follows it, so a short answer is never found inside a header
     ("end" inside "<|end|>") or a user turn inside template text."""
-    text = _probe(render)
+    text = probe_text(render)
     user0_end = text.index(PROBE_USER0) + len(PROBE_USER0)
     user_end = text.index(PROBE_USER) + len(PROBE_USER)
     return os.path.commonprefix([text[user0_end:text.index(PROBE_FIRST, user0_end)],

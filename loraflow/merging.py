@@ -3,7 +3,9 @@ memory map and its merged copy written tensor by tensor, so an 8B merge holds a 
 memory, never a shard, let alone the model.
 
 W' = W + scale * B @ A for every adapted weight, computed in float32 and stored in the output dtype;
-modules trained in full beside the adapter (modules_to_save) replace their base weights.
+modules trained in full beside the adapter (modules_to_save) replace their base weights, and token
+rows trained beside it (PEFT's trainable tokens) replace their rows. When the template added tokens,
+the embedding and head grow first, the new rows set as training grew them (modeling.grown_rows).
 
 After QLoRA, the base the adapter was trained on is the 4-bit nf4 copy of W, not W: `nf4_base`
 merges into dequantize(quantize(W)) instead, exactly what the 4-bit layers computed with in
@@ -22,14 +24,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from loraflow.errors import LoraflowError
+from loraflow.modeling import grown_rows
 
 ADAPTER_PREFIX = "base_model.model."
 INDEX = "model.safetensors.index.json"
 NOT_QUANTIZED = ("embed_tokens", "lm_head")  # bitsandbytes keeps these in 16-bit
+TOKEN_ROWS = ".token_adapter.trainable_tokens_delta"  # PEFT's key of trained token rows
+TIED_HEAD = "lm_head.token_adapter."  # PEFT's copy of the embedding's rows, for a tied head
+TOKEN_BASE = ".token_adapter.base_layer"  # and of the whole matrix under them, saved when the vocabulary grew
+VOCAB_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")  # the Llama, Qwen, Gemma, Mistral and Phi-3 names
 
 
-def read_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict[str, torch.Tensor]]:
-    """{base weight name: (A, B, scale)} and {base weight name: replacement} from a saved PEFT LoRA adapter."""
+def read_adapter(adapter_dir: Path, tied_head: bool = False) -> tuple[dict, dict, dict]:
+    """From a saved PEFT LoRA adapter: {base weight name: (A, B, scale)}, {base weight name:
+    replacement}, and {base weight name: (row indices, rows)} for trained token rows. tied_head: the
+    base ties its head to the embedding, so what PEFT saved for the head is the embedding's, again."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     unsupported = [k for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern") if config.get(k)]
     if unsupported or config.get("bias", "none") != "none":
@@ -37,15 +46,26 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch
     r, alpha = config["r"], config["lora_alpha"]
     scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    lora, replaced = {}, {}
+    lora, replaced, rows = {}, {}, {}
+    token_indices = config.get("trainable_token_indices") or {}
     for key, value in tensors.items():
         name = key.removeprefix(ADAPTER_PREFIX)
-        if ".lora_A." in name:
+        if tied_head and name.startswith(TIED_HEAD):
+            continue
+        if TOKEN_ROWS in name:
+            module = name.split(TOKEN_ROWS)[0]
+            # a list of indices names the input embedding's rows; a dict names them per module
+            indices = token_indices.get(module.rsplit(".", 1)[-1]) if isinstance(token_indices, dict) else token_indices
+            if indices is None or len(indices) != value.shape[0]:
+                raise LoraflowError(f"{adapter_dir}: trained rows of {module} do not match trainable_token_indices")
+            rows[module + ".weight"] = (torch.tensor(indices), value)
+        elif ".lora_A." in name:
             base_key = name.replace(".lora_A.weight", ".weight")
             lora[base_key] = (value, tensors[key.replace(".lora_A.", ".lora_B.")], scale)
         elif ".lora_B." not in name:
-            replaced[name] = value
-    return lora, replaced
+            # PEFT saves a grown embedding or head whole (its base_layer), as training had it
+            replaced[name.replace(TOKEN_BASE, "")] = value
+    return lora, replaced, rows
 
 
 def base_shards(base_dir: Path) -> list[Path]:
@@ -94,14 +114,26 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, list[int]]
 
 
 def merge_tensor(key: str, weight: torch.Tensor, lora: dict, out_dtype: torch.dtype, nf4_base: bool,
-                 compute_dtype: torch.dtype, work: torch.device) -> torch.Tensor:
+                 compute_dtype: torch.dtype, work: torch.device, rows: dict | None = None,
+                 grow_to: int = 0) -> torch.Tensor:
     w = weight.to(work)
+    if grow_to > w.shape[0]:
+        # grown in the dtype training loaded the base in (compute_dtype), as modeling.fit_vocab did
+        w = grown_rows(w.to(compute_dtype), grow_to)
     if nf4_base and is_quantized_linear(key, w):
         w = nf4_roundtrip(w, compute_dtype)
     if key in lora:
         a, b, scale = lora[key]
         w = w.float() + scale * (b.to(work, torch.float32) @ a.to(work, torch.float32))
+    if rows and key in rows:
+        indices, values = rows[key]
+        w = w.index_copy(0, indices.to(work), values.to(work, w.dtype))
     return w.to(out_dtype).cpu()
+
+
+def grows_with_vocab(key: str) -> bool:
+    """The input embedding and the output head: the weights with a row per token."""
+    return key.endswith(VOCAB_WEIGHTS)
 
 
 def memory_status(field: str) -> float:
@@ -124,11 +156,15 @@ def reset_peak_rss() -> float:
 
 def merge_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, *, out_dtype: torch.dtype | None = None,
                  nf4_base: bool = False, compute_dtype: torch.dtype = torch.bfloat16,
-                 work: torch.device | str = "cpu") -> dict:
-    """Write base + adapter, merged, to out_dir with the base's own sharding. Returns what it did."""
+                 work: torch.device | str = "cpu", vocab_size: int = 0) -> dict:
+    """Write base + adapter, merged, to out_dir with the base's own sharding. Returns what it did.
+    vocab_size: the vocabulary grown for tokens the template added (the embedding and head get rows)."""
     t0, rss0 = time.perf_counter(), reset_peak_rss()
-    lora, replaced = read_adapter(adapter_dir)
-    pending = set(lora) | set(replaced)
+    config = json.loads((base_dir / "config.json").read_text())
+    tied = bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
+    lora, replaced, rows = read_adapter(adapter_dir, tied_head=tied)
+    pending = set(lora) | set(replaced) | set(rows)
+    grown = 0
     shards = base_shards(base_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for shard in shards:
@@ -137,12 +173,16 @@ def merge_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, *, out_dtype:
             for key in f.keys():
                 view = f.get_slice(key)
                 dtype = SAFETENSORS_DTYPES[view.get_dtype()]
-                specs[key] = (out_dtype if out_dtype is not None and dtype.is_floating_point else dtype, view.get_shape())
+                shape = view.get_shape()
+                if grows_with_vocab(key) and vocab_size > shape[0]:
+                    shape, grown = [vocab_size, *shape[1:]], vocab_size - shape[0]
+                specs[key] = (out_dtype if out_dtype is not None and dtype.is_floating_point else dtype, shape)
 
             def produce(key):
                 weight = replaced[key] if key in replaced else f.get_tensor(key)
                 pending.discard(key)
-                return merge_tensor(key, weight, lora, specs[key][0], nf4_base, compute_dtype, torch.device(work))
+                return merge_tensor(key, weight, lora, specs[key][0], nf4_base, compute_dtype, torch.device(work),
+                                    rows, grow_to=specs[key][1][0] if grows_with_vocab(key) else 0)
             write_safetensors(out_dir / shard.name, specs, produce)
     if pending:
         raise LoraflowError(f"{adapter_dir}: {len(pending)} adapter weights have no base weight in {base_dir}, "
@@ -150,11 +190,14 @@ def merge_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, *, out_dtype:
     for name in (INDEX, "config.json", "generation_config.json"):
         if (base_dir / name).exists():
             shutil.copy2(base_dir / name, out_dir / name)
+    config = json.loads((out_dir / "config.json").read_text())
     if out_dtype is not None:
-        config = json.loads((out_dir / "config.json").read_text())
         config["dtype"] = str(out_dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if grown:
+        config["vocab_size"] = vocab_size
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return {"shards": len(shards), "merged_weights": len(lora), "replaced_weights": len(replaced),
+            "token_rows_replaced": sum(len(i) for i, _ in rows.values()), "rows_added": grown,
             "nf4_base": nf4_base, "seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_gib": round(memory_status("VmHWM"), 3), "rss_before_gib": round(rss0, 3)}

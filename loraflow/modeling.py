@@ -99,6 +99,28 @@ def load_model(ref: BaseRef, dtype: torch.dtype, quantization_config=None, devic
                             "safetensors; for a hub id, check the name, revision and network/HF_HUB_OFFLINE.") from None
 
 
+def grown_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` with rows appended up to `rows`, each the mean of the old rows (in float32): a token
+    the base never had starts as the average token, not as noise that a softmax would pick up. Every
+    stage and the streaming merge grow a vocabulary with this one function, so they agree bit for bit."""
+    mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(rows - weight.shape[0], -1)])
+
+
+def fit_vocab(model, size: int) -> int:
+    """The model's input embedding (and untied output head) grown to `size` rows for tokens the
+    template stage added (ChatFormat.added_tokens); returns the rows added. A model that already has
+    the rows (Qwen pads its vocabulary) is left as it is."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if size <= old:
+        return 0
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+            module.weight.copy_(grown_rows(module.weight[:old], size))
+    return size - old
+
+
 LORA8_UNSHARDABLE = ("train.method=lora8 cannot be sharded across GPUs (FSDP shards no int8 weights); "
                      "use lora or qlora with train.num_gpus above 1")
 

@@ -116,6 +116,11 @@ class IngestParams(Section):
     (Source) that name a `datasets` dataset or sample a source with max_rows / weight."""
     system_prompt: str | None = None
     """System turn prepended to rows that have none (None: leave rows as they are)."""
+    golden_sources: list[str | Source] = []
+    """A frozen golden set: files (or Source mappings) ingested, validated and templated like the
+    rest, but never trained on and never part of the eval split. evaluate scores every golden row
+    beside the eval rows, and the gate compares champion and challenger on them too. Read first, so
+    a training row equal to a golden one is the duplicate that validation rejects."""
 
     @field_validator("sources")
     @classmethod
@@ -159,6 +164,10 @@ class TemplateParams(Section):
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
     """The stage fails when more rows than this share cannot be rendered or masked (each rejected row
     goes to data/interim/template_rejects.jsonl with its reason)."""
+    add_tokens: Literal["auto"] | list[str] = "auto"
+    """Tokens the template needs that the base tokenizer may lack: auto is the named template's own
+    (loraflow/templates/tokens.json; none for 'tokenizer' or a .jinja file), or a list. Those
+    missing are added as single tokens; train.trainable_tokens trains them."""
     control_tokens: Literal["reject", "escape"] = "reject"
     """Row content holding the tokenizer's control tokens (<|im_start|>, <|eot_id|>, ...) would be
     tokenized as the template's own tokens and could inject turns: reject the row (with the reason),
@@ -207,8 +216,18 @@ class TrainParams(Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or all-linear (every linear layer except the output head)."""
     modules_to_save: list[str] = []
-    """Modules trained in full beside the adapter (saved with it), e.g. [lm_head] when the chat
-    template's tokens are new to the base model, as with a base (non-instruct) checkpoint."""
+    """Modules trained in full beside the adapter (e.g. [lm_head]); rarely needed: see trainable_tokens."""
+    init_from: str = "base"
+    """Where the adapter starts: base (a fresh adapter), promoted (continue the promoted adapter in
+    models/promoted; a fresh one while nothing is promoted), or the path of a PEFT adapter. A parent
+    must have this run's rank, alpha and trainable tokens; its hash goes into the checkpoint
+    fingerprint and the lineage."""
+    trainable_tokens: Literal["auto"] | list[str] = "auto"
+    """Tokens whose embedding and output-head rows are trained beside the adapter (PEFT's
+    trainable_token_indices), for a base that never learned the chat template's tokens. auto: the
+    template stage's untrained_tokens (data/interim/chat_format.json): the template's tokens on a base
+    checkpoint (a named or file template, or the bundled base), and any token it added; none for an
+    instruct model on its own template. [] trains none."""
     lr: float = Field(1e-3, gt=0)
     """Peak learning rate (linear decay after warmup)."""
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -229,6 +248,18 @@ class TrainParams(Section):
     """Write a resumable checkpoint every this many optimizer steps."""
     logging_steps: int = Field(5, ge=1)
     """Log the loss every this many steps (the loss curve's resolution)."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Compute the eval loss every this many steps while training (logged with the train loss);
+    unset: once, after training."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop when the eval loss has not improved for this many evaluations (needs eval_steps and
+    keep: best)."""
+    keep: Literal["last", "best"] = "last"
+    """Which adapter the stage writes: the last step's, or the one with the lowest eval loss (needs
+    eval_steps, and save_steps a multiple of it: the best is kept as a checkpoint)."""
+    report_to: list[Literal["mlflow", "wandb", "tensorboard"]] = []
+    """Trackers besides DVCLive (which logs whenever it is installed), through transformers' own
+    integrations; each needs its package and its usual environment (MLFLOW_TRACKING_URI, WANDB_*)."""
     gradient_checkpointing: bool | int | Literal["auto"] = "auto"
     """Recompute activations in backward to save memory: true (every layer), false, a number of
     layers, or auto (the memory plan picks the fewest layers that fit; none on CPU)."""
@@ -272,6 +303,19 @@ class TrainParams(Section):
         if isinstance(v, list) and not v:
             raise ValueError("name at least one module to adapt, or all-linear")
         return v
+
+    @model_validator(mode="after")
+    def _evaluation_during_training(self):
+        if self.keep == "best" or self.early_stopping_patience:
+            what = "train.keep: best" if self.keep == "best" else "train.early_stopping_patience"
+            if not self.eval_steps:
+                raise ValueError(f"{what} needs train.eval_steps (evaluations to choose from)")
+            if self.keep != "best":
+                raise ValueError("train.early_stopping_patience needs train.keep: best (stopping keeps the best adapter)")
+            if self.save_steps % self.eval_steps:
+                raise ValueError(f"train.keep: best needs train.save_steps ({self.save_steps}) to be a multiple of "
+                                 f"train.eval_steps ({self.eval_steps}): the best step must have a checkpoint")
+        return self
 
     _positive_micro_batch = at_least_one_or_auto("micro_batch")
 
@@ -326,9 +370,14 @@ class PromoteParams(Section):
     metrics: list[Literal["exact_match", "rouge1", "rouge2", "rougeL"]] = Field(["exact_match", "rougeL"], min_length=1)
     """Metrics on which the new adapter must win (all of them); at least one, or the gate passes anything."""
     min_gain_over_base: float = 0.05
-    """The tuned model must beat the base model by at least this much on each metric."""
+    """The tuned model (the challenger) must beat the base model by at least this much on each metric."""
     min_gain_over_promoted: float = 0.0
-    """...and the last promoted adapter by at least this much (0: not worse)."""
+    """...and the promoted adapter (the champion, scored on the same rows) by at least this much."""
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    """Each gain is the mean per-row difference on the same rows; it counts when the lower bound of
+    this paired bootstrap confidence interval clears the margin (not the mean alone)."""
+    bootstrap_resamples: int = Field(2000, ge=100)
+    """Resamples of the paired bootstrap (seeded: the same scores give the same interval)."""
 
 
 class ScheduleParams(Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,14 +21,16 @@ from loraflow.params import TrainParams
 log = logging.getLogger("loraflow.train")
 
 
-def setup_for_params(params: TrainParams, act_bytes: int, fused: bool, shards: int = 1) -> memplan.Setup:
-    """The Setup that TrainParams describe; checkpoint_layers and tokens are filled in by the plan."""
+def setup_for_params(params: TrainParams, act_bytes: int, fused: bool, shards: int = 1,
+                     trainable_tokens: int = 0) -> memplan.Setup:
+    """The Setup that TrainParams describe, with trainable_tokens token rows trained (resolved from
+    train.trainable_tokens); checkpoint_layers and tokens are filled in by the plan."""
     targets = memplan.LINEAR_NAMES if params.target_modules == "all-linear" else tuple(
         n for n in memplan.LINEAR_NAMES if n in params.target_modules)
     method = "lora" if params.method == "auto" else params.method
     return memplan.Setup(method=method, fused=fused, rank=params.rank, targets=targets,
                  modules_to_save=tuple(params.modules_to_save), optimizer=params.optimizer, act_bytes=act_bytes,
-                 shards=shards, embedding_on_cpu=params.embedding_on_cpu is True,
+                 shards=shards, embedding_on_cpu=params.embedding_on_cpu is True, trainable_tokens=trainable_tokens,
                  embedding_frozen=params.target_modules == "all-linear" or "embed_tokens" not in params.target_modules)
 
 def fixed_checkpoint_layers(setting, layers: int) -> int | None:
@@ -40,7 +42,8 @@ def fixed_checkpoint_layers(setting, layers: int) -> int | None:
     return max(0, min(int(setting), layers))
 
 def plan_for_params(params: TrainParams, arch: memplan.Arch, max_length: int, act_bytes: int, fused: bool,
-                    gpu_free_bytes: float | None, processes: int = 1, shards: int = 1) -> memplan.Plan:
+                    gpu_free_bytes: float | None, processes: int = 1, shards: int = 1,
+                    trainable_tokens: int = 0) -> memplan.Plan:
     """The plan for one training process: the budget is params.memory_budget_gib, else the GPU's free
     memory, else (CPU) none. With several processes each takes rows_per_step / processes
     rows per step; `shards` of them share the weights (FSDP). method auto tries lora, lora8 and qlora,
@@ -58,10 +61,10 @@ def plan_for_params(params: TrainParams, arch: memplan.Arch, max_length: int, ac
     methods = None
     if params.method == "auto" and budget is not None:
         methods = tuple(m for m in memplan.METHODS_FASTEST_FIRST if shards == 1 or m != "lora8")
-    base = setup_for_params(params, act_bytes, fused, shards)
+    base = setup_for_params(params, act_bytes, fused, shards, trainable_tokens)
     if base.embedding_on_cpu and not memplan.embedding_can_leave_gpu(arch, base):
         raise LoraflowError("train.embedding_on_cpu=true needs an input embedding that is frozen (not in "
-                            "modules_to_save or target_modules), not tied to the output head, and not "
+                            "modules_to_save or target_modules, no trainable_tokens), not tied to the output head, and not "
                             "sharded (num_gpus 1)")
     return memplan.make_plan(arch, base, max_length, rows, budget, micro_batch=micro,
                      checkpoint_layers=fixed_checkpoint_layers(params.gradient_checkpointing, arch.layers),
@@ -91,23 +94,26 @@ def resolve_speed(params: TrainParams, model_type: str) -> Speed:
 
 
 def make_plan(params: TrainParams, config, max_length: int, speed: Speed, dtype: torch.dtype,
-              fsdp_gpus: int | None = None) -> memplan.Plan:
+              fsdp_gpus: int | None = None, trainable_tokens: int = 0, vocab_size: int = 0) -> memplan.Plan:
     """This process's plan; with several processes every one plans for the GPU with the least free
     memory, so all pick the same micro-batch. fsdp_gpus: plan one of that many FSDP processes
-    (`loraflow plan --gpus`) instead of the processes this one was launched with."""
+    (`loraflow plan --gpus`) instead of the processes this one was launched with. vocab_size: the
+    vocabulary grown for tokens the template added, when larger than the config's."""
     free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
     if free is not None:
         free = distributed.min_across_processes(free)
     processes = fsdp_gpus or distributed.world_size()
     shards = fsdp_gpus or (processes if distributed.fsdp_enabled() else 1)
-    return plan_for_params(params, memplan.Arch.from_config(config), max_length,
-                                   act_bytes=dtype.itemsize, fused=speed.fused, gpu_free_bytes=free,
-                                   processes=processes, shards=shards)
+    arch = memplan.Arch.from_config(config)
+    arch = replace(arch, vocab=max(arch.vocab, vocab_size))
+    return plan_for_params(params, arch, max_length, act_bytes=dtype.itemsize, fused=speed.fused,
+                           gpu_free_bytes=free, processes=processes, shards=shards, trainable_tokens=trainable_tokens)
 
 
-def write_plan(plan: memplan.Plan, md: Path = layout.MEMORY_PLAN_MD, as_json: Path = layout.MEMORY_PLAN_JSON) -> None:
+def write_plan(plan: memplan.Plan, md: Path = layout.MEMORY_PLAN_MD, as_json: Path = layout.MEMORY_PLAN_JSON,
+               on_cpu: bool = False) -> None:
     """Log the plan as a table, write it to reports/, and stop when it does not fit."""
-    table = memplan.render(plan)
+    table = memplan.render(plan, on_cpu=on_cpu)
     for line in table.splitlines():
         log.info("%s", line)
     write_text(md, "# Memory plan\n\n" + table + "\n")

@@ -7,13 +7,18 @@ from typing import Sequence
 from loraflow.artifacts import atomic_path
 
 
-def line_plot(path: Path | str, x: Sequence[float], y: Sequence[float], *, title: str, xlabel: str, ylabel: str) -> None:
+def line_plot(path: Path | str, series: dict[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
+              xlabel: str, ylabel: str) -> None:
+    """One line per named (x, y) series, with a legend when there are several."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(list(x), list(y), marker=".", linewidth=1)
+    for name, (x, y) in series.items():
+        ax.plot(list(x), list(y), marker=".", linewidth=1, label=name)
+    if len(series) > 1:
+        ax.legend()
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -17,10 +17,11 @@ import torch
 
 from loraflow import distributed, fastpath, layout, memplan
 from loraflow.artifacts import atomic_path, sha256_file, sha256_tree
+from loraflow.chat_format import ChatFormat, run_tokenizer
 from loraflow.errors import LoraflowError
 from loraflow.faults import maybe_die
 from loraflow.masking import IGNORE_INDEX
-from loraflow.modeling import device_map, load_model, quantization_config
+from loraflow.modeling import device_map, fit_vocab, load_model, quantization_config
 from loraflow.params import TrainParams
 from loraflow.planning import Speed, out_of_memory
 from loraflow.plots import line_plot
@@ -56,29 +57,105 @@ def pad_collator(pad_id: int):
     return collate
 
 
-def lora_config(params: TrainParams):
+def trainable_token_ids(setting, untrained_tokens: list[str], tokenizer) -> list[int]:
+    """train.trainable_tokens as token ids: auto is the chat format's untrained tokens (the template's
+    tokens a base checkpoint never learned, and any the template stage added)."""
+    tokens = untrained_tokens if setting == "auto" else setting
+    vocab = tokenizer.get_vocab()
+    unknown = [t for t in tokens if t not in vocab]
+    if unknown:
+        raise LoraflowError(f"train.trainable_tokens: {unknown} are not single tokens of this tokenizer; name "
+                            "tokens it has, or add them through template.add_tokens")
+    return sorted({vocab[t] for t in tokens})
+
+
+def run_tokens(params: TrainParams, ref):
+    """The run's tokenizer (with the tokens the template stage added) and the ids whose rows train."""
+    chat = ChatFormat.read(layout.CHAT_FORMAT)
+    tokenizer = run_tokenizer(ref, chat)
+    return tokenizer, trainable_token_ids(params.trainable_tokens, chat.untrained_tokens, tokenizer)
+
+
+def token_indices_by_module(model, ids: list[int]) -> dict[str, list[int]] | None:
+    """PEFT's trainable_token_indices: the ids' rows of the input embedding and of an untied output
+    head (a tied head follows the embedding: PEFT ties the two)."""
+    if not ids:
+        return None
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(m): name.rsplit(".", 1)[-1] for name, m in model.named_modules()}
+    indices = {names[id(embedding)]: list(ids)}
+    if head is not None and head.weight is not embedding.weight:
+        indices[names[id(head)]] = list(ids)
+    return indices
+
+
+def lora_config(params: TrainParams, token_indices: dict[str, list[int]] | None = None):
     from peft import LoraConfig
     return LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
                       target_modules=params.target_modules, modules_to_save=params.modules_to_save or None,
-                      task_type="CAUSAL_LM", bias="none")
+                      trainable_token_indices=token_indices, task_type="CAUSAL_LM", bias="none")
 
 
-def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: memplan.Setup, speed: Speed):
+def parent_adapter(setting: str) -> Path | None:
+    """train.init_from as the adapter directory to continue, or None for a fresh adapter."""
+    if setting == "base":
+        return None
+    if setting == "promoted":
+        promoted = layout.PROMOTED_DIR / "adapter"
+        if not (promoted / "adapter_config.json").is_file():
+            log.info("train.init_from: promoted, but nothing is promoted yet: a fresh adapter")
+            return None
+        return promoted
+    path = Path(setting)
+    if not (path / "adapter_config.json").is_file():
+        raise LoraflowError(f"train.init_from: {setting} is not a PEFT adapter directory (no adapter_config.json); "
+                            "use base, promoted, or such a directory")
+    return path
+
+
+def check_parent(parent: Path, config) -> None:
+    """A warm start continues the parent's weights, so its adapter must have this run's shape."""
+    saved = json.loads((parent / "adapter_config.json").read_text())
+    wanted = {"r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
+              "trainable_token_indices": config.trainable_token_indices,
+              "modules_to_save": sorted(config.modules_to_save or []) or None}
+    if config.target_modules != "all-linear":
+        wanted["target_modules"] = sorted(config.target_modules)
+    have = {**saved, "modules_to_save": sorted(saved.get("modules_to_save") or []) or None,
+            "target_modules": sorted(saved.get("target_modules") or [])}
+    differ = [f"{k}: parent {have.get(k)!r}, this run {v!r}" for k, v in wanted.items() if have.get(k, v) != v]
+    if differ:
+        raise LoraflowError(f"train.init_from: the adapter in {parent} cannot be continued with these params ("
+                            + "; ".join(differ) + "). Set the train params to the parent's, or train.init_from: base")
+
+
+def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: memplan.Setup, speed: Speed,
+                     vocab_size: int = 0, token_ids: list[int] = (), parent: Path | None = None):
     """The base (quantized as the plan's method says) with fused kernels, packed attention and the
-    plan's checkpointing, wrapped with a fresh LoRA adapter."""
+    plan's checkpointing, its vocabulary grown to vocab_size for tokens the template added, wrapped with
+    a fresh LoRA adapter that also trains the token_ids' embedding and output rows, or with the parent
+    adapter's weights to continue (a warm start)."""
     from peft import get_peft_model
     torch.manual_seed(params.seed)  # LoRA A matrices are drawn at wrap time
     quant = quantization_config(setup.method, dtype, sharded=distributed.fsdp_enabled())
     attn = fastpath.register_packed_attention() if speed.packing else None
     model = load_model(ref, dtype, quantization_config=quant, attn_implementation=attn,
                        device_map=device_map())
+    if fit_vocab(model, vocab_size):
+        log.info("vocabulary grown to %d rows for the tokens the template added", vocab_size)
     model.config.use_cache = False
     if speed.fused:
         fastpath.apply_fused_kernels(model, layers=setup.fused_layers)
     # No prepare_model_for_kbit_training: it upcasts the embedding, the output head and every norm
     # to fp32 (about 2 GiB at 8B), which training a LoRA adapter does not need.
     try:
-        model = get_peft_model(model, lora_config(params))
+        config = lora_config(params, token_indices_by_module(model, list(token_ids)))
+        if parent is None:
+            model = get_peft_model(model, config)
+        else:
+            from peft import PeftModel
+            check_parent(parent, config)
+            model = PeftModel.from_pretrained(model, parent, is_trainable=True)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise LoraflowError(f"train.target_modules: {e}. This model's linear layers: {', '.join(linear)}") from None
@@ -93,9 +170,12 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
     return model
 
 
-def fingerprint(params: TrainParams, ref) -> str:
-    """Everything that shapes the run: a checkpoint from another fingerprint must not be resumed."""
+def fingerprint(params: TrainParams, ref, parent_sha256: str | None = None) -> str:
+    """Everything that shapes the run: a checkpoint from another fingerprint must not be resumed.
+    parent_sha256: the content hash of the adapter a warm start continues."""
     h = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True).encode())
+    if parent_sha256 is not None:
+        h.update(parent_sha256.encode())  # a warm start from another parent is another run
     h.update(str(distributed.world_size()).encode())  # a checkpoint of another process count is not resumed
     h.update(sha256_file(layout.TRAIN_TOKENS).encode())
     h.update(json.dumps([ref.location, ref.revision]).encode())
@@ -165,6 +245,8 @@ def progress_callback():
             if logs and "loss" in logs:
                 log.info("step %d/%d loss %.4f lr %.2e", state.global_step, state.max_steps, logs["loss"],
                          logs.get("learning_rate", 0.0))
+            if logs and "eval_loss" in logs:
+                log.info("step %d/%d eval loss %.4f", state.global_step, state.max_steps, logs["eval_loss"])
     return Progress()
 
 
@@ -183,7 +265,11 @@ def training_args(params: TrainParams, out_dir: Path, dtype: torch.dtype, plan: 
         # steps (transformers 5 has no warmup_ratio argument), and warmup_ratio is checked to be below 1
         warmup_steps=params.warmup_ratio, lr_scheduler_type="linear", weight_decay=params.weight_decay,
         logging_steps=params.logging_steps, save_strategy="steps", save_steps=params.save_steps,
-        save_total_limit=1, seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=True,
+        # with keep: best the Trainer keeps the best checkpoint besides the newest
+        save_total_limit=1, seed=params.seed, data_seed=params.seed, report_to=params.report_to or "none",
+        eval_strategy="steps" if params.eval_steps else "no", eval_steps=params.eval_steps,
+        load_best_model_at_end=params.keep == "best", metric_for_best_model="eval_loss", greater_is_better=False,
+        include_num_input_tokens_seen=True, disable_tqdm=True,
         bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16, use_cpu=not on_gpu,
         remove_unused_columns=False, dataloader_num_workers=0, optim=optim,
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
@@ -194,10 +280,13 @@ def training_args(params: TrainParams, out_dir: Path, dtype: torch.dtype, plan: 
 
 def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, train_ds, eval_ds, pad_id: int,
                  out_dir: Path, dtype: torch.dtype, callbacks=()):
-    from transformers import Trainer
+    from transformers import EarlyStoppingCallback, Trainer
+    callbacks = list(callbacks)
+    if params.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
     collator = fastpath.packed_collator(pad_id) if speed.packing else pad_collator(pad_id)
     trainer = Trainer(model=model, args=training_args(params, out_dir, dtype, plan), train_dataset=train_ds,
-                      eval_dataset=eval_ds, data_collator=collator, callbacks=list(callbacks))
+                      eval_dataset=eval_ds, data_collator=collator, callbacks=callbacks)
     if trainer.is_fsdp_enabled:
         # FSDP1 without use_orig_params flattens each wrapped unit into one tensor: PEFT's policy gives
         # the trainable LoRA weights units of their own, apart from the frozen base weights
@@ -247,9 +336,19 @@ def stable_adapter_config(path: Path) -> None:
 
 
 def save_loss_curve(history: list[dict]) -> list[dict]:
+    """The train loss (and the eval loss where it was computed during training) by step, as a CSV and
+    a picture for whoever does not run `dvc plots`. Only the log of training itself: the eval loss
+    computed after it (of the kept adapter) is the summary's, not a point of the curve."""
+    end = next((i for i, h in enumerate(history) if "train_loss" in h), len(history))  # the summary entry
+    history = history[:end]
     points = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")} for h in history if "loss" in h]
+    evals = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    for p in points:
+        p["eval_loss"] = evals.get(p["step"])
     with atomic_path(layout.LOSS_CSV) as tmp:
-        pd.DataFrame(points, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)
-    line_plot(layout.LOSS_PNG, [p["step"] for p in points], [p["loss"] for p in points],
-              title="training loss", xlabel="optimizer step", ylabel="loss (trained tokens)")
+        pd.DataFrame(points, columns=["step", "loss", "lr", "eval_loss"]).to_csv(tmp, index=False)
+    series = {"train": ([p["step"] for p in points], [p["loss"] for p in points])}
+    if evals:
+        series["eval"] = (list(evals), list(evals.values()))
+    line_plot(layout.LOSS_PNG, series, title="loss", xlabel="optimizer step", ylabel="loss (trained tokens)")
     return points

@@ -111,7 +111,7 @@ def build_bundled(shape: BundledBase, corpus_path: Path, out_dir: Path) -> dict:
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "build_info.json", {"corpus": str(corpus_path), "corpus_sha256": sha256_tree(corpus_path),
+        write_json(tmp / layout.BUILD_INFO.name, {"corpus": str(corpus_path), "corpus_sha256": sha256_tree(corpus_path),
                                              "shape": shape.model_dump(), "pretrain_losses": losses})
     return {"source": "bundled", "parameters": sum(p.numel() for p in model.parameters()),
             "vocab_size": len(tokenizer), "pretrain_loss_first": losses[0] if losses else None,

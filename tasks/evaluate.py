@@ -11,29 +11,21 @@ Imports neither prefect, dvc nor pandera: this stage also runs on minimal GPU ma
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pandas as pd
-import torch
 
-import loraflow
-from loraflow import layout, memplan
+from loraflow import layout
 from loraflow.artifacts import write_json, write_jsonl, write_text
 from loraflow.audit import FLAGS, audit_flags
-from loraflow.chat_format import ChatFormat, strip_reasoning
-from loraflow.generation import generate_texts
-from loraflow.modeling import BaseRef, compute_dtype, device, load_model, load_tokenizer, release_memory, resolve_base
+from loraflow.chat_format import ChatFormat, run_tokenizer
+from loraflow.evaluation import (GenerationSettings, aggregate, eval_rows_sha256, generate_all, load_for_generation,
+                                 load_metric, rows_of, score_rows)
+from loraflow.modeling import BaseRef, resolve_base
 from loraflow.params import EvaluateParams
 from loraflow.stage import main
 
 log = logging.getLogger("loraflow.evaluate")
-METRICS_DIR = Path(loraflow.__file__).resolve().parent / "metrics"  # shipped modules, loaded by path
 MODELS = ("base", "tuned")
-
-
-def load_metric(name: str):
-    import evaluate
-    return evaluate.load(str(METRICS_DIR / name))
 
 
 def eval_rows(params: EvaluateParams) -> pd.DataFrame:
@@ -41,37 +33,16 @@ def eval_rows(params: EvaluateParams) -> pd.DataFrame:
     return df.sort_values("id").head(params.max_rows).reset_index(drop=True)
 
 
-def generate_all(ref: BaseRef, tokenizer, prompts: list[str], chat: ChatFormat, params: EvaluateParams) -> list[dict]:
-    model = load_model(ref, compute_dtype("auto")).to(device()).eval()
-    batch = generation_batch_size(model, tokenizer, prompts, params)
-    log.info("generating %d rows in batches of %d", len(prompts), batch)
-    out = generate_texts(model, tokenizer, prompts, stop_ids=chat.stop_ids, end_of_turn=chat.end_of_turn,
-                         max_new_tokens=params.max_new_tokens, batch_size=batch)
-    if params.strip_reasoning:
-        out = [{**o, "text": strip_reasoning(o["text"])} for o in out]
-    del model
-    release_memory()
-    return out
+def scored_rows(params: EvaluateParams) -> pd.DataFrame:
+    """The eval rows, then every golden row (ingest.golden_sources), each marked with its set."""
+    golden = pd.read_parquet(layout.GOLDEN_TOKENS, columns=["id", "family", "prompt", "reference"])
+    return pd.concat([eval_rows(params).assign(set="eval"), golden.sort_values("id").assign(set="golden")],
+                     ignore_index=True)
 
 
-def generation_batch_size(model, tokenizer, prompts: list[str], params: EvaluateParams) -> int:
-    """params.batch_size, or (auto) what the memory plan fits beside the loaded weights; 32 on CPU."""
-    if params.batch_size != "auto":
-        return params.batch_size
-    if not torch.cuda.is_available():
-        return 32
-    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    return memplan.generation_batch(memplan.Arch.from_config(model.config), longest, params.max_new_tokens,
-                                    torch.cuda.mem_get_info()[0], len(prompts), act_bytes=model.dtype.itemsize)
-
-
-def score(rows: pd.DataFrame, outputs: list[str], params: EvaluateParams, rouge, exact) -> dict:
-    rouge_scores = rouge.compute(predictions=outputs, references=list(rows["reference"]))
-    checkable = rows["family"].isin(params.exact_match_families) if params.exact_match_families else rows["family"].notna()
-    em_preds = [o for o, c in zip(outputs, checkable) if c]
-    em = exact.compute(predictions=em_preds, references=list(rows.loc[checkable, "reference"]))["exact_match"] if em_preds else None
-    return {**{k: round(v, 4) for k, v in rouge_scores.items()},
-            "exact_match": round(em, 4) if em is not None else None, "exact_match_rows": len(em_preds)}
+def checkable_rows(rows: pd.DataFrame, params: EvaluateParams) -> list[bool]:
+    """The rows exact match scores: those of evaluate.exact_match_families, or ([]) every row."""
+    return list(rows["family"].isin(params.exact_match_families) if params.exact_match_families else rows["family"].notna())
 
 
 def markdown(metrics: dict, records: list[dict], samples: int) -> str:
@@ -110,30 +81,41 @@ def prompt_text(prompt: str, tokenizer) -> str:
 
 
 def run(params: EvaluateParams) -> dict:
-    rows = eval_rows(params)
+    rows = scored_rows(params)
+    sets = {name: [i for i, s in enumerate(rows["set"]) if s == name] for name in ("eval", "golden")}
     prompts = list(rows["prompt"])
     base_ref = resolve_base(layout.BASE_DIR)
-    tokenizer = load_tokenizer(base_ref)
     chat = ChatFormat.read(layout.CHAT_FORMAT)
-    outputs = {"base": generate_all(base_ref, tokenizer, prompts, chat, params)}
+    tokenizer = run_tokenizer(base_ref, chat)
+    settings = GenerationSettings.of(params)
+    outputs = {"base": generate_all(load_for_generation(base_ref, tokenizer), tokenizer, prompts, chat, settings)}
     log.info("base model: %d generations", len(prompts))
-    outputs["tuned"] = generate_all(BaseRef(str(layout.MERGED_DIR), trust_remote_code=base_ref.trust_remote_code),
-                                    tokenizer, prompts, chat, params)
+    merged = BaseRef(str(layout.MERGED_DIR), trust_remote_code=base_ref.trust_remote_code)
+    outputs["tuned"] = generate_all(load_for_generation(merged, tokenizer), tokenizer, prompts, chat, settings)
     log.info("fine-tuned model: %d generations", len(prompts))
 
     rouge, exact = load_metric("rouge"), load_metric("exact_match")
-    metrics: dict = {"rows": len(rows), "max_new_tokens": params.max_new_tokens}
-    records = [{"id": r.id, "family": r.family, "prompt": prompt_text(r.prompt, tokenizer), "reference": r.reference}
-               for r in rows.itertuples()]
+    checkable = checkable_rows(rows, params)
+    golden = rows.iloc[sets["golden"]]
+    metrics: dict = {"rows": len(sets["eval"]), "max_new_tokens": params.max_new_tokens,
+                     "eval_rows_sha256": eval_rows_sha256(rows.iloc[sets["eval"]]), "generation": settings.to_dict(),
+                     "golden": {"rows": len(golden), "rows_sha256": eval_rows_sha256(golden)} if len(golden) else None}
+    records = [{"id": r.id, "family": r.family, "set": r.set, "prompt": prompt_text(r.prompt, tokenizer),
+                "reference": r.reference, "exact_match_checked": c} for r, c in zip(rows.itertuples(), checkable)]
     for name in MODELS:
         texts = [o["text"] for o in outputs[name]]
-        metrics[name] = score(rows, texts, params, rouge, exact)
+        per_row = score_rows(texts, list(rows["reference"]), checkable, rouge, exact)
+        metrics[name] = aggregate(rows_of(per_row, sets["eval"]))
+        if metrics["golden"]:
+            metrics["golden"][name] = aggregate(rows_of(per_row, sets["golden"]))
         counts = dict.fromkeys(FLAGS, 0)
-        for rec, out in zip(records, outputs[name]):
+        for i, (rec, out) in enumerate(zip(records, outputs[name])):
             flags = audit_flags(out["text"], out["ended"], rec["prompt"], ngram=params.repetition_ngram,
                                 min_repeats=params.repetition_min_repeats, echo_min_chars=params.echo_min_chars)
             rec[name], rec[name + "_flags"], rec[name + "_new_tokens"] = out["text"], flags, out["new_tokens"]
-            for f in flags:
+            # each row's scores, for the gate's paired comparisons on these very rows
+            rec[name + "_scores"] = {k: v[i] for k, v in per_row.items()}
+            for f in flags if rec["set"] == "eval" else ():
                 counts[f] += 1
         metrics[name]["flags"] = counts
     metrics["delta"] = {k: round(metrics["tuned"][k] - metrics["base"][k], 4)
@@ -141,7 +123,7 @@ def run(params: EvaluateParams) -> dict:
     write_json(layout.METRICS, metrics)
     write_jsonl(layout.GENERATIONS, records)
     write_text(layout.GENERATION_AUDIT, markdown(metrics, records, params.samples_in_report))
-    return {"rows": len(rows), **{f"{m}_{k}": metrics[m][k] for m in MODELS for k in ("exact_match", "rougeL")}}
+    return {"rows": len(sets["eval"]), "golden_rows": len(sets["golden"]), **{f"{m}_{k}": metrics[m][k] for m in MODELS for k in ("exact_match", "rougeL")}}
 
 
 if __name__ == "__main__":

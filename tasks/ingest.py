@@ -319,11 +319,14 @@ def sample(rows: list[dict], source: Source) -> list[dict]:
     return [r for i, r in enumerate(rows) if i in chosen]
 
 
-def ingest(sources: list[str | Source], system_prompt: str | None = None) -> pd.DataFrame:
+def ingest(sources: list[str | Source], system_prompt: str | None = None,
+           golden_sources: list[str | Source] = ()) -> pd.DataFrame:
+    """Every source's rows in one table. Golden sources come first, their source labelled
+    `golden:<path>` (layout.GOLDEN_SOURCE), which later stages carry and tokenize sets apart."""
     rows, seen, read_per_source = [], Counter(), {}
-    for given in sources:
+    for prefix, given in [(layout.GOLDEN_SOURCE, g) for g in golden_sources] + [("", s) for s in sources]:
         source = given if isinstance(given, Source) else Source(path=given)
-        src = source.label
+        src = prefix + source.label
         before = len(rows)
         for line, record, error in records_of(source):
             fmt, messages, norm_error = ("unknown", None, error) if error else normalize(record)
@@ -379,8 +382,8 @@ def check_sources_are_dependencies(sources: list[str | Source], dvc_yaml: Path =
 
 
 def run(params: IngestParams) -> dict:
-    check_sources_are_dependencies(params.sources)
-    df = ingest(params.sources, params.system_prompt)
+    check_sources_are_dependencies(params.sources + params.golden_sources)
+    df = ingest(params.sources, params.system_prompt, params.golden_sources)
     read = df.attrs.pop("read_per_source")
     write_parquet(layout.INGESTED, df)
     kept = df.groupby("source").size().to_dict()

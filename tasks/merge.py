@@ -25,12 +25,13 @@ import pandas as pd
 import torch
 
 from loraflow import layout
-from loraflow.artifacts import atomic_path, sha256_tree, write_json
-from loraflow.chat_format import ChatFormat
+from loraflow.artifacts import atomic_path, sha256_tree, write_json, write_text
+from loraflow.chat_format import ChatFormat, run_tokenizer, save_chat_format
 from loraflow.errors import LoraflowError
 from loraflow.generation import generate_texts
 from loraflow.merging import merge_shards
-from loraflow.modeling import (BaseRef, compute_dtype, device, device_map, load_model, load_tokenizer,
+from loraflow.model_card import card_data, model_card
+from loraflow.modeling import (BaseRef, compute_dtype, device, device_map, fit_vocab, load_model,
                                local_model_dir, quantization_config, release_memory, resolve_base)
 from loraflow.params import MergeParams
 from loraflow.stage import main
@@ -51,21 +52,6 @@ def probe(model, tokenizer, prompts: list[str], chat: ChatFormat) -> tuple[torch
     return logits.cpu(), [t["text"] for t in texts]
 
 
-def save_chat_format(model_dir, tokenizer, chat: ChatFormat) -> None:
-    """The tokenizer with the chat template training used, and a generation_config that stops on every
-    end-of-turn id: a serving stack then renders and stops as the model was trained and evaluated."""
-    from transformers import GenerationConfig
-    tokenizer.chat_template = chat.chat_template
-    tokenizer.save_pretrained(model_dir)
-    try:
-        config = GenerationConfig.from_pretrained(model_dir)
-    except OSError:
-        config = GenerationConfig()
-    config.eos_token_id = chat.stop_ids
-    config.pad_token_id = tokenizer.pad_token_id
-    config.save_pretrained(model_dir)
-
-
 def compare(before: torch.Tensor, after: torch.Tensor, greedy_before: list[str], greedy_after: list[str]) -> dict:
     diff = (before - after).abs()
     return {"max_abs_logit_diff": float(diff.max()),
@@ -79,6 +65,7 @@ def trained_model_probe(ref, method: str, dtype: torch.dtype, tokenizer, prompts
     from peft import PeftModel
     base = load_model(ref, dtype, quantization_config=quantization_config(method, dtype) if method == "qlora" else None,
                       device_map=device_map())
+    fit_vocab(base, len(tokenizer))  # the rows of the tokens the template added, as training grew them
     model = PeftModel.from_pretrained(base, layout.ADAPTER_DIR).eval()
     result = probe(model, tokenizer, prompts, chat)
     del model, base
@@ -96,9 +83,10 @@ def merged_probe(path, dtype: torch.dtype, tokenizer, prompts, chat: ChatFormat)
 
 def run(params: MergeParams) -> dict:
     ref = resolve_base(layout.BASE_DIR)
-    tokenizer = load_tokenizer(ref)
     chat = ChatFormat.read(layout.CHAT_FORMAT)
-    method = json.loads((layout.ADAPTER_DIR / "train_info.json").read_text())["method"]
+    tokenizer = run_tokenizer(ref, chat)
+    train_info = json.loads((layout.ADAPTER_DIR / "train_info.json").read_text())
+    method = train_info["method"]
     dtype = torch.float32 if params.dtype == "auto" and device().type == "cpu" else compute_dtype(params.dtype)
     prompts = list(pd.read_parquet(layout.EVAL_TOKENS).sort_values("id")["prompt"].head(params.probe_prompts))
     logits_trained, greedy_trained = trained_model_probe(ref, method, dtype, tokenizer, prompts, chat)
@@ -106,7 +94,7 @@ def run(params: MergeParams) -> dict:
 
     def merge_and_check(out_dir, nf4_base: bool) -> dict:
         info = merge_shards(base_dir, layout.ADAPTER_DIR, out_dir, out_dtype=dtype, nf4_base=nf4_base,
-                            compute_dtype=dtype, work=device())
+                            compute_dtype=dtype, work=device(), vocab_size=len(tokenizer))
         logits, greedy = merged_probe(out_dir, dtype, tokenizer, prompts, chat)
         return {**compare(logits_trained, logits, greedy_trained, greedy), "merge": info}
 
@@ -140,6 +128,8 @@ def run(params: MergeParams) -> dict:
                 f"See {layout.MERGE_CHECK}. In a 16-bit dtype, rounding alone can reach about 5e-2: merge in "
                 "float32 (merge.dtype) or raise merge.atol.")
         save_chat_format(tmp, tokenizer, chat)
+        write_text(tmp / "README.md", model_card(f"{ref.location}, fine-tuned and merged", train_info, chat,
+                                                 card_data(train_info), merge_check=check))
         write_json(tmp / "merge_info.json", {k: check[k] for k in ("base", "base_revision", "merged_into",
                                                                      "adapter_sha256", "dtype")})
     log.info("merge check passed: max |logit diff| %.2e, greedy agreement %.0f%%; %d shards in %.1fs, peak RSS %.2f GiB",

@@ -75,7 +75,10 @@ def template_rows(df: pd.DataFrame, render, chat: ChatFormat, params: TemplatePa
 def run(params: TemplateParams) -> dict:
     ref = resolve_base(layout.BASE_DIR)
     tokenizer = load_tokenizer(ref)
-    render, chat = chat_format_for(tokenizer, params, generation_config_stop_ids(ref.location, ref.revision))
+    # the bundled base was pretrained on plain text: like any base checkpoint, it never saw its chat tokens
+    bundled = ref.location == str(layout.BASE_DIR) and layout.BUILD_INFO.exists()
+    render, chat = chat_format_for(tokenizer, params, generation_config_stop_ids(ref.location, ref.revision),
+                                   base_knows_chat_tokens=not bundled)
     df = pd.read_parquet(layout.VALIDATED)
     out, rejects = template_rows(df, render, chat, params)
     write_jsonl(layout.TEMPLATE_REJECTS, rejects)
@@ -88,9 +91,12 @@ def run(params: TemplateParams) -> dict:
     write_parquet(layout.TEMPLATED, out)
     write_text(layout.CHAT_FORMAT, chat.to_json())
     log.info("end of turn %r (ids %s); generation stops on ids %s", chat.end_of_turn, chat.end_of_turn_ids, chat.stop_ids)
+    if chat.added_tokens:
+        log.info("added to the tokenizer: %s", " ".join(chat.added_tokens))
     return {"rows": len(out), "rejected": len(rejects), "multi_turn_rows": int((out["n_turns"] > 2).sum()),
             "trainable_spans": int(out["spans"].map(lambda s: len(json.loads(s))).sum()),
-            "chat_template": params.chat_template, "end_of_turn": chat.end_of_turn, "stop_ids": chat.stop_ids}
+            "chat_template": params.chat_template, "end_of_turn": chat.end_of_turn, "stop_ids": chat.stop_ids,
+            "added_tokens": chat.added_tokens, "untrained_tokens": chat.untrained_tokens}
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ import pandas as pd
 
 from loraflow import layout
 from loraflow.artifacts import atomic_path, spreadsheet_safe, write_json, write_jsonl, write_parquet, write_text
-from loraflow.chat_format import ChatFormat
+from loraflow.chat_format import ChatFormat, run_tokenizer
 from loraflow.errors import LoraflowError
 from loraflow.masking import IGNORE_INDEX, label_array
-from loraflow.modeling import load_tokenizer, resolve_base
+from loraflow.modeling import resolve_base
 from loraflow.params import TokenizeParams
 from loraflow.plots import histograms
 from loraflow.text import squash
@@ -67,6 +67,24 @@ def tokenize_rows(df: pd.DataFrame, tokenizer, params: TokenizeParams) -> tuple[
                          "length": len(ids), "trained_tokens": trained, "truncated": truncated,
                          "prompt": row.prompt, "reference": row.reference})
     return pd.DataFrame(kept), rejects
+
+
+def set_golden_apart(tokens: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(golden rows, the rest): rows of ingest.golden_sources are scored, never trained on or split."""
+    is_golden = tokens["source"].str.startswith(layout.GOLDEN_SOURCE)
+    return tokens[is_golden].reset_index(drop=True), tokens[~is_golden].reset_index(drop=True)
+
+
+def keep_golden_out_of_training(train: pd.DataFrame, golden: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """Train rows asking a golden prompt (up to case and whitespace) would teach the golden answers:
+    removed from train, each to the rejects with its reason."""
+    if golden.empty:
+        return train, []
+    leaked = train["prompt"].map(squash).isin(set(golden["prompt"].map(squash)))
+    rejects = [{"id": r.id, "source": r.source, "line": int(r.line),
+                "reasons": ["leakage: the same prompt is in the golden set (removed from train)"]}
+               for r in train[leaked].itertuples()]
+    return train[~leaked].reset_index(drop=True), rejects
 
 
 def split_with_leakage_check(tokens: pd.DataFrame, params: TokenizeParams) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
@@ -151,14 +169,18 @@ def audit_markdown(audit: dict) -> str:
 
 
 def run(params: TokenizeParams) -> dict:
-    tokenizer = load_tokenizer(resolve_base(layout.BASE_DIR))
+    chat = ChatFormat.read(layout.CHAT_FORMAT)
+    tokenizer = run_tokenizer(resolve_base(layout.BASE_DIR), chat)
     df = pd.read_parquet(layout.TEMPLATED)
     tokens, rejects = tokenize_rows(df, tokenizer, params)
     if tokens.empty:
         raise LoraflowError(f"no row is left to train on: all {len(df)} were set aside ({rejects[0]['reasons'][0]} ...); "
                             f"see {layout.TOKENIZE_REJECTS} reasons, e.g. raise tokenize.max_length (now "
                             f"{params.max_length})" if rejects else "no rows to tokenize")
+    golden, tokens = set_golden_apart(tokens)
     train, evals, leaked = split_with_leakage_check(tokens, params)
+    train, golden_leaks = keep_golden_out_of_training(train, golden)
+    leaked += golden_leaks
     if train.empty or evals.empty:
         empty = "train" if train.empty else "eval"
         raise LoraflowError(f"the {empty} split is empty ({len(train)} train, {len(evals)} eval rows of {len(tokens)}): "
@@ -166,8 +188,8 @@ def run(params: TokenizeParams) -> dict:
                             "or add rows")
     write_parquet(layout.TRAIN_TOKENS, train)
     write_parquet(layout.EVAL_TOKENS, evals)
+    write_parquet(layout.GOLDEN_TOKENS, golden)
     write_jsonl(layout.TOKENIZE_REJECTS, rejects + leaked)
-    chat = ChatFormat.read(layout.CHAT_FORMAT)
     audit = mask_audit(tokens, tokenizer, rejects, chat.end_of_turn_ids)
     audit["end_of_turn"] = chat.end_of_turn
     check_end_of_turn_trained(audit, chat)
@@ -175,7 +197,8 @@ def run(params: TokenizeParams) -> dict:
     write_mask_audit_rows(tokens)
     write_json(layout.MASK_AUDIT_JSON, audit)
     write_text(layout.MASK_AUDIT_MD, audit_markdown(audit))
-    return {"rows_in": len(df), "train_rows": len(train), "eval_rows": len(evals), "rejected": len(rejects),
+    return {"rows_in": len(df), "train_rows": len(train), "eval_rows": len(evals), "golden_rows": len(golden),
+            "rejected": len(rejects),
             "leakage_removed": len(leaked), "truncated": audit["truncated_rows"], "trained_tokens": audit["trained_tokens"]}
 
 

@@ -27,12 +27,13 @@ import torch
 import yaml
 
 from loraflow import distributed, fastpath, layout, memplan, training
-from loraflow.artifacts import atomic_path, write_text
+from loraflow.artifacts import atomic_path, sha256_file, sha256_tree, write_text
 from loraflow.errors import LoraflowError
-from loraflow.modeling import LORA8_UNSHARDABLE, compute_dtype, device, load_config, load_tokenizer, resolve_base
+from loraflow.modeling import LORA8_UNSHARDABLE, compute_dtype, device, load_config, resolve_base
 from loraflow.params import TrainParams
 from loraflow.planning import Speed, make_plan, resolve_speed, write_plan
 from loraflow.stage import main
+from loraflow.tracking import live_callback
 
 log = logging.getLogger("loraflow.train")
 
@@ -43,8 +44,20 @@ def run(params: TrainParams) -> dict:
     if gpus > 1 and distributed.world_size() == 1:
         if params.method == "lora8":
             raise LoraflowError(LORA8_UNSHARDABLE)
+        refuse_sharded_token_rows(training.run_tokens(params, resolve_base(layout.BASE_DIR))[1])
         return launch_processes(params, gpus, fsdp=True)
     return train_here(params)
+
+
+def refuse_sharded_token_rows(token_ids: list[int]) -> None:
+    """FSDP1 as configured here (use_orig_params false) flattens a wrapped unit into one tensor, and
+    PEFT's trainable-token rows sit in the root unit beside the frozen embedding: a mix FSDP1 refuses.
+    Say so before launching, with what works instead."""
+    if token_ids:
+        raise LoraflowError(
+            f"train.trainable_tokens ({len(token_ids)} token rows) cannot be sharded across GPUs yet (FSDP). "
+            "Train on one GPU (train.num_gpus: 1), or set train.trainable_tokens: [] with "
+            "train.modules_to_save: [lm_head] (the whole head, as a base needs its chat tokens learned)")
 
 
 def launch_processes(params: TrainParams, processes: int, fsdp: bool) -> dict:
@@ -76,6 +89,7 @@ class RunSetup:
     fingerprint: str
     resume: Path | None
     parameters: tuple[int, int]  # (trainable, total), counted once the adapter is in place
+    parent: dict | None  # the adapter a warm start continued: its path and content hash
 
 
 @dataclass
@@ -109,30 +123,41 @@ def setup(params: TrainParams) -> RunSetup:
     dtype = compute_dtype(params.dtype)
     config = load_config(ref)
     speed = resolve_speed(params, config.model_type)
+    tokenizer, token_ids = training.run_tokens(params, ref)
+    if token_ids:
+        log.info("training the embedding and output rows of %d tokens: %s", len(token_ids),
+                 " ".join(tokenizer.convert_ids_to_tokens(token_ids)))
     longest = int(max(train_rows["input_ids"].map(len).max(), eval_rows["input_ids"].map(len).max()))
-    plan = make_plan(params, config, longest, speed, dtype)
+    plan = make_plan(params, config, longest, speed, dtype, trainable_tokens=len(token_ids), vocab_size=len(tokenizer))
     if distributed.is_main_process():
-        write_plan(plan)
+        write_plan(plan, on_cpu=not torch.cuda.is_available())
     elif not plan.chosen.fits:
         raise LoraflowError("the memory plan does not fit (the main process names the next rung down)")
-    model = training.build_peft_model(params, ref, dtype, plan.chosen.setup, speed)
+    parent = training.parent_adapter(params.init_from)
+    if parent is not None:
+        log.info("warm start: continuing the adapter in %s", parent)
+    model = training.build_peft_model(params, ref, dtype, plan.chosen.setup, speed, len(tokenizer), token_ids, parent)
     adapter_keys = training.adapter_key_map(model)  # before FSDP renames the modules
     parameters = parameter_counts(model)
     log.info("%s on %s (%s): %d trainable of %d parameters, %d train rows; packing %s, fused kernels %s",
              plan.chosen.setup.method, device(), dtype, *parameters, len(train_rows), speed.packing, speed.fused)
-    fingerprint = training.fingerprint(params, ref)
+    # the parent hashed once: with a grown vocabulary its adapter holds the whole embedding and head
+    parent_info = None if parent is None else {"path": str(parent), "sha256": sha256_tree(parent)}
+    fingerprint = training.fingerprint(params, ref, parent_info and parent_info["sha256"])
     resume = training.prepare_checkpoints(layout.CHECKPOINTS_DIR, fingerprint)
     if resume:
         log.info("resuming from %s, the newest complete checkpoint", resume)
-    return RunSetup(ref, load_tokenizer(ref), train_rows, eval_rows, dtype, speed, plan, model, adapter_keys,
-                 fingerprint, resume, parameters)
+    return RunSetup(ref, tokenizer, train_rows, eval_rows, dtype, speed, plan, model, adapter_keys,
+                 fingerprint, resume, parameters, parent_info)
 
 
 def train(params: TrainParams, run: RunSetup) -> Outcome:
     """The Trainer's loop, then one eval loss and the gathered weights (every process takes part)."""
     trainer = training.make_trainer(params, run.model, run.plan, run.speed, training.TokenRows(run.train_rows),
                                     training.TokenRows(run.eval_rows), run.tokenizer.pad_token_id,
-                                    layout.CHECKPOINTS_DIR, run.dtype, [training.progress_callback()])
+                                    layout.CHECKPOINTS_DIR, run.dtype,
+                                    [c for c in (training.progress_callback(),
+                                                 live_callback(layout.TRAIN_LIVE)) if c])
     t0 = time.perf_counter()
     result = training.train_or_name_next_rung(trainer, run.plan, run.resume)
     seconds = time.perf_counter() - t0
@@ -155,7 +180,8 @@ def save(params: TrainParams, run: RunSetup, outcome: Outcome) -> dict:
         run.tokenizer.save_pretrained(tmp)
         write_text(tmp / "train_info.json", json.dumps({
             "base": run.ref.location, "base_revision": run.ref.revision, "method": planned.method,
-            "fingerprint": run.fingerprint, "params": params.model_dump()}, indent=2))
+            "fingerprint": run.fingerprint, "params": params.model_dump(), "init_from": run.parent,
+            "train_rows": len(run.train_rows), "train_tokens_sha256": sha256_file(layout.TRAIN_TOKENS)}, indent=2))
     points = training.save_loss_curve(outcome.trainer.state.log_history)
     # Checkpoints serve only a run that was killed; a finished run's would make a forced rerun
     # "resume" past its last step (21 steps reported for max_steps 20)
@@ -177,7 +203,17 @@ def save(params: TrainParams, run: RunSetup, outcome: Outcome) -> dict:
             "train_loss_mean": round(outcome.result.training_loss, 4),
             "eval_loss": round(outcome.eval_loss, 4), "train_seconds": round(outcome.seconds, 2),
             "rows_per_second": round(outcome.result.metrics.get("train_samples_per_second", 0.0), 2),
-            "trained_tokens": trained_tokens}
+            "trained_tokens": trained_tokens, "init_from": run.parent, **selection(params, outcome.trainer.state)}
+
+
+def selection(params: TrainParams, state) -> dict:
+    """Which step's adapter was kept, and whether early stopping ended the run."""
+    if params.keep != "best":
+        return {"kept": "last"}
+    best = state.best_model_checkpoint
+    return {"kept": "best", "best_step": training.checkpoint_step(Path(best)) if best else None,
+            "best_eval_loss": round(state.best_metric, 4) if state.best_metric is not None else None,
+            "stopped_early": state.global_step < state.max_steps}
 
 
 def parameter_counts(model) -> tuple[int, int]:

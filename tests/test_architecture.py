@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("loraflow", "tasks", "flows")
 # Files a module loads by path rather than by import: the evaluate metric modules (evaluate.load(path)),
 # the chat templates shipped for base models.
-LOADED_BY_PATH = {"tasks/evaluate.py": {"loraflow/metrics"}, "loraflow/chat_format.py": {"loraflow/templates"}}
+LOADED_BY_PATH = {"loraflow/evaluation.py": {"loraflow/metrics"}, "loraflow/chat_format.py": {"loraflow/templates"}}
 
 
 def module_file(module: str, root: Path = ROOT) -> Path | None:
@@ -77,8 +77,8 @@ def code_deps(stage: dict) -> set[str]:
 
 def stage_module(stage: dict) -> str:
     cmd = stage["cmd"].split()
-    assert cmd[:2] == ["python", "-m"], f"{stage['cmd']}: expected `python -m <module>`"
-    return cmd[2]
+    assert cmd[0] == "bin/stage" and len(cmd) == 2, f"{stage['cmd']}: expected `bin/stage <name>` (python -m tasks.<name>)"
+    return f"tasks.{cmd[1]}"
 
 
 def test_each_stage_lists_exactly_its_import_closure_as_code_deps():

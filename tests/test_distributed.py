@@ -150,3 +150,11 @@ def test_plan_command_plans_per_gpu_for_fsdp(tmp_path, monkeypatch):
     assert two["gpus_sharing_weights"] == 2 and one["gpus_sharing_weights"] == 1
     assert two["predicted_gib"]["weights"] == pytest.approx(one["predicted_gib"]["weights"] / 2, abs=1e-3)
     assert two["predicted_gib"]["fsdp_gathered"] > 0 and two["rows_per_optimizer_step"] == 4
+
+
+def test_token_rows_are_refused_under_fsdp_before_any_launch():
+    from loraflow.errors import LoraflowError
+    from tasks.train import refuse_sharded_token_rows
+    refuse_sharded_token_rows([])
+    with pytest.raises(LoraflowError, match="trainable_tokens: \\[\\] with train.modules_to_save: \\[lm_head\\]"):
+        refuse_sharded_token_rows([3, 4])

@@ -37,11 +37,11 @@ def test_with_no_good_copy_the_run_stops_with_the_fix(dvc_project):
 
 
 @pytest.mark.parametrize("output, code, retried", [
-    ("ERROR: failed to reproduce 'train': failed to run: python -m tasks.train, exited with -9", 255, True),
-    ("ERROR: failed to reproduce 'train': failed to run: python -m tasks.train, exited with 137", 255, True),
+    ("ERROR: failed to reproduce 'train': failed to run: bin/stage train, exited with -9", 255, True),
+    ("ERROR: failed to reproduce 'train': failed to run: bin/stage train, exited with 137", 255, True),
     ("ERROR: '/ws/dvc.yaml' is busy, it is being blocked by:\n  (PID 123): dvc repro", 255, True),
     ("loraflow validate: error: 40 of 100 rows rejected\nERROR: failed to reproduce 'validate': failed to run: "
-     "python -m tasks.validate, exited with 2", 255, False),
+     "bin/stage validate, exited with 2", 255, False),
 ])
 def test_retries_fire_for_kills_and_busy_locks_not_for_input_errors(output, code, retried):
     assert is_transient(StageFailed(f"stage x failed (exit {code}):\n{output}", code)) is retried

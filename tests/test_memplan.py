@@ -147,8 +147,8 @@ def test_loraflow_plan_command_prints_writes_and_refuses(tmp_path):
     import shutil
     import subprocess
     from conftest import BIN, ROOT
-    # an instruct base: no modules_to_save beside the adapter
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("modules_to_save: [lm_head]", "modules_to_save: []"))
+    # with --model the plan is for that model alone: no chat tokens of this project's run beside the adapter
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     model = str(ROOT / "benchmarks/configs/llama-3.1-8b")
     run = lambda *a: subprocess.run([str(BIN / "loraflow"), "plan", "--model", model, "--seq", "2048", "--batch", "8", *a],
                                     cwd=tmp_path, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
@@ -230,3 +230,21 @@ def test_plan_moves_the_embedding_to_cpu_only_when_that_lets_a_faster_setting_fi
     assert not any(c.setup.embedding_on_cpu for c in planning.plan_for_params(adapted, LLAMA_31_8B, 2048, 2, True, None).considered)
     no_room = memplan.make_plan(LLAMA_31_8B, Setup(method="qlora"), 2048, 1, 5 * memplan.GIB)
     assert memplan.next_rung_down(no_room) == "the input embedding in CPU memory (train.embedding_on_cpu: true)"
+
+
+def test_trained_token_rows_by_hand():
+    """Rows of the embedding and the head trained beside the adapter (a base's chat tokens): their own
+    weights, grads and moments, and the whole matrices PEFT's index_copy and autograd's dense
+    gradients make for the step; the embedding then can no longer leave the GPU."""
+    plain = memplan.Setup(tokens=64, act_bytes=2)
+    rows = replace(plain, trainable_tokens=4)
+    a, h, v = 2, TINY.hidden, TINY.vocab
+    assert memplan.adapter_bytes(TINY, rows) - memplan.adapter_bytes(TINY, plain) == 4 * h * 2 * (2 * a + 2 * a)
+    parts = memplan.estimate(TINY, rows)
+    assert "token_rows" not in memplan.estimate(TINY, plain) and parts["token_rows"] == 3 * v * h * a
+    tied = replace(TINY, tied=True)
+    assert memplan.estimate(tied, rows)["token_rows"] == 2 * v * h * a
+    assert memplan.embedding_can_leave_gpu(TINY, plain) and not memplan.embedding_can_leave_gpu(TINY, rows)
+    # the head's input is kept for its gradient; the first layer's norm keeps its input too
+    extra = memplan.activation_bytes_per_token(TINY, rows) - memplan.activation_bytes_per_token(TINY, plain)
+    assert extra == a * h + memplan.norm_saved_bytes(TINY, rows)

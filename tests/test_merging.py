@@ -97,3 +97,52 @@ def test_streaming_merge_holds_about_one_shard_not_the_model(tmp_path):
     largest = 8000 * 512 * 4
     assert info["shards"] >= 20
     assert growth < min(0.25 * model_bytes, 4 * largest), f"grew {growth / 1e6:.0f} MB merging a {model_bytes / 1e6:.0f} MB model"
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied-head", "tied-head"])
+def test_token_rows_and_a_grown_vocabulary_merge_as_peft_computes_them(tmp_path, tied):
+    """Two tokens added (the vocabulary grown as training grows it) and three token rows trained beside
+    the adapter: the streamed merge gives the logits of PEFT's base + adapter, on the new ids too."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from loraflow.modeling import fit_vocab
+    from loraflow.training import token_indices_by_module
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+                     ).save_pretrained(tmp_path / "base", safe_serialization=True, max_shard_size="20KB")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    assert fit_vocab(model, 62) == 2
+    indices = token_indices_by_module(model, [3, 60, 61])
+    assert set(indices) == ({"embed_tokens"} if tied else {"embed_tokens", "lm_head"})
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                            trainable_token_indices=indices, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))  # trained rows differ from where they started
+    peft.save_pretrained(tmp_path / "adapter", safe_serialization=True)
+
+    info = merge_shards(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", out_dtype=torch.float32,
+                        compute_dtype=torch.float32, vocab_size=62)
+    assert info["rows_added"] == 2 and info["token_rows_replaced"] == 3 * len(indices)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert merged.config.vocab_size == 62 and merged.get_input_embeddings().weight.shape[0] == 62
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    fit_vocab(base, 62)
+    trained = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.tensor([[1, 60, 5, 61, 3, 7, 60]])
+    with torch.no_grad():
+        expected, got = trained(input_ids=ids).logits, merged(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    grown = merged.get_input_embeddings().weight
+    assert not torch.equal(grown[60], grown[61]), "the new tokens' trained rows replaced the average they started as"
+
+
+def test_grown_rows_start_as_the_average_token():
+    from loraflow.modeling import grown_rows
+    w = torch.randn(5, 3, dtype=torch.bfloat16)
+    grown = grown_rows(w, 7)
+    assert torch.equal(grown[:5], w) and torch.equal(grown[5], grown[6])
+    assert torch.equal(grown[5], w.float().mean(0).to(torch.bfloat16))

@@ -14,7 +14,7 @@ from tasks.promote import decide
 from conftest import ROOT
 
 # the project's own params (every section must be there), with a comment of our own on train.lr
-PARAMS = "# top comment\n" + (ROOT / "params.yaml").read_text().replace("  lr: 0.001\n", "  lr: 0.002  # peak lr\n", 1)
+PARAMS = "# top comment\n" + (ROOT / "params.yaml").read_text().replace("  lr: 0.003\n", "  lr: 0.002  # peak lr\n", 1)
 assert "# peak lr" in PARAMS
 
 
@@ -81,22 +81,79 @@ def test_workspace_lock_refuses_a_second_holder_then_waits(tmp_path):
     t.join()
 
 
-METRICS = {"base": {"exact_match": 0.1, "rougeL": 0.2}, "tuned": {"exact_match": 0.5, "rougeL": 0.6}}
+def records(tuned: list[float], base: list[float], families: list[str] | None = None) -> list[dict]:
+    """Rows as the evaluate stage writes them, both gated metrics scored alike."""
+    families = families or ["f"] * len(tuned)
+    return [{"family": f, "tuned_scores": {"exact_match": t, "rougeL": t}, "base_scores": {"exact_match": b, "rougeL": b}}
+            for t, b, f in zip(tuned, base, families)]
 
 
 def test_gate_promotes_a_clear_win_over_base():
-    ok, reasons = decide(METRICS, None, PromoteParams(min_gain_over_base=0.1))
-    assert ok and any("no adapter promoted before" in r for r in reasons)
+    rows = records([1.0] * 60 + [0.0] * 40, [0.0] * 100)
+    ok, reasons, comparisons = decide(rows, None, PromoteParams(min_gain_over_base=0.1))
+    assert ok and comparisons["exact_match"]["base"]["difference"] == 0.6
+    assert comparisons["exact_match"]["base"]["low"] > 0.1 and "champion" not in comparisons["exact_match"]
+    assert all(r.endswith(": pass") for r in reasons)
 
 
-def test_gate_refuses_small_gain_and_says_which_metric():
-    ok, reasons = decide(METRICS, None, PromoteParams(min_gain_over_base=0.45))
-    assert not ok and any(r.startswith("exact_match") and r.endswith("FAIL") for r in reasons)
+def test_gate_refuses_a_gain_inside_the_noise_and_says_so():
+    """A mean gain above the margin, on too few rows to tell it from chance: 'not significant'."""
+    rows = records([1.0, 0.0] * 10, [0.0, 0.0, 1.0, 0.0] * 5)
+    ok, reasons, comparisons = decide(rows, None, PromoteParams(min_gain_over_base=0.15))
+    d = comparisons["rougeL"]["base"]
+    assert d["difference"] == 0.25 and d["low"] < 0.15 < d["difference"]
+    assert not ok and any(r.startswith("rougeL") and r.endswith("not significant") for r in reasons)
+    ok, reasons, _ = decide(rows, None, PromoteParams(min_gain_over_base=0.3))
+    assert not ok and any(r.endswith(": FAIL") for r in reasons)  # below the margin even on the mean
 
 
-def test_gate_compares_with_the_last_promoted_adapter():
-    last = {"metrics": {"exact_match": 0.55, "rougeL": 0.5}}
-    ok, reasons = decide(METRICS, last, PromoteParams())
-    assert not ok and "exact_match: tuned 0.5000 vs last promoted 0.5500 (needs +0.0): FAIL" in reasons
-    ok, _ = decide(METRICS, {"metrics": {"exact_match": 0.4, "rougeL": 0.5}}, PromoteParams())
-    assert ok
+def test_gate_compares_with_the_champion_on_the_same_rows():
+    rows = records([1.0] * 50 + [0.0] * 50, [0.0] * 100)
+    better = {"exact_match": [1.0] * 70 + [0.0] * 30, "rougeL": [1.0] * 70 + [0.0] * 30}
+    ok, reasons, comparisons = decide(rows, better, PromoteParams())
+    assert not ok and comparisons["exact_match"]["champion"]["verdict"] == "FAIL"
+    assert any(r.startswith("exact_match: challenger vs champion 0.5000 vs 0.7000: -0.2000") for r in reasons)
+    worse = {k: [1.0] * 20 + [0.0] * 80 for k in better}
+    ok, _, comparisons = decide(rows, worse, PromoteParams())
+    assert ok and comparisons["rougeL"]["champion"]["low"] > 0
+    same = {k: [r["tuned_scores"][k] for r in rows] for k in better}  # a retrain that changed nothing
+    ok, _, comparisons = decide(rows, same, PromoteParams())
+    assert not ok and comparisons["exact_match"]["champion"]["verdict"] == "not significant"
+
+
+def test_paired_bootstrap_is_seeded_and_pairs_rows():
+    from loraflow.significance import paired_bootstrap
+    a, b = [0.2, 0.9, 0.4, 0.7, 0.1] * 8, [0.1, 0.8, 0.3, 0.6, 0.0] * 8
+    d = paired_bootstrap(a, b)
+    # every row gains exactly 0.1: pairing removes the rows' spread, so the interval is the point
+    assert d.difference == pytest.approx(0.1) and d.low == pytest.approx(0.1) and d.high == pytest.approx(0.1)
+    shuffled = paired_bootstrap(a, b[::-1])
+    assert shuffled.low < 0.1 < shuffled.high  # unpaired, the same means are noise
+    assert paired_bootstrap(a, b[::-1]) == shuffled  # seeded
+    assert paired_bootstrap([None, 1.0], [0.0, None]) is None  # no row scored by both
+
+
+def test_a_family_that_regresses_shows_although_the_mean_rises():
+    from tasks.promote import family_slices
+    tuned = [1.0] * 40 + [0.0] * 20
+    champion = [0.0] * 40 + [1.0] * 20
+    rows = records(tuned, [0.0] * 60, ["capital"] * 40 + ["antonym"] * 20)
+    slices = family_slices(rows, {"exact_match": champion, "rougeL": champion}, PromoteParams())
+    assert slices["antonym"]["exact_match"]["regression"] and not slices["capital"]["exact_match"]["regression"]
+    assert slices["antonym"]["exact_match"]["champion"] == 1.0 and slices["antonym"]["exact_match"]["tuned"] == 0.0
+
+
+def test_data_changes_since_the_champion():
+    import pandas as pd
+
+    from loraflow.data_changes import compare, markdown
+    champion = pd.DataFrame({"id": ["a", "b", "c"], "family": ["capital", "capital", "antonym"], "length": [10, 20, 30]})
+    now = pd.DataFrame({"id": ["b", "c", "d", "e"], "family": ["capital", "antonym", "sentiment", "sentiment"],
+                        "length": [20, 30, 100, 120]})
+    c = compare(champion, now)
+    assert (c["added"], c["removed"], c["kept"]) == (2, 1, 2)
+    assert c["families_appeared"] == ["sentiment"] and c["families_vanished"] == []
+    assert c["family_rows"]["capital"] == {"champion": 2, "now": 1}
+    assert c["length_tokens"]["champion"]["p50"] == 20 and c["length_tokens"]["now"]["mean"] == 67.5
+    text = markdown(c)
+    assert "**2 added, 1 removed**" in text and "Families that appeared: sentiment" in text

@@ -128,20 +128,31 @@ def test_flow_reports_a_failing_stage(flow_ws, prefect_server):
         (flow_ws / "params.yaml").write_text(original)
 
 
-def test_a_qwen3_base_runs_every_stage_and_tuned_beats_base(tmp_path):
-    """Another family's modeling code end to end: the bundled base built as a tiny Qwen3 (q/k norms,
-    its own attention), through `dvc repro`; the fine-tuned model must beat its base on exact match."""
+def test_a_qwen3_base_with_a_named_template_runs_every_stage_and_tuned_beats_base(tmp_path):
+    """Another family's modeling code end to end, as a base checkpoint: the bundled base built as a
+    tiny Qwen3 (q/k norms, its own attention) and given the shipped ChatML template, whose tokens its
+    tokenizer lacks. Through `dvc repro` the tokens are added, their rows trained beside the adapter
+    and merged into a grown vocabulary; the fine-tuned model must beat its base on exact match."""
     ws = make_workspace(tmp_path / "qwen3_ws")
     params = yaml.safe_load((ws / "params.yaml").read_text())
     edit_params(ws, base={"bundled": {**params["base"]["bundled"], "architecture": "qwen3"}},
-                evaluate={"max_rows": 120})
+                template={"chat_template": "chatml"}, evaluate={"max_rows": 120})
     sh([str(BIN / "dvc"), "repro"], ws)
     config = json.loads((ws / "models/merged/config.json").read_text())
-    assert config["model_type"] == "qwen3"
+    base_config = json.loads((ws / "models/base/config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["vocab_size"] == base_config["vocab_size"] + 2
+    chat = read_json(ws, "data/interim/chat_format.json")
+    assert chat["added_tokens"] == ["<|im_start|>", "<|im_end|>"] and chat["end_of_turn"] == "<|im_end|>"
+    new_ids = [base_config["vocab_size"], base_config["vocab_size"] + 1]
+    assert chat["end_of_turn_ids"] == [new_ids[1]]
+    indices = read_json(ws, "models/adapter/adapter_config.json")["trainable_token_indices"]
+    assert indices == {"embed_tokens": new_ids, "lm_head": new_ids}
+    merged_vocab = json.loads((ws / "models/merged/tokenizer.json").read_text())["added_tokens"]
+    assert {t["content"]: t["id"] for t in merged_vocab if t["content"] in chat["added_tokens"]} == dict(zip(chat["added_tokens"], new_ids))
+    assert read_json(ws, "reports/merge_check.json")["passed"]
     m = read_json(ws, "reports/metrics.json")
     print("qwen3 metrics:", json.dumps({k: m[k] for k in ("base", "tuned", "delta")}))
     assert m["tuned"]["exact_match"] >= m["base"]["exact_match"] + 0.2
-    chat = read_json(ws, "data/interim/chat_format.json")
     generation_config = read_json(ws, "models/merged/generation_config.json")
     assert chat["stop_ids"] and set(chat["stop_ids"]) <= set(generation_config["eos_token_id"])
     assert json.loads((ws / "models/merged/tokenizer_config.json").read_text()).get("chat_template") or \

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -281,20 +281,27 @@ def test_generation_stops_on_the_trained_end_of_turn(tokenizers, family_name):
     assert result == {"text": "Lima", "ended": True, "new_tokens": len(answer) + 1}
 
 
+def base_tokenizer(tiny_tokenizer):
+    """A base checkpoint's tokenizer: no chat template, and none of ChatML's tokens."""
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tiny_tokenizer.backend_tokenizer),
+                                   eos_token="<|end|>", pad_token="<|pad|>")
+
+
 def test_a_base_checkpoint_trains_with_a_named_template(tiny_tokenizer, monkeypatch):
-    """A base tokenizer has no chat template: the stage says which to name; with `chatml` the answer and
-    the end-of-turn text are trained (several tokens to this tokenizer), and generation ends there."""
+    """A base tokenizer has no chat template: the stage says which to name; with `chatml` and its
+    tokens kept as text, the answer and the end-of-turn text are trained (several tokens to this
+    tokenizer), and generation ends there."""
     from loraflow.errors import LoraflowError
     from loraflow.generation import generate_texts
-    from transformers import PreTrainedTokenizerFast
-    base = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tiny_tokenizer.backend_tokenizer),
-                                   eos_token="<|end|>", pad_token="<|pad|>")
+    base = base_tokenizer(tiny_tokenizer)
     assert not base.chat_template
     with pytest.raises(LoraflowError, match="no chat template.*chatml, llama3, gemma, mistral, phi3, qwen2.5"):
         chat_format_for(base, TemplateParams())
     family = Family("", None, "<|end|>", "<|pad|>", (), "<|im_end|>")
     messages, _ = CONVERSATIONS["single"]
-    render, chat, out, rejects = render_row(base, family, messages, chat_template="chatml")
+    # add_tokens: [] keeps the template's tokens as text (the default adds them: the next test)
+    render, chat, out, rejects = render_row(base, family, messages, chat_template="chatml", add_tokens=[])
     assert not rejects and chat.end_of_turn == "<|im_end|>" and len(chat.end_of_turn_ids) > 1
     tokens, _ = tokenize_rows(out, base, TokenizeParams(max_length=1024))
     assert "".join(trained_runs(base, tokens["input_ids"][0], tokens["labels"][0])) == "Lima<|im_end|>"
@@ -306,6 +313,49 @@ def test_a_base_checkpoint_trains_with_a_named_template(tiny_tokenizer, monkeypa
     result = generate_texts(None, base, [out["prompt"][0]], stop_ids=chat.stop_ids, end_of_turn=chat.end_of_turn,
                             max_new_tokens=len(emitted), batch_size=1)[0]
     assert result["text"] == "Lima" and result["ended"]
+
+
+def test_a_named_template_adds_its_tokens_and_marks_them_for_training(tiny_tokenizer, tmp_path):
+    """By default a named template's tokens that the base lacks become single tokens: the end-of-turn
+    is one trained id that generation stops on, every later stage loads the same ids, and they are the
+    rows train.trainable_tokens: auto trains."""
+    from loraflow.chat_format import run_tokenizer
+    from loraflow.errors import LoraflowError
+    from loraflow.modeling import BaseRef
+    from loraflow.training import trainable_token_ids
+    base_tokenizer(tiny_tokenizer).save_pretrained(tmp_path / "base")
+    base = base_tokenizer(tiny_tokenizer)
+    size = len(base)
+    family = Family("", None, "<|end|>", "<|pad|>", (), "<|im_end|>")
+    messages, _ = CONVERSATIONS["multi"]
+    render, chat, out, rejects = render_row(base, family, messages, chat_template="chatml")
+    assert not rejects and chat.added_tokens == ["<|im_start|>", "<|im_end|>"] and len(base) == size + 2
+    eot = base.convert_tokens_to_ids("<|im_end|>")
+    assert chat.end_of_turn_ids == [eot] and eot in chat.stop_ids
+    assert chat.untrained_tokens == ["<|im_end|>", "<|im_start|>"]
+    tokens, _ = tokenize_rows(out, base, TokenizeParams(max_length=1024))
+    ids, labels = tokens["input_ids"][0], tokens["labels"][0]
+    start = base.convert_tokens_to_ids("<|im_start|>")
+    assert list(ids).count(start) == list(ids).count(eot) == len(messages)  # one id each, per turn
+    assert trained_runs(base, ids, labels) == ["Tuesday<|im_end|>", "Wednesday<|im_end|>"]
+    assert [i for i, l in zip(ids, labels) if l != IGNORE_INDEX].count(eot) == 2
+    # the train, merge and evaluate stages load the base tokenizer and get the same ids
+    again = run_tokenizer(BaseRef(str(tmp_path / "base")), chat)
+    assert again(out["text"][0], add_special_tokens=False)["input_ids"] == list(ids)
+    assert trainable_token_ids("auto", chat.untrained_tokens, again) == sorted([start, eot])
+    with pytest.raises(LoraflowError, match="not single tokens of this tokenizer"):
+        trainable_token_ids(["<|no_such|>"], chat.untrained_tokens, again)
+    with pytest.raises(LoraflowError, match="tokenizer changed since the template stage"):
+        run_tokenizer(BaseRef(str(tmp_path / "base")), replace(chat, added_tokens=["<|end|>"]))
+
+
+def test_an_instruct_template_trains_no_token_rows_and_the_bundled_base_trains_its_own(tiny_tokenizer):
+    """A model's own template: its tokens are known (instruct) unless the base says it never saw them
+    (the bundled base, pretrained on plain text): then every control token the template writes trains."""
+    _, instruct = chat_format_for(copy.deepcopy(tiny_tokenizer), TemplateParams())
+    assert instruct.added_tokens == [] and instruct.untrained_tokens == []
+    _, bundled = chat_format_for(copy.deepcopy(tiny_tokenizer), TemplateParams(), base_knows_chat_tokens=False)
+    assert bundled.untrained_tokens == sorted(["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"])
 
 
 def test_control_tokens_in_data_are_refused_or_escaped(tokenizers):

@@ -23,7 +23,8 @@ def train(ws, **settings):
 def test_packed_micro_batched_checkpointed_training_matches_the_plain_path(tmp_path):
     ws = make_workspace(tmp_path / "ws")
     make_tiny(ws)
-    edit_params(ws, train={"dropout": 0.0})
+    # no token rows trained: the fast side keeps the (then frozen) input embedding in CPU memory
+    edit_params(ws, train={"dropout": 0.0, "trainable_tokens": []})
     sh([DVC, "repro", "tokenize"], ws)
     plain_loss, plain_adapter, plain_info, plain_plan = train(ws, packing=False, gradient_checkpointing=False, micro_batch="auto")
     fast_loss, fast_adapter, fast_info, fast_plan = train(ws, packing=True, gradient_checkpointing=1, micro_batch=4,
@@ -40,3 +41,26 @@ def test_packed_micro_batched_checkpointed_training_matches_the_plain_path(tmp_p
     assert plain_adapter.keys() == fast_adapter.keys()
     for name, tensor in plain_adapter.items():
         torch.testing.assert_close(fast_adapter[name], tensor, rtol=0, atol=ADAPTER_ATOL, msg=name)
+
+
+def test_the_fused_loss_reads_a_head_weight_that_carries_the_trained_token_rows():
+    """Liger's fused linear cross-entropy (the GPU path) takes `lm_head.weight` instead of calling the
+    head. With token rows trained, PEFT must answer that attribute with the weight that holds the
+    trained rows and passes their gradient on, or the fused path would train the rows with no loss."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraflow.params import TrainParams
+    from loraflow.training import lora_config, token_indices_by_module
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    peft = get_peft_model(model, lora_config(TrainParams(), token_indices_by_module(model, [5, 7])))
+    head = peft.base_model.model.lm_head
+    rows = head.token_adapter.trainable_tokens_delta["default"]
+    with torch.no_grad():
+        rows.add_(1.0)
+    weight = head.weight
+    assert torch.equal(weight[[5, 7]], rows) and weight.requires_grad
+    (weight.sum() * 2).backward()
+    assert torch.equal(rows.grad, torch.full_like(rows, 2.0))

@@ -64,6 +64,7 @@ class Setup:
     shards: int = 1                      # FSDP processes (FULL_SHARD); 1: one GPU
     embedding_on_cpu: bool = False       # the frozen input embedding is looked up in CPU memory
     embedding_frozen: bool = True        # no adapter on the input embedding, and not trained in full
+    trainable_tokens: int = 0            # token rows of the embedding and the head trained (PEFT trainable tokens)
 
 def linear_weight_bytes(arch: Arch, s: Setup) -> float:
     """The decoder layers' projection weights as the method stores them, all layers, unsharded."""
@@ -78,11 +79,19 @@ def linear_weight_bytes(arch: Arch, s: Setup) -> float:
         return linear * 0.5 + scales
     raise ValueError(f"unknown method {s.method!r}")
 
+def trains_embedding(s: Setup) -> bool:
+    """Whether the input embedding takes gradients: adapted, trained in full, or some of its rows."""
+    return not s.embedding_frozen or "embed_tokens" in s.modules_to_save or s.trainable_tokens > 0
+
+
+def trains_head(s: Setup) -> bool:
+    return "lm_head" in s.modules_to_save or s.trainable_tokens > 0
+
+
 def embedding_can_leave_gpu(arch: Arch, s: Setup) -> bool:
     """The input embedding may live in CPU memory when it is frozen, not shared with the output head,
     and not sharded."""
-    frozen = s.embedding_frozen and "embed_tokens" not in s.modules_to_save
-    return frozen and not arch.tied and s.shards == 1
+    return not trains_embedding(s) and not arch.tied and s.shards == 1
 
 def weight_bytes(arch: Arch, s: Setup) -> float:
     """This GPU's share of the base weights (all of them on one GPU)."""
@@ -111,7 +120,18 @@ def adapter_bytes(arch: Arch, s: Setup) -> float:
     # a trained copy of the module in the weight dtype, its grad, and two moments in that dtype (or 8-bit)
     full_moments = 2 if s.optimizer == "adamw_8bit" else 2 * s.act_bytes
     full = saved_module_params(arch, s) * (2 * s.act_bytes + full_moments)
-    return (lora + full) / s.shards  # FULL_SHARD splits them with the weights
+    token_rows = s.trainable_tokens * arch.hidden * (1 if arch.tied else 2)
+    return (lora + full + token_rows * (2 * s.act_bytes + full_moments)) / s.shards  # FULL_SHARD splits them with the weights
+
+
+def token_rows_working_bytes(arch: Arch, s: Setup) -> float:
+    """Training a few token rows costs whole matrices for the step: PEFT writes the trained rows into
+    a copy of the weight in every forward (index_copy), and autograd makes a dense gradient of that
+    copy before picking the rows out. The head's copy lives from forward to backward beside its
+    gradient; the embedding's dense gradient comes in backward (tied: one matrix serves both)."""
+    if not s.trainable_tokens:
+        return 0.0
+    return (2 if arch.tied else 3) * arch.vocab * arch.hidden * s.act_bytes
 
 def norm_saved_bytes(arch: Arch, s: Setup) -> float:
     """What one RMSNorm keeps per token: fused, its input and an fp32 rstd; plain (HF computes in
@@ -149,13 +169,13 @@ def activation_bytes_per_token(arch: Arch, s: Setup) -> float:
     a = s.act_bytes
     kept = arch.layers - s.checkpoint_layers
     layers = kept * layer_saved_bytes(arch, s) + s.checkpoint_layers * a * arch.hidden
-    if s.checkpoint_layers == 0 and "embed_tokens" not in s.modules_to_save:
+    if s.checkpoint_layers == 0 and not trains_embedding(s):
         # a frozen embedding's output needs no grad, so the first norm keeps nothing (checkpointing
         # turns input grads on, but then the first layer is a checkpointed one)
         layers -= norm_saved_bytes(arch, s)
     shared = 2 * a * arch.head_dim + 8
     final_norm = norm_saved_bytes(arch, s)
-    head_input = a * arch.hidden if "lm_head" in s.modules_to_save else 0
+    head_input = a * arch.hidden if trains_head(s) else 0
     return layers + shared + final_norm + head_input
 
 def loss_bytes_per_token(arch: Arch, s: Setup) -> float:
@@ -186,6 +206,8 @@ def estimate(arch: Arch, s: Setup) -> dict[str, float]:
         "logits_loss": loss_bytes_per_token(arch, s) * s.tokens,
         "working_set": working_bytes(arch, s),
     }
+    if s.trainable_tokens:
+        parts["token_rows"] = token_rows_working_bytes(arch, s)
     if s.shards > 1:
         parts["fsdp_gathered"] = fsdp_gather_bytes(arch, s)
     parts["peak"] = sum(parts.values())

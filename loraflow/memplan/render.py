@@ -6,11 +6,16 @@ from .estimate import GIB
 from .search import Plan, gib
 
 
-def render(plan: Plan) -> str:
-    """The plan as a markdown table, for the log and reports/memory_plan.md."""
+def render(plan: Plan, on_cpu: bool = False) -> str:
+    """The plan as a markdown table, for the log and reports/memory_plan.md. on_cpu: the run trains
+    on the CPU, so the table speaks of memory, not of a GPU (`loraflow plan` plans for a GPU)."""
     c, arch = plan.chosen, plan.arch
-    budget = ("none (CPU: no GPU memory to plan for)" if plan.budget_bytes is None
-              else f"{gib(plan.budget_bytes):.2f} GiB (keeping {SAFETY_MARGIN:.0%} free)")
+    if on_cpu:
+        budget = "none (training on the CPU: the plan only sizes the micro-batch)"
+    elif plan.budget_bytes is None:
+        budget = "none (no GPU memory given to plan for: --budget-gib)"
+    else:
+        budget = f"{gib(plan.budget_bytes):.2f} GiB (keeping {SAFETY_MARGIN:.0%} free)"
     shards = c.setup.shards
     per_gpu = f"; per GPU, sharded over {shards} GPUs (FSDP FULL_SHARD)" if shards > 1 else ""
     lines = [f"memory plan: {arch.layers} layers, hidden {arch.hidden}, vocab {arch.vocab}, "
@@ -22,7 +27,8 @@ def render(plan: Plan) -> str:
               f"(grad_accum {plan.rows_per_step // c.micro_batch}), {c.setup.tokens} tokens per micro-batch, "
               f"checkpointing {c.setup.checkpoint_layers}/{arch.layers} layers, "
               f"fused cross-entropy {'on' if c.setup.fused else 'off'}, fused layer kernels "
-              f"{'on' if c.setup.fused and c.setup.fused_layers else 'off'}, input embedding "
-              f"{'in CPU memory' if c.setup.embedding_on_cpu else 'on the GPU'}: {verdict}; "
+              f"{'on' if c.setup.fused and c.setup.fused_layers else 'off'}"
+              + ("" if on_cpu else f", input embedding {'in CPU memory' if c.setup.embedding_on_cpu else 'on the GPU'}")
+              + f": {verdict}; "
               f"relative step cost {relative_step_cost(arch, c.setup):.2f}"]
     return "\n".join(lines)

@@ -10,7 +10,9 @@ _KWARGS = """
 Args:
     predictions: list of generated strings.
     references: list of reference strings, one per prediction.
-Returns: {"exact_match": share of rows whose normalized prediction equals the normalized reference}.
+    use_aggregator: return the share (default: True), or with False each row's 1.0 or 0.0.
+Returns: {"exact_match": share of rows whose normalized prediction equals the normalized reference},
+or {"exact_match": [1.0 or 0.0 per row]}.
 """
 
 
@@ -26,6 +28,8 @@ class ExactMatch(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("string"),
                                         "references": datasets.Value("string")}))
 
-    def _compute(self, predictions, references):
-        hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
-        return {"exact_match": hits / max(len(predictions), 1)}
+    def _compute(self, predictions, references, use_aggregator=True):
+        hits = [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references)]
+        if not use_aggregator:
+            return {"exact_match": hits}
+        return {"exact_match": sum(hits) / max(len(predictions), 1)}

@@ -15,7 +15,9 @@ Args:
     references: list of reference strings, one per prediction.
     rouge_types: which scores to return (default: rouge1, rouge2, rougeL, rougeLsum).
     use_stemmer: apply the Porter stemmer before matching (default: False).
-Returns: a dict of rouge type -> mean F-measure in [0, 1].
+    use_aggregator: return the mean (default: True), or with False each row's F-measure (for
+        paired comparisons of two models on the same rows).
+Returns: a dict of rouge type -> mean F-measure in [0, 1], or -> the list of per-row F-measures.
 """
 
 
@@ -26,13 +28,15 @@ class Rouge(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("string"),
                                         "references": datasets.Value("string")}))
 
-    def _compute(self, predictions, references, rouge_types=None, use_stemmer=False):
+    def _compute(self, predictions, references, rouge_types=None, use_stemmer=False, use_aggregator=True):
         rouge_types = rouge_types or ["rouge1", "rouge2", "rougeL", "rougeLsum"]
         scorer = rouge_scorer.RougeScorer(rouge_types=rouge_types, use_stemmer=use_stemmer)
-        totals = {t: 0.0 for t in rouge_types}
+        rows = {t: [] for t in rouge_types}
         for pred, ref in zip(predictions, references):
             scores = scorer.score(ref, pred)
             for t in rouge_types:
-                totals[t] += scores[t].fmeasure
+                rows[t].append(scores[t].fmeasure)
+        if not use_aggregator:
+            return rows
         n = max(len(predictions), 1)
-        return {t: totals[t] / n for t in rouge_types}
+        return {t: sum(rows[t]) / n for t in rouge_types}
