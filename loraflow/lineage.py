@@ -42,10 +42,10 @@ def code_version() -> dict:
 
 
 def cpu_kernels() -> dict:
-    """What decides CPU results' bits besides the code: the kernels ATen and MKL were pinned to."""
+    """What decides CPU results' bits besides the code: the kernels ATen, MKL and oneDNN were pinned to."""
     import torch
     return {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"), "MKL_CBWR": os.environ.get("MKL_CBWR"),
+            **{name: os.environ.get(name) for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")},
             "torch": torch.__version__}
 
 
