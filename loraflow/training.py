@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from loraflow import distributed, fastpath, layout, memplan
+from loraflow import distributed, fastpath, fused_lora, layout, memplan
 from loraflow.artifacts import atomic_path, sha256_file, sha256_tree
 from loraflow.chat_format import ChatFormat, run_tokenizer
 from loraflow.errors import LoraflowError
@@ -161,8 +161,8 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
         raise LoraflowError(f"train.target_modules: {e}. This model's linear layers: {', '.join(linear)}") from None
     if dtype != torch.float32:
         fastpath.keep_adapter_inputs_in_compute_dtype(model)
-    if speed.fused and setup.method == "qlora" and not distributed.fsdp_enabled():
-        log.info("fused QLoRA projections: %d", fastpath.fuse_qlora_projections(model))
+    if speed.fused and not distributed.fsdp_enabled():  # FSDP gathers weights per module: peft's path
+        log.info("fused LoRA projections: %d", fused_lora.fuse_lora_projections(model))
     if setup.embedding_on_cpu:
         freed = fastpath.keep_input_embedding_on_cpu(model)
         log.info("input embedding kept in CPU memory: %.2f GiB of GPU memory freed", freed / memplan.GIB)
