@@ -94,3 +94,52 @@ def test_embedding_in_cpu_memory_stays_there_and_changes_no_gradient(tiny_model_
         trained = lora_model(tiny_model_dir, "sdpa")
         trained.get_input_embeddings().weight.requires_grad_(True)
         fastpath.keep_input_embedding_on_cpu(trained)
+
+
+def reference_kernels():
+    """cuDNN's varlen attention computed on CPU, one row at a time, with its calling convention: as many
+    key/value heads as query heads; backward recomputes the row and asks autograd."""
+    def attend(q, k, v, cu, scale):
+        out = torch.empty_like(q)
+        bounds = cu.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
+                                                                              scale=scale).transpose(0, 1)
+        return out
+
+    def forward(q, k, v, cu, longest, scale):
+        assert q.shape[1] == k.shape[1] == v.shape[1], "the kernel takes expanded key/value heads"
+        return attend(q, k, v, cu, scale), q.new_zeros(q.shape[1], q.shape[0]), (q.new_zeros(1), q.new_zeros(1))
+
+    def backward(dout, q, k, v, out, lse, rng, cu, longest, scale):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            attend(*leaves, cu, scale).backward(dout)
+        return tuple(t.grad for t in leaves)
+    return forward, backward
+
+
+def test_cudnn_attention_sums_each_groups_gradients_onto_its_shared_head(monkeypatch):
+    """The logic around cuDNN's kernel (GQA heads expanded for it, their gradients summed back) gives
+    what per-row attention with grouped heads gives, on CPU with a reference kernel in cuDNN's place."""
+    monkeypatch.setattr(fastpath.CudnnPackedAttention, "kernels", staticmethod(reference_kernels))
+    torch.manual_seed(0)
+    lengths = [5, 11, 3]
+    cu = torch.tensor([0, 5, 16, 19], dtype=torch.int32)
+    q, k, v, dout = (torch.randn(sum(lengths), h, 16, dtype=torch.float64) for h in (6, 2, 2, 6))
+    results = []
+    for path in ("cudnn", "per-row"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if path == "cudnn":
+            out = fastpath.CudnnPackedAttention.apply(*leaves, cu, max(lengths), 0.3)
+        else:  # the CPU branch of packed_attention, grouped heads and all
+            query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in leaves)
+            out = fastpath.packed_attention(None, query, key, value, None, scaling=0.3, cu_seq_lens_q=cu,
+                                            max_length_q=max(lengths))[0][0]
+        out.backward(dout)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    assert fastpath.expand_heads(k, 3).shape == (19, 6, 16)
+    torch.testing.assert_close(fastpath.expand_heads(k, 3)[:, 4], k[:, 1])  # query head 4 reads key head 4 // 3
