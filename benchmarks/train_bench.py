@@ -27,7 +27,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PEER = ROOT / "benchmarks/peers/gpu_ladder.py"
-N_PARAMS = 8_030_261_248
 PEAK_TFLOPS = 989.0
 
 
@@ -46,6 +45,34 @@ def save_random_llama(path: str, layers: int, max_shard_size: str = "50GB") -> s
         LlamaForCausalLM(cfg).save_pretrained(path, max_shard_size=max_shard_size)
     torch.set_default_dtype(torch.float32)
     return path
+
+
+def save_random_qwen(path: str) -> str:
+    """A random bf16 model with Qwen2.5-7B's shapes (q/k/v biases, vocabulary 152064) and a stub
+    tokenizer (Unsloth loads one), for T4."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                      rope_theta=1000000.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        Qwen2ForCausalLM(cfg).save_pretrained(path, max_shard_size="50GB")
+    torch.set_default_dtype(torch.float32)
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2, "<unk>": 3, **{f"t{i}": i + 4 for i in range(4000)}}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), bos_token="<s>",
+                            eos_token="</s>", pad_token="<pad>", unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def param_count(config) -> int:
+    """Every parameter of a dense decoder (embedding and head included), as the peers' MFU counts them."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    attention = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return layers * (attention + 3 * h * i + 2 * h) + embeddings + h
 
 
 class Rows(torch.utils.data.Dataset):
@@ -79,9 +106,25 @@ def step_timer():
     return Timer()
 
 
-def profile(trainer) -> None:
-    """Where a step's time goes: the GPU's busy time against the wall clock, and the top kernels and
-    host-side ops (written to $OUT/profile.txt)."""
+KERNEL_KINDS = (  # kernel-name fragments -> where the time goes (first match wins)
+    ("attention", ("flash", "fmha", "attention")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("loss", ("cross_entropy", "_ce_", "logsumexp")),
+    ("norm, rope, swiglu (fused)", ("rms_norm", "rope", "swiglu", "silu")),
+    ("copy, cat, cast", ("copy", "memcpy", "cat", "transpose", "to_copy")),
+    ("elementwise, reduce", ("elementwise", "vectorized", "reduce", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def profile(trainer, tag: str) -> None:
+    """Where a step's time goes: the GPU's busy time against the wall clock, busy time by kind of kernel,
+    and the top kernels and host-side ops ($OUT/profile-TAG.txt and .json)."""
     import os
     from torch.profiler import ProfilerActivity, profile as torch_profile
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -90,13 +133,26 @@ def profile(trainer) -> None:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events)
-    kernels = sum(e.count for e in events if e.self_device_time_total > 0)
-    text = [f"wall {wall:.2f} s, GPU busy {gpu_us / 1e6:.2f} s ({gpu_us / 1e6 / wall:.0%}), {kernels} GPU ops",
-            events.table(sort_by="self_device_time_total", row_limit=15),
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e6
+    breakdown = {"tag": tag, "wall_s": round(wall, 3), "gpu_busy_s": round(busy, 3), "kernels": sum(e.count for e in kernels),
+                 "by_kind_s": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+    text = [json.dumps(breakdown), events.table(sort_by="self_device_time_total", row_limit=25),
             events.table(sort_by="self_cpu_time_total", row_limit=15)]
-    Path(os.environ.get("OUT", "/tmp"), "profile.txt").write_text("\n".join(text))
-    print(text[0], flush=True)
+    out = Path(os.environ.get("OUT", "/tmp"))
+    (out / f"profile-{tag}.txt").write_text("\n".join(text))
+    print(json.dumps({"profile": breakdown}), flush=True)
+
+
+def attention_used(args) -> str:
+    from loraflow import fastpath
+    if args.attention == "flash":
+        return "flash-attention-2 varlen"
+    return "cudnn varlen" if fastpath.cudnn_attention_usable(torch.device("cuda")) else "flash-attention-2 varlen"
 
 
 def ours(args) -> None:
@@ -107,6 +163,12 @@ def ours(args) -> None:
 
     ref = BaseRef(args.ckpt)
     config = load_config(ref)
+    if args.attention == "flash":  # the A/B of cuDNN's varlen attention: FlashAttention-2's, as before
+        from loraflow import fastpath
+        fastpath.cudnn_attention_usable = lambda device: False
+    if args.peft_projections:  # the A/B of loraflow/fused_lora.py: peft's own LoRA forward and backward
+        from loraflow import fused_lora
+        fused_lora.fuse_lora_projections = lambda model: 0
     if args.fused_layers_min_tokens is not None:
         memplan.FUSED_LAYERS_MIN_TOKENS = args.fused_layers_min_tokens
     seqs = [int(s) for s in args.seqs.split(",")]
@@ -139,7 +201,7 @@ def ours(args) -> None:
         error = None
         try:
             if args.profile:
-                profile(trainer)
+                profile(trainer, f"{setup.method}-{seq}x{args.rows}-{'peft' if args.peft_projections else 'fused'}")
             else:
                 trainer.train()
         except torch.OutOfMemoryError as e:
@@ -149,11 +211,12 @@ def ours(args) -> None:
         step = statistics.median(times)
         tokens = args.rows * seq
         tok_s = tokens / step
-        flops = 4 * N_PARAMS + 12 * config.num_hidden_layers * config.hidden_size * seq
+        flops = 4 * param_count(config) + 12 * config.num_hidden_layers * config.hidden_size * seq
         print(json.dumps({
             "bench": "ours", "method": setup.method, "seq": seq, "rows_per_step": args.rows,
             "micro_batch": plan.chosen.micro_batch, "checkpoint_layers": setup.checkpoint_layers,
             "fused": setup.fused, "fused_layers": setup.fused and setup.fused_layers,
+            "lora_projections": "peft" if args.peft_projections else "fused", "attention": attention_used(args),
             "embedding_on_cpu": setup.embedding_on_cpu, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
             "predicted_gib": {k: memplan.gib(v) for k, v in plan.chosen.parts.items()},
             "measured_peak_gib": memplan.gib(peak), "loaded_gib": memplan.gib(weights),
@@ -171,16 +234,23 @@ PEER_OF = {"P1": "lora", "P2": "lora", "P3": "qlora"}  # peer lines keep gpu_lad
 
 
 def summary(args) -> None:
-    """One line per workload from a results file: ours, the peer of the same run, and their ratio."""
+    """One line per workload from a results file: ours, the peer of the same run, and their ratio.
+    P1-P3 compare with the plain-HF ladder (gpu_ladder.py's workload names); T1-T4 with Unsloth's line of
+    the same workload (peers_best.py)."""
     lines = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.startswith("{")]
     by_workload = {}
     for line in lines:  # results recorded before 2026-12 name the workload "rung"
         by_workload.setdefault(line.get("workload", line.get("rung")), []).append(line)
-    for workload, peer_workload in PEER_OF.items():
-        for ours in by_workload.get(workload, []):
-            for peer in by_workload.get(peer_workload, []):
-                print(f"{workload}: ours {ours['tok_s']} tok/s, peak {ours['measured_peak_gib']} GiB, MFU {ours['mfu']:.1%} | "
-                      f"{peer_workload} {peer['tok_s']} tok/s, peak {peer['peak_alloc_gib']} GiB | ratio {ours['tok_s'] / peer['tok_s']:.2f}x")
+    pairs = [(w, by_workload.get(w, []), by_workload.get(p, [])) for w, p in PEER_OF.items()]
+    pairs += [(w, [x for x in by_workload.get(w, []) if x.get("bench") == "ours"],
+               [x for x in by_workload.get(w, []) if "peer" in x]) for w in ("T1", "T2", "T3", "T4")]
+    for workload, ours_lines, peer_lines in pairs:
+        for ours in ours_lines:
+            for peer in peer_lines:
+                print(f"{workload}: ours ({ours.get('lora_projections', 'peft')} LoRA, {ours.get('attention', 'flash')}) {ours['tok_s']} tok/s, "
+                      f"peak {ours['measured_peak_gib']} GiB (plan {ours.get('error_pct')}% off), MFU {ours['mfu']:.1%} | "
+                      f"{peer.get('peer', '?')} {peer['tok_s']} tok/s, peak {peer['peak_alloc_gib']} GiB | "
+                      f"ratio {ours['tok_s'] / peer['tok_s']:.2f}x")
     p4 = {line["who"]: line for line in by_workload.get("P4", [])}
     for who in ("trl_default", "trl_padding_free_liger"):
         if "ours" in p4 and who in p4:
@@ -196,20 +266,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make"); m.add_argument("ckpt")
+    mq = sub.add_parser("make-qwen", help="random Qwen2.5-7B shapes, for T4"); mq.add_argument("ckpt")
     o = sub.add_parser("ours"); o.add_argument("ckpt")
     o.add_argument("--method", default="lora"); o.add_argument("--seqs", default="2048")
     o.add_argument("--rows", type=int, default=1, help="rows per optimizer step")
     o.add_argument("--micro", default="auto"); o.add_argument("--checkpoint", default="auto")
     o.add_argument("--budget-gib", type=float, default=None); o.add_argument("--steps", type=int, default=5)
     o.add_argument("--optimizer", default="adamw"); o.add_argument("--plain", action="store_true")
-    o.add_argument("--profile", action="store_true", help="torch.profiler over the run: GPU busy share, top ops")
+    o.add_argument("--profile", action="store_true", help="torch.profiler over the run: GPU busy share, time by kernel kind")
+    o.add_argument("--peft-projections", action="store_true", help="peft's LoRA forward instead of loraflow/fused_lora.py")
+    o.add_argument("--attention", default="auto", choices=["auto", "flash"],
+                   help="auto: cuDNN's varlen attention where its self-check passes; flash: FlashAttention-2's")
     o.add_argument("--embedding-on-cpu", default="auto", choices=["auto", "true", "false"])
     o.add_argument("--fused-layers-min-tokens", type=int, default=None,
                    help="override memplan.FUSED_LAYERS_MIN_TOKENS (when Liger's per-layer kernels turn on)")
     r = sub.add_parser("peer"); r.add_argument("ckpt"); r.add_argument("name"); r.add_argument("seq"); r.add_argument("batch")
     s = sub.add_parser("summary"); s.add_argument("results")
     args = p.parse_args()
-    {"make": lambda a: make(a.ckpt), "ours": ours, "peer": peer, "summary": summary}[args.cmd](args)
+    {"make": lambda a: make(a.ckpt), "make-qwen": lambda a: save_random_qwen(a.ckpt), "ours": ours, "peer": peer, "summary": summary}[args.cmd](args)
 
 
 if __name__ == "__main__":

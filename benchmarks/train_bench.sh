@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Training speed and memory on one H200: loraflow's train path and the peers in one run; JSON lines into $OUT.
-#   bash benchmarks/train_bench.sh [plan|speed|all|p3] [methods for plan, default "lora qlora lora8"]
+#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention|cudnn] [methods for plan, default "lora qlora lora8"]
 # plan:  predicted vs measured peak, 8B LoRA / 8-bit / QLoRA x 512, 2048, 8192 tokens, no checkpointing
 # speed: workloads P1 (LoRA 2048, no cap), P2 (24 GiB budget), P3 (QLoRA, 8 GiB budget: 7.2 usable after the
 #        plan's margin; 8-bit AdamW as the peer), the plain-HF peers, and P4 (variable-length SFT: ours, TRL defaults, TRL
 #        padding-free + Liger)
+# t:     issue 18's goals against Unsloth in the same run (needs .whl-unsloth, from ../shared/device/unsloth.sh):
+#        T1 LoRA 8 x 2048 no cap, T2 within 24 GiB, T3 QLoRA at Unsloth's 6.8 GiB; ours with loraflow's fused LoRA
+#        projections and, for T1, with peft's (the A/B); then profiles of both (where the time goes)
+# t4:    the Qwen2.5-7B shape, LoRA 4 x 4096 within 24 GiB, ours and Unsloth
+# t3profile: where a QLoRA step's time goes; attention: attention backends timed alone (attention_probe.py)
+# cudnn: T1 with cuDNN's varlen attention and with FlashAttention-2's, T4, each beside Unsloth
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CKPT=/dev/shm/llama31-8b-random
@@ -12,7 +18,7 @@ B="python3 benchmarks/train_bench.py"
 what=${1:-all}; methods=${2:-"lora qlora lora8"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt"
 python3 -c "from importlib.metadata import version as v; print({p: v(p) for p in ['torch','transformers','peft','bitsandbytes','liger-kernel','trl','accelerate']})" >> "$OUT/device.txt" 2>&1
-[ -d $CKPT ] || $B make $CKPT 2>&1 | tail -1
+[ -d $CKPT ] || python3 benchmarks/peers/peers_best.py make $CKPT 2>&1 | tail -1  # with a stub tokenizer, which Unsloth loads
 keep() { grep '^{"' | sed "s/^{/{\"workload\": \"$1\", /"; }
 if [ "$what" = plan ] || [ "$what" = all ]; then
   for m in $methods; do
@@ -28,6 +34,56 @@ if [ "$what" = speed ] || [ "$what" = all ]; then
   done
   for who in ours trl_default trl_padding_free_liger; do
     timeout 150 python3 benchmarks/sft_bench.py $CKPT $who --rows 8 --steps 10 2>>"$OUT/err.txt" | keep P4 >> "$OUT/results.jsonl"
+  done
+fi
+unsloth_site() {
+  if [ ! -d /tmp/site_u ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_u \
+      .whl/bitsandbytes-*.whl .whl/liger_kernel-*.whl .whl/dill-*.whl .whl/multiprocess-*.whl .whl-unsloth/*.whl \
+      && tar -xzf .whl-unsloth/unsloth.tgz -C /tmp/site_u
+  fi
+}
+U() { env PYTHONPATH=/tmp/site_u HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 240 \
+        python3 benchmarks/peers/peers_best.py unsloth "$@" 2>>"$OUT/err.txt"; }
+O() { timeout 200 $B ours "$@" 2>>"$OUT/err.txt"; }
+if [ "$what" = t ]; then
+  unsloth_site
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 | keep T1 >> "$OUT/results.jsonl"
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --peft-projections | keep T1 >> "$OUT/results.jsonl"
+  U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24 | keep T2 >> "$OUT/results.jsonl"
+  U $CKPT 2048 8 lora unsloth | keep T2 >> "$OUT/results.jsonl"
+  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit | keep T3 >> "$OUT/results.jsonl"
+  U $CKPT 2048 2 qlora unsloth | keep T3 >> "$OUT/results.jsonl"
+  for ab in "" --peft-projections; do
+    O $CKPT --method lora --seqs 2048 --rows 8 --steps 3 --profile $ab | keep profile >> "$OUT/results.jsonl"
+  done
+fi
+if [ "$what" = cudnn ]; then  # cuDNN's varlen attention against FlashAttention-2's, T1 and T4, with Unsloth
+  unsloth_site
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 | keep T1 >> "$OUT/results.jsonl"
+  U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --attention flash | keep T1 >> "$OUT/results.jsonl"
+  QW=/dev/shm/qwen25-7b-random
+  [ -d $QW ] || $B make-qwen $QW 2>&1 | tail -1
+  O $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24 | keep T4 >> "$OUT/results.jsonl"
+  U $QW 4096 4 lora unsloth | keep T4 >> "$OUT/results.jsonl"
+fi
+if [ "$what" = t4 ] || [ "$what" = t3profile ]; then
+  unsloth_site
+fi
+if [ "$what" = t4 ]; then  # the Qwen2.5-7B shape, LoRA within 24 GiB at 4096 tokens
+  QW=/dev/shm/qwen25-7b-random
+  [ -d $QW ] || $B make-qwen $QW 2>&1 | tail -1
+  O $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24 | keep T4 >> "$OUT/results.jsonl"
+  U $QW 4096 4 lora unsloth | keep T4 >> "$OUT/results.jsonl"
+fi
+if [ "$what" = t3profile ]; then
+  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 3 --budget-gib 8 --optimizer adamw_8bit --profile | keep profile >> "$OUT/results.jsonl"
+fi
+if [ "$what" = attention ]; then
+  for shape in "2048 8" "4096 4"; do
+    python3 benchmarks/attention_probe.py $shape 2>>"$OUT/err.txt" | keep attention >> "$OUT/results.jsonl"
   done
 fi
 if [ "$what" = p3 ]; then  # P3 alone, twice, with its peer after each; 8 rows a step, as P1 and P2
