@@ -51,12 +51,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, d)
     if q.is_cuda:
         cu = cu.to(q.device, torch.int32)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if not dropout and cudnn_attention_usable(q.device):
-            out = CudnnPackedAttention.apply(q, k, v, cu, longest, scaling)
-        else:
-            out = torch.ops.aten._flash_attention_forward(
-                q, k, v, cu, cu, longest, longest, float(dropout), True, False, scale=scaling)[0]
+        out = torch.ops.aten._flash_attention_forward(
+            q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, float(dropout), True, False,
+            scale=scaling)[0]
     else:
         out = torch.empty_like(q)
         groups = q.shape[1] // k.shape[1]
@@ -68,95 +65,6 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             out[start:end] = torch.nn.functional.scaled_dot_product_attention(
                 qs, ks, vs, is_causal=True, scale=scaling).transpose(0, 1)
     return out.unsqueeze(0), None
-
-
-def expand_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """(total, kv_heads, d) -> (total, kv_heads * groups, d), each key/value head repeated for the
-    query heads that share it, in the order transformers' repeat_kv uses."""
-    if groups == 1:
-        return t
-    total, heads, d = t.shape
-    return t[:, :, None, :].expand(total, heads, groups, d).reshape(total, heads * groups, d)
-
-
-def cudnn_kernels():
-    """cuDNN's varlen attention, forward and backward, as aten exposes them (CUDA builds only)."""
-    def forward(q, k, v, cu, longest, scale):
-        r = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, longest, longest, True, 0.0, True, False,
-                                                    scale=scale)
-        return r[0], r[1], (r[6], r[7])  # output, logsumexp, the (unused, dropout-free) philox state
-
-    def backward(dout, q, k, v, out, lse, rng, cu, longest, scale):
-        return torch.ops.aten._cudnn_attention_backward(dout, q, k, v, out, lse, rng[0], rng[1], q.new_empty(0),
-                                                        cu, cu, longest, longest, 0.0, True, scale=scale)
-    return forward, backward
-
-
-class CudnnPackedAttention(torch.autograd.Function):
-    """Causal attention within packed rows through cuDNN's varlen kernel, which on the H200 ran 1.4x
-    FlashAttention-2's speed at 8B shapes (benchmarks/attention_probe.py). torch's entry point takes as
-    many key/value heads as query heads, so grouped heads are expanded for each call and never kept:
-    backward expands them again and sums each group's gradients back onto its shared head. The
-    expansions live only while one layer's attention runs, inside the plan's working set (whose MLP
-    term, 3 x intermediate per token, is larger than these 4 x hidden)."""
-    kernels = staticmethod(cudnn_kernels)
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu, longest, scale):
-        groups = q.shape[1] // k.shape[1]
-        forward, _ = CudnnPackedAttention.kernels()
-        out, lse, rng = forward(q, expand_heads(k, groups), expand_heads(v, groups), cu, longest, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu, *rng)
-        ctx.longest, ctx.scale, ctx.groups = longest, scale, groups
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu, *rng = ctx.saved_tensors
-        _, backward = CudnnPackedAttention.kernels()
-        g = ctx.groups
-        dq, dk, dv = backward(dout.contiguous(), q, expand_heads(k, g), expand_heads(v, g), out, lse, rng, cu,
-                              ctx.longest, ctx.scale)
-        total, heads, d = k.shape
-        dk, dv = (t.view(total, heads, g, d).sum(2) for t in (dk, dv))
-        return dq, dk, dv, None, None, None
-
-
-_cudnn_usable: dict = {}
-
-
-def cudnn_attention_usable(device) -> bool:
-    """Whether cuDNN's varlen attention runs here and computes what FlashAttention-2 computes, checked
-    once per device on uneven packed rows, forward and backward; FlashAttention-2 stays otherwise."""
-    key = str(device)
-    if key not in _cudnn_usable:
-        _cudnn_usable[key] = _cudnn_matches_flash(device)
-        log.info("packed attention on %s: %s", key, "cuDNN varlen" if _cudnn_usable[key] else "FlashAttention-2 varlen")
-    return _cudnn_usable[key]
-
-
-def _cudnn_matches_flash(device) -> bool:
-    g = torch.Generator(device=device).manual_seed(0)
-    lengths = [37, 300, 5, 130]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32)
-    total, longest = sum(lengths), max(lengths)
-    q, k, v, dout = (torch.randn(total, h, 128, device=device, dtype=torch.bfloat16, generator=g)
-                     for h in (8, 2, 2, 8))
-    grads = []
-    try:
-        for use_cudnn in (False, True):
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            if use_cudnn:
-                out = CudnnPackedAttention.apply(*leaves, cu, longest, None)
-            else:
-                out = torch.ops.aten._flash_attention_forward(*leaves, cu, cu, longest, longest, 0.0, True, False)[0]
-            out.backward(dout)
-            grads.append([out.detach().float()] + [t.grad.float() for t in leaves])
-    except (RuntimeError, NotImplementedError) as e:  # no cuDNN attention in this build, or not on this GPU
-        log.info("cuDNN varlen attention unavailable: %s", str(e).splitlines()[0][:200])
-        return False
-    worst = max(float((a - b).norm() / b.norm()) for a, b in zip(grads[1], grads[0]))
-    return worst < 2e-2
 
 
 def no_mask(*args, **kwargs):
@@ -252,3 +160,72 @@ def keep_input_embedding_on_cpu(model) -> int:
 def params_kept_on_cpu(model) -> int:
     """Parameters a CpuEmbedding holds outside the registered state, which model.parameters() misses."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, CpuEmbedding))
+
+
+class _QLoraLinear(torch.autograd.Function):
+    """y = x W^T + scale (x A^T) B^T for a 4-bit base, as one autograd node: W is dequantized in
+    forward and again in backward (never kept), and the LoRA matmuls run in the input's dtype, as
+    autocast runs them. It saves what peft and bitsandbytes save (x and x A^T), so memory is unchanged;
+    it replaces their ~a dozen Python-dispatched ops per projection, which made 8B QLoRA host-bound."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scale, base):
+        flat = x.reshape(-1, x.shape[-1])
+        weight = _dequantized(base, x.dtype)
+        xa = flat @ lora_a.to(x.dtype).t()
+        y = torch.addmm(flat @ weight.t(), xa, lora_b.to(x.dtype).t(), alpha=scale)
+        if base.bias is not None:
+            y = y + base.bias.to(y.dtype)
+        ctx.save_for_backward(flat, xa, lora_a, lora_b)
+        ctx.base, ctx.scale, ctx.x_shape = base, scale, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        flat, xa, lora_a, lora_b = ctx.saved_tensors
+        dy = grad_y.reshape(-1, grad_y.shape[-1]).to(flat.dtype)
+        weight = _dequantized(ctx.base, dy.dtype)
+        dy_b = (dy @ lora_b.to(dy.dtype)) * ctx.scale
+        grad_x = torch.addmm(dy @ weight, dy_b, lora_a.to(dy.dtype))
+        grad_a = (dy_b.t() @ flat).to(lora_a.dtype)
+        grad_b = ((dy.t() @ xa) * ctx.scale).to(lora_b.dtype)
+        return grad_x.view(ctx.x_shape), grad_a, grad_b, None, None
+
+
+def _dequantized(base, dtype: torch.dtype) -> torch.Tensor:
+    """A bitsandbytes Linear4bit's weight, dequantized."""
+    import bitsandbytes.functional as bnbf
+    return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+
+
+def fuse_qlora_projections(model) -> int:
+    """Route every plain LoRA projection on a 4-bit base (one adapter, no dropout, no DoRA, not
+    merged) through _QLoraLinear; peft's modules and weights stay as they are, so saving and merging
+    do not change. Returns how many projections were fused."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    from peft.tuners.lora import LoraLayer
+    fused = 0
+    for m in model.modules():
+        # peft wraps a 4-bit base in lora.bnb.Linear4bit on a GPU (lora.Linear where bnb has no CUDA)
+        if not (isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), Linear4bit)):
+            continue
+        if list(m.lora_A) != ["default"] or m.lora_variant or m.merged:
+            continue
+        if not isinstance(m.lora_dropout["default"], torch.nn.Identity):
+            continue
+        m.forward = _fused_forward(m)
+        fused += 1
+    return fused
+
+
+def _fused_forward(m):
+    a, b, base = m.lora_A["default"].weight, m.lora_B["default"].weight, m.get_base_layer()
+
+    def forward(x, *args, **kwargs):
+        if m.disable_adapters:
+            return base(x)
+        return _QLoraLinear.apply(x, a, b, m.scaling["default"], base)
+    return forward
