@@ -148,13 +148,6 @@ def profile(trainer, tag: str) -> None:
     print(json.dumps({"profile": breakdown}), flush=True)
 
 
-def attention_used(args) -> str:
-    from loraflow import fastpath
-    if args.attention == "flash":
-        return "flash-attention-2 varlen"
-    return "cudnn varlen" if fastpath.cudnn_attention_usable(torch.device("cuda")) else "flash-attention-2 varlen"
-
-
 def ours(args) -> None:
     from loraflow import memplan
     from loraflow.modeling import BaseRef, load_config
@@ -163,9 +156,6 @@ def ours(args) -> None:
 
     ref = BaseRef(args.ckpt)
     config = load_config(ref)
-    if args.attention == "flash":  # the A/B of cuDNN's varlen attention: FlashAttention-2's, as before
-        from loraflow import fastpath
-        fastpath.cudnn_attention_usable = lambda device: False
     if args.peft_projections:  # the A/B of loraflow/fused_lora.py: peft's own LoRA forward and backward
         from loraflow import fused_lora
         fused_lora.fuse_lora_projections = lambda model: 0
@@ -216,7 +206,7 @@ def ours(args) -> None:
             "bench": "ours", "method": setup.method, "seq": seq, "rows_per_step": args.rows,
             "micro_batch": plan.chosen.micro_batch, "checkpoint_layers": setup.checkpoint_layers,
             "fused": setup.fused, "fused_layers": setup.fused and setup.fused_layers,
-            "lora_projections": "peft" if args.peft_projections else "fused", "attention": attention_used(args),
+            "lora_projections": "peft" if args.peft_projections else "fused",
             "embedding_on_cpu": setup.embedding_on_cpu, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
             "predicted_gib": {k: memplan.gib(v) for k, v in plan.chosen.parts.items()},
             "measured_peak_gib": memplan.gib(peak), "loaded_gib": memplan.gib(weights),
@@ -247,7 +237,7 @@ def summary(args) -> None:
     for workload, ours_lines, peer_lines in pairs:
         for ours in ours_lines:
             for peer in peer_lines:
-                print(f"{workload}: ours ({ours.get('lora_projections', 'peft')} LoRA, {ours.get('attention', 'flash')}) {ours['tok_s']} tok/s, "
+                print(f"{workload}: ours ({ours.get('lora_projections', 'peft')} LoRA) {ours['tok_s']} tok/s, "
                       f"peak {ours['measured_peak_gib']} GiB (plan {ours.get('error_pct')}% off), MFU {ours['mfu']:.1%} | "
                       f"{peer.get('peer', '?')} {peer['tok_s']} tok/s, peak {peer['peak_alloc_gib']} GiB | "
                       f"ratio {ours['tok_s'] / peer['tok_s']:.2f}x")
@@ -275,8 +265,6 @@ def main() -> None:
     o.add_argument("--optimizer", default="adamw"); o.add_argument("--plain", action="store_true")
     o.add_argument("--profile", action="store_true", help="torch.profiler over the run: GPU busy share, time by kernel kind")
     o.add_argument("--peft-projections", action="store_true", help="peft's LoRA forward instead of loraflow/fused_lora.py")
-    o.add_argument("--attention", default="auto", choices=["auto", "flash"],
-                   help="auto: cuDNN's varlen attention where its self-check passes; flash: FlashAttention-2's")
     o.add_argument("--embedding-on-cpu", default="auto", choices=["auto", "true", "false"])
     o.add_argument("--fused-layers-min-tokens", type=int, default=None,
                    help="override memplan.FUSED_LAYERS_MIN_TOKENS (when Liger's per-layer kernels turn on)")

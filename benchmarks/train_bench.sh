@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training speed and memory on one H200: loraflow's train path and the peers in one run; JSON lines into $OUT.
-#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention|cudnn] [methods for plan, default "lora qlora lora8"]
+#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention] [methods for plan, default "lora qlora lora8"]
 # plan:  predicted vs measured peak, 8B LoRA / 8-bit / QLoRA x 512, 2048, 8192 tokens, no checkpointing
 # speed: workloads P1 (LoRA 2048, no cap), P2 (24 GiB budget), P3 (QLoRA, 8 GiB budget: 7.2 usable after the
 #        plan's margin; 8-bit AdamW as the peer), the plain-HF peers, and P4 (variable-length SFT: ours, TRL defaults, TRL
@@ -10,7 +10,6 @@
 #        projections and, for T1, with peft's (the A/B); then profiles of both (where the time goes)
 # t4:    the Qwen2.5-7B shape, LoRA 4 x 4096 within 24 GiB, ours and Unsloth
 # t3profile: where a QLoRA step's time goes; attention: attention backends timed alone (attention_probe.py)
-# cudnn: T1 with cuDNN's varlen attention and with FlashAttention-2's, T4, each beside Unsloth
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CKPT=/dev/shm/llama31-8b-random
@@ -58,16 +57,6 @@ if [ "$what" = t ]; then
   for ab in "" --peft-projections; do
     O $CKPT --method lora --seqs 2048 --rows 8 --steps 3 --profile $ab | keep profile >> "$OUT/results.jsonl"
   done
-fi
-if [ "$what" = cudnn ]; then  # cuDNN's varlen attention against FlashAttention-2's, T1 and T4, with Unsloth
-  unsloth_site
-  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 | keep T1 >> "$OUT/results.jsonl"
-  U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"
-  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --attention flash | keep T1 >> "$OUT/results.jsonl"
-  QW=/dev/shm/qwen25-7b-random
-  [ -d $QW ] || $B make-qwen $QW 2>&1 | tail -1
-  O $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24 | keep T4 >> "$OUT/results.jsonl"
-  U $QW 4096 4 lora unsloth | keep T4 >> "$OUT/results.jsonl"
 fi
 if [ "$what" = t4 ] || [ "$what" = t3profile ]; then
   unsloth_site
