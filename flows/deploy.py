@@ -11,25 +11,11 @@ For a work pool instead, see prefect.yaml.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from pathlib import Path
 
-from flows.finetune import GPU_LIMIT, finetune
+from flows.finetune import ensure_gpu_limit, finetune
 from loraflow.params import load_section
-
-
-async def ensure_gpu_limit(limit: int = 1) -> None:
-    """Create the global concurrency limit that keeps two runs off one GPU (idempotent)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
-    async with get_client() as client:
-        try:
-            await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=limit))
-        except ObjectAlreadyExists:
-            pass
 
 
 def resolve_cron(cron: str | None, workdir: str) -> str | None:
@@ -37,9 +23,18 @@ def resolve_cron(cron: str | None, workdir: str) -> str | None:
     return cron if cron is not None else load_section("schedule", Path(workdir) / "params.yaml").cron
 
 
+# A run that finds the workspace held by another (the other deployment's 03:00 run, a manual run)
+# waits up to this long for it instead of failing.
+WAIT_FOR_WORKSPACE_S = 6 * 3600
+
+
 def serve(name: str, cron: str | None, workdir: str) -> None:
-    asyncio.run(ensure_gpu_limit())
-    finetune.serve(name=name, cron=resolve_cron(cron, workdir), parameters={"workdir": str(Path(workdir).resolve())},
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    ensure_gpu_limit()
+    # one run of this deployment at a time; a second (a trigger during the nightly run) queues
+    finetune.serve(name=name, cron=resolve_cron(cron, workdir),
+                   parameters={"workdir": str(Path(workdir).resolve()), "wait_for_workspace_s": WAIT_FOR_WORKSPACE_S},
+                   global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
                    description="loraflow fine-tuning pipeline; stages rerun only when DVC finds them stale",
                    tags=["loraflow"])
 

@@ -3,12 +3,15 @@
     loraflow run -S train.lr=0.001 -S evaluate.max_rows=50
     prefect deployment run 'finetune/nightly' --param overrides='{"train.lr": 0.001}'
 
-An accepted override is written into params.yaml (comments kept), as `dvc exp run -S` does, so DVC
-sees it as a parameter change of the stages that own the key: they rerun, and `dvc status` is clean
-afterwards. A bad key or value fails at once, naming it, and leaves params.yaml untouched.
+An accepted override is written into params.yaml (comments kept) for the run, as `dvc exp run -S`
+does, so DVC sees it as a parameter change of the stages that own the key and reruns them; when the
+run ends, however it ends, params.yaml is put back (for_this_run), so the next run (the nightly
+schedule) does not inherit it. A bad key or value fails at once, naming it, and leaves params.yaml
+untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 from pathlib import Path
@@ -80,3 +83,31 @@ def apply(params_path: Path | str, overrides: dict[str, Any]) -> None:
     buf = io.StringIO()
     ry.dump(doc, buf)
     write_text(params_path, buf.getvalue(), redact_secrets=False)
+
+
+def values_of(merged: dict, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Each overridden key's value as the run reads it."""
+    out = {}
+    for key in overrides:
+        node = merged
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+@contextlib.contextmanager
+def for_this_run(params_path: Path | str, overrides: dict[str, Any]):
+    """Apply the overrides for the body only: params.yaml's exact text is written back on the way out,
+    on success, failure, timeout or KeyboardInterrupt. Yields the values the run uses."""
+    params_path = Path(params_path)
+    merged = check(params_path, overrides)
+    if not overrides:
+        yield {}
+        return
+    original = params_path.read_text(encoding="utf-8")
+    try:
+        apply(params_path, overrides)
+        yield values_of(merged, overrides)
+    finally:
+        write_text(params_path, original, redact_secrets=False)

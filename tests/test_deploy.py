@@ -12,7 +12,8 @@ import time
 import pytest
 import yaml
 
-from conftest import (BIN, api, dvc_status, make_workspace, prefect_env, read_json, run_flow, sh, tool_env)
+from conftest import (BIN, api, dvc_status, edit_params, last_flow_run, make_workspace, prefect_env, read_json,
+                      run_flow, sh, tool_env)
 
 pytestmark = pytest.mark.slow
 CRON = "0 3 * * *"
@@ -59,8 +60,19 @@ def tasks_of(server, run_id) -> list[dict]:
     return api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
 
 
+def log_records(server, run_id) -> list[dict]:
+    """Every log record of a flow run, oldest first (the API answers 200 at a time)."""
+    records: list[dict] = []
+    while True:
+        page = api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC",
+                                            "offset": len(records), "limit": 200})
+        records += page
+        if len(page) < 200:
+            return records
+
+
 def logs_of(server, run_id) -> str:
-    return "\n".join(l["message"] for l in api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}}))
+    return "\n".join(l["message"] for l in log_records(server, run_id))
 
 
 def test_schedule_is_registered_with_the_cron_asked_for(served):
@@ -74,21 +86,78 @@ def test_cron_comes_from_the_command_line_else_from_params(ws):
     assert resolve_cron(None, str(ws)) == yaml.safe_load((ws / "params.yaml").read_text())["schedule"]["cron"] == CRON
 
 
-def test_triggered_run_applies_overrides_and_records_them(ws, served, prefect_server):
+def test_triggered_run_applies_overrides_for_that_run_only(ws, served, prefect_server):
+    params_before = (ws / "params.yaml").read_text()
+    default_rows = read_json(ws, "reports/metrics.json")["rows"]
     overrides = {"evaluate.max_new_tokens": 6, "evaluate.max_rows": 10}
     proc, run = trigger(ws, prefect_server, overrides)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert run["state_type"] == "COMPLETED"
     assert re.fullmatch(r"data-[0-9a-f]{8}-params-[0-9a-f]{8}", run["name"])
-    assert yaml.safe_load((ws / "params.yaml").read_text())["evaluate"]["max_new_tokens"] == 6
     metrics = read_json(ws, "reports/metrics.json")
     assert metrics["max_new_tokens"] == 6 and metrics["rows"] == 10
     record = read_json(ws, "reports/last_flow_run.json")
-    assert record["overrides"] == overrides and record["flow_run_id"] == run["id"]
+    assert record["overrides"] == overrides and record["params_used"] == overrides and record["flow_run_id"] == run["id"]
     assert record["executed"] == ["evaluate", "promote", "lineage"]
     keys = {a["key"] for a in api(prefect_server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})}
-    assert {"metrics", "generation-audit", "validation-report", "promotion", "report-files", "stages"} <= keys
+    assert {"metrics", "generation-audit", "validation-report", "promotion", "report-files", "stages", "loss-curve",
+            "mask-audit"} <= keys
+    curve = api(prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["loss-curve"]},
+                                                                    "flow_run_id": {"any_": [run["id"]]}}})[0]
+    assert "| step | loss |" in curve["data"] and any(mark in curve["data"] for mark in "▁▂▃▄▅▆▇█")  # numbers, chart
+    files = api(prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["report-files"]},
+                                                                    "flow_run_id": {"any_": [run["id"]]}}})[0]
+    assert "file://" not in json.dumps(files["data"]) and "reports/metrics.json" in json.dumps(files["data"])
+    # params.yaml is as it was, byte for byte; dvc.lock and the outputs are this run's, so DVC names
+    # the overridden params as what differs, and nothing else
+    assert (ws / "params.yaml").read_text() == params_before
+    assert dvc_status(ws) == {"evaluate": [{"changed deps": {"params.yaml": {"evaluate": "modified"}}}]}
+
+    # the next run without overrides (the nightly schedule) reads params.yaml's own values again
+    proc, run = trigger(ws, prefect_server)
+    assert proc.returncode == 0 and run["state_type"] == "COMPLETED"
+    assert read_json(ws, "reports/last_flow_run.json")["executed"] == ["evaluate", "promote", "lineage"]
+    assert read_json(ws, "reports/metrics.json")["rows"] == default_rows != 10
     assert dvc_status(ws) == {}
+
+
+def test_the_work_pool_path_runs_under_the_gpu_limit_and_queues_its_runs(ws, served, prefect_server):
+    """prefect.yaml's deployment through a real process work pool and worker: the run creates the GPU
+    limit when the server has none (here deleted first) and holds it strictly; the deployment's own
+    limit queues a second run (ENQUEUE) rather than failing it."""
+    env = {**prefect_env(prefect_server), "LORAFLOW_WORKDIR": str(ws)}
+    sh([str(BIN / "prefect"), "work-pool", "create", "loraflow", "--type", "process"], ws, **env)
+    sh([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], ws, **env)
+    deployment = api(prefect_server, "/deployments/name/finetune/nightly")
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    urllib_delete(prefect_server, "/v2/concurrency_limits/loraflow-gpu")
+    log = open(ws / "worker.log", "w")
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "loraflow"], cwd=ws,
+                              env=tool_env(**env, PREFECT_WORKER_QUERY_SECONDS="2"), stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        edit_params(ws, evaluate={"samples_in_report": 7})  # evaluate (a GPU stage) is stale: it runs under the limit
+        proc = sh([str(BIN / "prefect"), "deployment", "run", "finetune/nightly", "--watch", "--watch-timeout", "900"],
+                  ws, check=False, **env)
+        run = api(prefect_server, f"/flow_runs/{re.search(r'UUID: ([0-9a-f-]{36})', proc.stdout).group(1)}")
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=30)
+        # its cron has made runs for the coming days: remove them with it (the server is shared)
+        urllib_delete(prefect_server, f"/deployments/{deployment['id']}")
+    assert run["state_type"] == "COMPLETED", proc.stdout + (ws / "worker.log").read_text()[-3000:]
+    assert read_json(ws, "reports/last_flow_run.json")["executed"][0] == "evaluate"
+    limit = api(prefect_server, "/v2/concurrency_limits/loraflow-gpu")
+    assert limit["limit"] == 1
+    logs = logs_of(prefect_server, run["id"])
+    assert "created the global concurrency limit 'loraflow-gpu'" in logs and "do not exist" not in logs
+    assert dvc_status(ws) == {}
+
+
+def urllib_delete(server: dict, path: str) -> None:
+    import urllib.request
+    urllib.request.urlopen(urllib.request.Request(f"{server['url']}{path}", method="DELETE"), timeout=30).close()
 
 
 def test_run_with_nothing_changed_executes_no_stage(ws, served, prefect_server):
@@ -123,8 +192,30 @@ def test_overlapping_runs_second_fails_clearly_and_workspace_stays_intact(ws, pr
     assert "Traceback" not in second.stdout + second.stderr  # said plainly, before Prefect starts a run
     assert first.returncode == 0, out
     assert "train: ran in" in out
-    assert dvc_status(ws) == {}
+    # the -S override was for that run only: train's recorded params differ from params.yaml's now
+    assert dvc_status(ws) == {"train": [{"changed deps": {"params.yaml": {"train": "modified"}}}]}
     yaml.safe_load((ws / "dvc.lock").read_text())  # still a whole, parseable lock
+
+
+def test_stage_output_reaches_the_flow_log_line_by_line_at_its_own_level(ws, prefect_server):
+    """A stage's log lines arrive in the flow run's log as they happen, at their own level (a refused
+    promotion is a WARNING in the UI), once each, without a second timestamp, tqdm bars or DVC's git
+    hints."""
+    proc = sh([str(BIN / "loraflow"), "run", "--workdir", str(ws), "-S", "train.max_steps=3", "-S", "train.logging_steps=1",
+               "-S", "promote.min_gain_over_base=5"], ws, **prefect_env(prefect_server))
+    run = last_flow_run(prefect_server)
+    logs = log_records(prefect_server, run["id"])
+    messages = [l["message"] for l in logs]
+    refused = [l for l in logs if "adapter NOT promoted" in l["message"]]
+    assert refused and all(l["level"] == 30 for l in refused), proc.stdout[-2000:]
+    steps = [m for m in messages if re.search(r"loraflow\.train: step \d+/3 loss", m)]
+    assert len(steps) == 3, steps  # each optimizer step once: the Trainer's own printout is off
+    assert not [m for m in messages if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", m)]
+    assert not [m for m in messages if "git add dvc.lock" in m or "{'loss'" in m or "it/s]" in m]
+    # the stage's lines came while it ran, not in one burst at its end
+    from datetime import datetime
+    stamps = [datetime.fromisoformat(l["timestamp"]) for l in logs if l["message"].startswith("loraflow.train:")]
+    assert (stamps[-1] - stamps[0]).total_seconds() > 0.5, "train's lines arrived in one burst"
 
 
 def test_new_raw_data_reruns_from_ingest(ws, prefect_server):
@@ -148,7 +239,8 @@ def test_lineage_links_raw_data_to_metrics(ws):
     adapter = next(o["md5"] for o in lock["train"]["outs"] if o["path"] == "models/adapter")
     assert next(l["md5"] for l in lineage["chain"] if l["name"] == "adapter") == adapter
     assert lineage["code"]["git_commit"] == sh(["git", "rev-parse", "HEAD"], ws).stdout.strip()
-    assert lineage["base_model"]["id"] == "bundled" and lineage["params"]["train"]["max_steps"] == 24
+    max_steps = yaml.safe_load((ws / "params.yaml").read_text())["train"]["max_steps"]
+    assert lineage["base_model"]["id"] == "bundled" and lineage["params"]["train"]["max_steps"] == max_steps
     printed = sh([str(BIN / "loraflow"), "lineage"], ws).stdout
     assert "raw" in printed and adapter[:12] in printed
 
@@ -163,7 +255,7 @@ def test_experiments_run_and_show_with_metrics(ws):
     assert "lr-high" in names
     data = names["lr-high"]["data"]
     assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 0.004
-    assert "tuned" in data["metrics"]["reports/metrics.json"]["data"]
+    assert "exact_match" in data["metrics"]["reports/scores/tuned.json"]["data"]
 
 
 def test_remote_round_trip_between_two_clones(ws, tmp_path):

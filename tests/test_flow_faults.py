@@ -2,6 +2,8 @@
 and the run completes; a stage that rejects its input fails once, not three times."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -54,6 +56,11 @@ def test_an_input_error_fails_once_without_retries(fault_ws, prefect_server):
     assert proc.returncode != 0
     validate = task_run(prefect_server, "validate")
     assert validate["state_type"] == "FAILED" and validate["run_count"] == 1
+    # the failed run still publishes why: the validation report and the rejected rows
+    from conftest import api
+    keys = {a["key"] for a in api(prefect_server, "/artifacts/filter",
+                                  {"artifacts": {"flow_run_id": {"any_": [validate["flow_run_id"]]}}})}
+    assert {"validation-report", "rejects"} <= keys
 
 
 def test_killing_the_flow_kills_its_stage_and_frees_the_workspace(fault_ws, prefect_server):
@@ -86,3 +93,9 @@ def test_a_stage_timeout_ends_the_stage_process_too(fault_ws, prefect_server):
         edit_params(fault_ws, schedule={"stage_timeout_s": 43200})
     assert proc.returncode != 0 and "timed out" in (proc.stdout + proc.stderr).lower()
     assert wait_for_stage("train", fault_ws, running=False, timeout_s=15) == []
+    # dvc repro deleted train's outputs as it started; the run put the last good ones back, so only the
+    # changed seed makes train stale, not missing outputs
+    status = dvc_status(fault_ws)
+    assert set(status) == {"train"} and "deleted" not in json.dumps(status), status
+    assert (fault_ws / "models/adapter/adapter_model.safetensors").is_file()
+    assert "last good outputs are restored" in proc.stdout + proc.stderr

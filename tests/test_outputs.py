@@ -33,3 +33,19 @@ def test_outputs_get_the_usual_mode_even_when_the_writer_makes_0600(tmp_path):
     assert oct((tmp_path / "model/weights.safetensors").stat().st_mode & 0o777) == "0o644"
     assert oct((tmp_path / "model").stat().st_mode & 0o777) == "0o755"
     assert oct((tmp_path / "single.bin").stat().st_mode & 0o777) == "0o644"
+
+
+def test_the_loss_curve_artifact_charts_every_point_and_tabulates_evenly_spaced_steps(tmp_path):
+    from flows.finetune import SPARK, loss_curve_markdown
+    csv = tmp_path / "train_loss.csv"
+    csv.write_text("step,loss,lr,eval_loss\n" + "".join(f"{s},{l},0.1,\n" for s, l in
+                                                         [(1, 5.9), (5, 5.5), (10, 5.0), (15, 4.7), (20, 4.4)]))
+    md = loss_curve_markdown(csv)
+    chart = next(line.strip() for line in md.splitlines() if line.strip() and set(line.strip()) <= set(SPARK))
+    assert chart == SPARK[-1] + SPARK[5] + SPARK[3] + SPARK[1] + SPARK[0]  # falling, one mark a point
+    assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "step" not in line] == \
+        ["1", "5", "10", "15", "20"]
+    csv.write_text("step,loss,lr,eval_loss\n" + "".join(f"{s},{10 / s},0.1,\n" for s in range(1, 301)))
+    md = loss_curve_markdown(csv, width=60, rows=25)
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "step" not in line]
+    assert len(rows) == 25 and rows[0].startswith("| 1 |") and rows[-1].startswith("| 300 |")

@@ -55,6 +55,18 @@ def test_bad_override_names_the_key_and_leaves_params_untouched(params_file, ove
     assert params_file.read_text() == PARAMS
 
 
+def test_overrides_hold_for_the_run_only_however_it_ends(params_file):
+    from loraflow import overrides
+    with overrides.for_this_run(params_file, {"train.lr": 0.05, "evaluate.max_rows": 7}) as used:
+        assert used == {"train.lr": 0.05, "evaluate.max_rows": 7}
+        assert "lr: 0.05" in params_file.read_text()
+    assert params_file.read_text() == PARAMS
+    with pytest.raises(KeyboardInterrupt):  # a cancel or a timeout mid-run
+        with overrides.for_this_run(params_file, {"train.lr": 0.05}):
+            raise KeyboardInterrupt
+    assert params_file.read_text() == PARAMS
+
+
 def test_check_reports_every_bad_key(params_file):
     with pytest.raises(ParamsError) as e:
         check(params_file, {"train.lrr": 1, "tokenize.overflow": "wrap"})
