@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m loraflow.lockfile
 	dvc repro
-	dvc metrics show --precision 3
+	dvc metrics show -R reports/scores --precision 3
 
 flow: install
 	loraflow run

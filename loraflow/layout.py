@@ -45,7 +45,11 @@ PLAN_PREVIEW_JSON = Path("reports/memory_plan_preview.json")
 MERGED_DIR = Path("models/merged")
 MERGE_CHECK = Path("reports/merge_check.json")
 
-METRICS = Path("reports/metrics.json")
+METRICS = Path("reports/metrics.json")  # everything evaluate measured and how (a plain output)
+# the measurements alone, one file per model, as DVC's metrics: `dvc metrics show -R reports/scores`
+# is one row per model and fits an 80-column terminal
+SCORES_DIR = Path("reports/scores")
+SCORE_KEYS = ("exact_match", "rouge1", "rouge2", "rougeL")
 GENERATIONS = Path("reports/generations.jsonl")
 GENERATION_AUDIT = Path("reports/generation_audit.md")
 

@@ -3,8 +3,10 @@ model, ROUGE and exact-match accuracy for both, and an audit of every generation
 
     python -m tasks.evaluate    (or: dvc repro evaluate)
 
-Writes reports/metrics.json (for `dvc metrics show`), reports/generations.jsonl (every row, both
-models, with audit flags) and reports/generation_audit.md (counts and rows side by side).
+Writes reports/scores/{base,tuned}.json (the measurements, DVC's metrics: `dvc metrics show -R
+reports/scores`), reports/metrics.json (those with the settings, row counts, flag counts and the
+golden set's scores), reports/generations.jsonl (every row, both models, with audit flags) and
+reports/generation_audit.md (counts and rows side by side).
 
 Imports neither prefect, dvc nor pandera: this stage also runs on minimal GPU machines.
 """
@@ -121,6 +123,8 @@ def run(params: EvaluateParams) -> dict:
     metrics["delta"] = {k: round(metrics["tuned"][k] - metrics["base"][k], 4)
                         for k in ("exact_match", "rouge1", "rouge2", "rougeL") if metrics["base"][k] is not None}
     write_json(layout.METRICS, metrics)
+    for name in MODELS:
+        write_json(layout.SCORES_DIR / f"{name}.json", {k: metrics[name][k] for k in layout.SCORE_KEYS})
     write_jsonl(layout.GENERATIONS, records)
     write_text(layout.GENERATION_AUDIT, markdown(metrics, records, params.samples_in_report))
     return {"rows": len(sets["eval"]), "golden_rows": len(sets["golden"]), **{f"{m}_{k}": metrics[m][k] for m in MODELS for k in ("exact_match", "rougeL")}}

@@ -28,6 +28,7 @@ def test_every_layout_path_is_a_declared_output():
                str(layout.LAUNCH_DIR),
                str(layout.BUILD_INFO),  # ... a file inside the declared models/base
                str(layout.TRAIN_LIVE),  # ... DVCLive's folder, whose metrics and plots are declared
+               str(layout.SCORES_DIR),  # ... the folder of evaluate's declared score files
                str(layout.RUN_RECORD),  # ... and the flow's own record of its last run
                str(layout.PLAN_PREVIEW_MD), str(layout.PLAN_PREVIEW_JSON)}  # ... and `loraflow plan`'s, run by hand
     assert wanted - declared == set()

@@ -34,7 +34,8 @@ def test_repro_writes_every_output(repro_ws):
                 "models/adapter/adapter_config.json", "models/merged/model.safetensors", "data/interim/rejects.jsonl",
                 "data/processed/train.parquet", "data/processed/eval.parquet", "reports/validation.md",
                 "reports/mask_audit.md", "reports/train_loss.csv", "reports/train_loss.png", "reports/merge_check.json",
-                "reports/metrics.json", "reports/generations.jsonl", "reports/generation_audit.md",
+                "reports/metrics.json", "reports/scores/base.json", "reports/scores/tuned.json",
+                "reports/generations.jsonl", "reports/generation_audit.md",
                 "reports/promotion.json", "reports/promotion.md", "reports/lineage.json",
                 "models/promoted/adapter/adapter_model.safetensors"]:
         assert (ws / rel).is_file(), rel
@@ -47,6 +48,20 @@ def test_repro_writes_every_output(repro_ws):
     assert len(rejects) == validation["rejected"] and all(json.loads(r)["reasons"] for r in rejects)
     audit = read_json(ws, "reports/mask_audit.json")
     assert audit["rows_without_trained_eos"] == 0 and 0 < audit["trained_fraction_mean"] < 0.5
+
+
+def test_dvc_metrics_are_the_measurements_one_row_per_model(repro_ws):
+    """`dvc metrics show -R reports/scores`: exact match and ROUGE, a row per model, in 80 columns; no
+    settings or counts among them (those are in reports/metrics.json)."""
+    shown = sh([str(BIN / "dvc"), "metrics", "show", "-R", "reports/scores", "--precision", "3"], repro_ws).stdout
+    lines = [l for l in shown.splitlines() if l.strip()]
+    assert max(map(len, lines)) <= 80, shown
+    assert lines[0].split() == ["Path", "exact_match", "rouge1", "rouge2", "rougeL"], shown
+    assert [l.split()[0] for l in lines[1:]] == ["reports/scores/base.json", "reports/scores/tuned.json"]
+    metrics = read_json(repro_ws, "reports/metrics.json")
+    for name in ("base", "tuned"):
+        assert read_json(repro_ws, f"reports/scores/{name}.json") == {k: metrics[name][k] for k in
+                                                                      ("exact_match", "rouge1", "rouge2", "rougeL")}
 
 
 def test_fine_tuned_beats_base_by_a_clear_margin(repro_ws):
@@ -67,6 +82,18 @@ def test_merge_matches_base_plus_adapter(repro_ws):
     loss = (repro_ws / "reports/train_loss.csv").read_text().splitlines()[1:]
     first, last = float(loss[0].split(",")[1]), float(loss[-1].split(",")[1])
     assert last < first / 3
+
+
+def test_dvc_plots_page_renders_without_internet(repro_ws, tmp_path):
+    """`dvc plots show` writes a page that loads no remote script (Vega inlined from the npm registry),
+    with the live training curve, the mask audit's scatter and both PNGs on it."""
+    out = tmp_path / "plots"
+    sh([str(BIN / "dvc"), "plots", "show", "-o", str(out)], repro_ws)
+    page = (out / "index.html").read_text()
+    assert "<script src=" not in page and "cdn.jsdelivr" not in page
+    assert "vegaEmbed(" in page and page.count("<script>") >= 3
+    for name in ("train_loss.png", "mask_audit.png", "train_live", "mask_audit_rows.csv"):
+        assert name in page, name
 
 
 def test_second_repro_does_nothing(repro_ws):
