@@ -108,7 +108,10 @@ def checkpoint_layers(model, count: int) -> int:
     layers = decoder_layers(model)
     if count <= 0 or not layers:
         return 0
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()  # the checkpointed input must carry grad with a frozen embedding
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < count

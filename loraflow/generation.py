@@ -13,6 +13,7 @@ Names say what comes back and which path made it:
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from typing import Sequence
 
@@ -30,6 +31,7 @@ def generate_ids_hf(model, prompts: list[list[int]], *, pad_id: int, stop_ids: S
     the cap. HF `generate`, left-padded, dynamic KV cache."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[dict | None] = [None] * len(prompts)
+    progress = BatchProgress(len(prompts))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in idx)
@@ -44,7 +46,27 @@ def generate_ids_hf(model, prompts: list[list[int]], *, pad_id: int, stop_ids: S
                              eos_token_id=list(stop_ids) or None, pad_token_id=pad_id)
         for i, new in zip(idx, out[:, width:].tolist()):
             results[i] = until_stop(new, stop_ids)
+        progress.add(len(idx))
     return results
+
+
+class BatchProgress:
+    """Rows generated so far, logged after a batch (at most every `every_s` seconds, and at the end)
+    with an estimate of the time left, so a long evaluation shows it is moving."""
+
+    def __init__(self, total: int, every_s: float = 10.0):
+        self.total, self.rows, self.every_s = total, 0, every_s
+        self.started = self.logged = time.perf_counter()
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        now = time.perf_counter()
+        if self.rows < self.total and now - self.logged < self.every_s:
+            return
+        self.logged, elapsed = now, now - self.started
+        left = elapsed / self.rows * (self.total - self.rows)
+        log.info("generated %d/%d rows (%d%%) in %.0f s%s", self.rows, self.total, 100 * self.rows // self.total,
+                 elapsed, f", about {left:.0f} s left" if self.rows < self.total else "")
 
 
 def until_stop(ids: list[int], stop_ids: Sequence[int]) -> dict:
@@ -98,6 +120,7 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
         cache.positions.add_(1)
 
     results: list[dict | None] = [None] * len(prompts)
+    progress = BatchProgress(len(prompts))
     capacity = max(map(len, prompts)) + max_new_tokens
     with batch_invariant(model, batch_size, capacity) as cache:
         step = partial(decode_step, cache)
@@ -127,6 +150,7 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
                 step()
             for i, out in zip(idx, new[:, :max_new_tokens].tolist()):
                 results[i] = until_stop(out, stop_ids)
+            progress.add(len(idx))
     return results
 
 

@@ -23,11 +23,22 @@ from loraflow.secrets import RedactingFilter, redact
 log = logging.getLogger("loraflow")
 
 
+# Libraries' notices that say nothing about this run: deprecations inside transformers and peft (our
+# own calls use the current names), and bitsandbytes' and kernels' offline hub lookups for CPU kernels
+QUIET_LOGGERS = ("kernels", "bitsandbytes.backends.cpu")
+QUIET_WARNINGS = (r".*is deprecated and will be removed in v6.*",)
+
+
 def configure_logging() -> None:
+    import warnings
     logging.basicConfig(level=os.environ.get("LORAFLOW_LOG", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def main(stage: str, run: Callable[[Section], dict], section: str | None = None) -> None:

@@ -264,7 +264,9 @@ def training_args(params: TrainParams, out_dir: Path, dtype: torch.dtype, plan: 
         # a ratio passed as warmup_steps: transformers reads a float below 1 there as a share of the
         # steps (transformers 5 has no warmup_ratio argument), and warmup_ratio is checked to be below 1
         warmup_steps=params.warmup_ratio, lr_scheduler_type="linear", weight_decay=params.weight_decay,
-        logging_steps=params.logging_steps, save_strategy="steps", save_steps=params.save_steps,
+        # the first step is logged too, so a run shorter than logging_steps still has a loss curve (and
+        # DVCLive's plot files, which dvc.yaml declares as outputs)
+        logging_steps=params.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=params.save_steps,
         # with keep: best the Trainer keeps the best checkpoint besides the newest
         save_total_limit=1, seed=params.seed, data_seed=params.seed, report_to=params.report_to or "none",
         eval_strategy="steps" if params.eval_steps else "no", eval_steps=params.eval_steps,
@@ -273,9 +275,17 @@ def training_args(params: TrainParams, out_dir: Path, dtype: torch.dtype, plan: 
         bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16, use_cpu=not on_gpu,
         remove_unused_columns=False, dataloader_num_workers=0, optim=optim,
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
-        # gradient checkpointing is set on the model itself, per layer, by the plan
-        gradient_checkpointing=False,
+        # checkpointing is set on the model itself, per layer, by the plan (the argument's name changed
+        # in transformers 5.2x, the old one warns there)
+        **{checkpointing_argument(): False},
     )
+
+
+def checkpointing_argument() -> str:
+    import inspect
+    from transformers import TrainingArguments
+    names = inspect.signature(TrainingArguments).parameters
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, train_ds, eval_ds, pad_id: int,
@@ -287,6 +297,9 @@ def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, t
     collator = fastpath.packed_collator(pad_id) if speed.packing else pad_collator(pad_id)
     trainer = Trainer(model=model, args=training_args(params, out_dir, dtype, plan), train_dataset=train_ds,
                       eval_dataset=eval_ds, data_collator=collator, callbacks=callbacks)
+    # without tqdm the Trainer prints every log dict; the Progress callback already logs each step once
+    from transformers.trainer_callback import PrinterCallback
+    trainer.remove_callback(PrinterCallback)
     if trainer.is_fsdp_enabled:
         # FSDP1 without use_orig_params flattens each wrapped unit into one tensor: PEFT's policy gives
         # the trainable LoRA weights units of their own, apart from the frozen base weights

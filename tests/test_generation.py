@@ -96,3 +96,19 @@ def test_unsupported_model_type_falls_back_to_hf_generate(caplog):
         out = generate_ids(model, prompts, batch_size=2, **kw)
     assert "not the batch-invariant loop: model type 'gpt2'" in caplog.text
     assert out == generate_ids_hf(model, prompts, batch_size=2, **kw)
+
+
+def test_generation_logs_its_progress_with_the_time_left(tiny_model_dir, caplog):
+    """A long evaluation shows it is moving: rows done, the share, and an estimate of the time left."""
+    import logging
+    from loraflow import generation
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [f"question {i}" for i in range(5)]
+    original = generation.BatchProgress.__init__
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger="loraflow.generation"):
+        mp.setattr(generation.BatchProgress, "__init__", lambda self, total: original(self, total, every_s=0.0))
+        generate_texts(model, tok, prompts, stop_ids=[tok.eos_token_id], max_new_tokens=3, batch_size=2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generated ")]
+    assert [l.split()[1] for l in lines] == ["2/5", "4/5", "5/5"], lines
+    assert "s left" in lines[0] and "s left" not in lines[-1]

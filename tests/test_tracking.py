@@ -33,7 +33,7 @@ def test_training_evaluates_stops_early_keeps_the_best_and_logs_live(tmp_path):
     live = read_json(ws, "reports/train_live/metrics.json")
     assert live["step"] == summary["steps"] and "loss" in live["train"] and "loss" in live["eval"]
     losses = pd.read_csv(ws / "reports/train_live/plots/metrics/train/loss.tsv", sep="\t")
-    assert list(losses["step"])[:3] == [2, 4, 6] and (ws / "reports/train_live/plots/metrics/eval/loss.tsv").is_file()
+    assert list(losses["step"])[:4] == [1, 2, 4, 6] and (ws / "reports/train_live/plots/metrics/eval/loss.tsv").is_file()
     assert (ws / "reports/train_live/plots/metrics/train/tokens_per_second.tsv").is_file()
     shown = sh([DVC, "exp", "show", "--csv"], ws).stdout.splitlines()
     header = shown[0].split(",")
@@ -41,6 +41,18 @@ def test_training_evaluates_stops_early_keeps_the_best_and_logs_live(tmp_path):
     plots = sh([DVC, "plots", "show", "--json"], ws).stdout
     assert "train_live/plots/metrics/eval/loss.tsv" in plots
     print(json.dumps({k: summary[k] for k in ("steps", "best_step", "best_eval_loss", "eval_loss")}))
+
+
+def test_a_run_shorter_than_logging_steps_still_has_its_curve(tmp_path):
+    """3 steps with logging_steps 5: the first step is logged, so the loss curve and DVCLive's plot
+    files (outputs dvc.yaml declares) exist and the stage completes."""
+    ws = make_workspace(tmp_path / "ws")
+    make_tiny(ws)
+    edit_params(ws, train={"max_steps": 3, "logging_steps": 5, "save_steps": 100})
+    sh([DVC, "repro", "train"], ws)
+    losses = pd.read_csv(ws / "reports/train_live/plots/metrics/train/loss.tsv", sep="\t")
+    assert list(losses["step"]) == [1]
+    assert list(pd.read_csv(ws / "reports/train_loss.csv")["step"]) == [1]
 
 
 def test_keep_best_without_evaluations_is_refused_with_the_fix():
