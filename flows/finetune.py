@@ -95,7 +95,7 @@ def dvc(args: list[str], workdir: Path, on_line: Callable[[str], None] | None = 
 
 # A stage's own log line (loraflow/stage.py's format): its time is dropped, Prefect stamps its own
 STAGE_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?P<name>\S+) "
-                       r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) (?P<message>.*)$")
+                       r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL)(?: (?P<message>.*))?$")
 DVC_LEVEL = re.compile(r"^(?P<level>WARNING|ERROR):\s*(?P<message>.*)$")
 PROGRESS_BAR = re.compile(r"\d+%\|.*\||\d+(\.\d+)?(it|s)/(s|it)\]")
 # DVC's advice after every repro, meant for someone committing by hand
@@ -110,8 +110,8 @@ def stage_log_line(line: str) -> tuple[int, str] | None:
     if not text or PROGRESS_BAR.search(text) or any(hint in text for hint in DVC_HINTS):
         return None
     m = STAGE_LOG.match(text)
-    if m:
-        return getattr(logging, m["level"]), f"{m['name']}: {m['message']}"
+    if m:  # a blank line the stage logged (between tables) has nothing to say here
+        return (getattr(logging, m["level"]), f"{m['name']}: {m['message']}") if m["message"] else None
     m = DVC_LEVEL.match(text)
     if m:
         return getattr(logging, m["level"]), f"dvc: {m['message']}"

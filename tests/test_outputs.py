@@ -49,3 +49,17 @@ def test_the_loss_curve_artifact_charts_every_point_and_tabulates_evenly_spaced_
     md = loss_curve_markdown(csv, width=60, rows=25)
     rows = [line for line in md.splitlines() if line.startswith("| ") and "step" not in line]
     assert len(rows) == 25 and rows[0].startswith("| 1 |") and rows[-1].startswith("| 300 |")
+
+
+def test_stage_lines_reach_the_flow_log_at_their_level_without_their_timestamp():
+    import logging
+    from flows.finetune import stage_log_line
+    assert stage_log_line("2026-12-05 03:00:01,123 loraflow.promote WARNING adapter NOT promoted: x") == \
+        (logging.WARNING, "loraflow.promote: adapter NOT promoted: x")
+    assert stage_log_line("2026-12-05 03:00:01,123 loraflow.train INFO ") is None  # a blank line between tables
+    assert stage_log_line("WARNING: 'data/interim/rejects.jsonl' is empty.")[0] == logging.WARNING
+    assert stage_log_line("ValueError: bad row")[0] == logging.ERROR
+    for noise in ("", "\tgit add dvc.lock reports/.gitignore", "To enable auto staging, run:",
+                  "Loading weights: 100%|██████████| 21/21 [00:00<00:00, 25223.48it/s]"):
+        assert stage_log_line(noise) is None, noise
+    assert stage_log_line("Running stage 'train':") == (logging.INFO, "Running stage 'train':")
