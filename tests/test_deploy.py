@@ -123,8 +123,8 @@ def test_triggered_run_applies_overrides_for_that_run_only(ws, served, prefect_s
 
 def test_the_work_pool_path_runs_under_the_gpu_limit_and_queues_its_runs(ws, served, prefect_server):
     """prefect.yaml's deployment through a real process work pool and worker: the run creates the GPU
-    limit when the server has none (here deleted first) and holds it strictly; the deployment's own
-    limit queues a second run (ENQUEUE) rather than failing it."""
+    limit when the server has none (here deleted first) and holds it strictly; the deployment is
+    registered with its own limit of one run and ENQUEUE, so Prefect queues a second run."""
     env = {**prefect_env(prefect_server), "LORAFLOW_WORKDIR": str(ws)}
     sh([str(BIN / "prefect"), "work-pool", "create", "loraflow", "--type", "process"], ws, **env)
     sh([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], ws, **env)
