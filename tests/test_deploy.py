@@ -155,9 +155,19 @@ def test_the_work_pool_path_runs_under_the_gpu_limit_and_queues_its_runs(ws, ser
     assert dvc_status(ws) == {}
 
 
-def urllib_delete(server: dict, path: str) -> None:
+def urllib_delete(server: dict, path: str, attempts: int = 20) -> None:
+    """DELETE on the server's API, retried while it answers 503 (its SQLite database busy with the
+    scheduler or a worker that just stopped)."""
+    import urllib.error
     import urllib.request
-    urllib.request.urlopen(urllib.request.Request(f"{server['url']}{path}", method="DELETE"), timeout=30).close()
+    for attempt in range(attempts):
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{server['url']}{path}", method="DELETE"), timeout=30).close()
+            return
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(1)
 
 
 def test_run_with_nothing_changed_executes_no_stage(ws, served, prefect_server):
