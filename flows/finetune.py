@@ -131,10 +131,10 @@ def stale_stages(workdir: Path, stage: str | None = None) -> set[str]:
     return set(dvc_status(workdir, stage))
 
 
-def stages_missing_outputs(workdir: Path) -> list[str]:
-    """Stages whose recorded outputs are deleted: `dvc repro` removes a stage's outputs as it starts
-    it, so a run killed or cancelled mid-stage leaves them so."""
-    return [name for name, changes in dvc_status(workdir).items()
+def stages_missing_outputs(status: dict) -> list[str]:
+    """Stages whose recorded outputs `dvc status` finds deleted: `dvc repro` removes a stage's outputs
+    as it starts it, so a run killed or cancelled mid-stage leaves them so."""
+    return [name for name, changes in status.items()
             if any(isinstance(c, dict) and "deleted" in (c.get("changed outs") or {}).values() for c in changes)]
 
 
@@ -153,16 +153,16 @@ def is_transient(failure: StageFailed) -> bool:
     return bool(codes) and (codes[-1] < 0 or codes[-1] > 128)
 
 
-def stale_with_retries(root: Path, attempts: int = 3) -> set[str]:
+def status_with_retries(root: Path, attempts: int = 3) -> dict:
     """The flow's first `dvc status`, retried like a stage when DVC's lock is busy."""
     for _ in range(attempts - 1):
         try:
-            return stale_stages(root)
+            return dvc_status(root)
         except StageFailed as e:
             if not is_transient(e):
                 raise
             time.sleep(RETRY_DELAY_S)
-    return stale_stages(root)
+    return dvc_status(root)
 
 
 def transient(task, task_run, state) -> bool:
@@ -187,6 +187,10 @@ def run_stage(stage: str, workdir: str, maybe_stale: bool = True) -> dict:
         if entry:
             logger.log(*entry)
 
+    def put_back() -> None:
+        if not restore_outputs(root, stage):
+            logger.warning("%s's earlier outputs could not be restored: DVC's cache has no copy", stage)
+
     if not maybe_stale or stage not in stale_stages(root, stage):
         logger.info("%s is up to date: not re-executed", stage)
         return {"stage": stage, "executed": False}
@@ -194,14 +198,13 @@ def run_stage(stage: str, workdir: str, maybe_stale: bool = True) -> dict:
         with concurrency(GPU_LIMIT, occupy=1, strict=True) if stage in GPU_STAGES else contextlib.nullcontext():
             proc = dvc(["repro", "--single-item", stage], root, on_line=relay)
     except BaseException:  # a timeout or a cancel: dvc's group is killed (dvc()); put back what it deleted
-        if not restore_outputs(root, stage):
-            logger.warning("%s's earlier outputs could not be restored: DVC's cache has no copy", stage)
+        put_back()
         raise
     if proc.returncode != 0:
         codes = STAGE_EXIT.findall(proc.stderr + proc.stdout)
         # a stage that rejected its input wrote why (the validation report, the rejects): those stay
-        if not (codes and int(codes[-1]) == INPUT_ERROR_EXIT) and not restore_outputs(root, stage):
-            logger.warning("%s's earlier outputs could not be restored: DVC's cache has no copy", stage)
+        if not (codes and int(codes[-1]) == INPUT_ERROR_EXIT):
+            put_back()
         raise StageFailed(f"stage {stage} failed (exit {proc.returncode}):\n{(proc.stderr + proc.stdout)[-4000:]}",
                           proc.returncode)
     summary = json.loads((root / layout.stage_summary(stage)).read_text())
@@ -348,9 +351,11 @@ def run_stages(root: Path, results: list[dict]) -> None:
         logger.warning("%s", restored)
     # a run killed or cancelled mid-stage left that stage's outputs deleted: put them back first, so
     # the stage reruns only if its inputs changed, not because its outputs were lost
-    for stage in stages_missing_outputs(root):
+    status = status_with_retries(root)
+    missing = stages_missing_outputs(status)
+    for stage in missing:
         restore_outputs(root, stage)
-    stale = stale_with_retries(root)
+    stale = set(status_with_retries(root) if missing else status)
     if not stale:
         logger.info("nothing changed since the last run (data, params and code as recorded in dvc.lock): "
                     "no stage will be re-executed")
