@@ -189,16 +189,42 @@ def _lone_surrogate(record: Any) -> str | None:
 FORMS = ({"messages"}, {"conversations"}, {"instruction", "output"}, {"prompt", "completion"})
 
 
-def _records_table(df: pd.DataFrame, first_line: int, path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def _records_table(df: pd.DataFrame, lines: int | list[int], path: Path,
+                   columns: dict[str, str] | None = None) -> Iterator[tuple[int, Any, str | None]]:
+    """The table's rows as records; `lines` is each row's line in the file (or the first row's number)."""
+    columns = columns or {}
+    absent = sorted(set(columns) - set(map(str, df.columns)))
+    if absent:
+        raise LoraflowError(f"{path}: ingest.sources maps column(s) {absent}, which the file does not have; "
+                            f"its columns are {sorted(map(str, df.columns))}")
+    df = df.rename(columns=columns)
     # A table's columns are its schema: if they match no form, every row would fail the same way.
     if not any(form <= set(df.columns) for form in FORMS) and not ({"instruction"} & set(df.columns)):
         raise LoraflowError(f"{path}: columns {sorted(map(str, df.columns))} match no supported form; expected "
                             "'messages', or 'instruction' + 'output' (+ 'input'), or 'prompt' + 'completion'. "
-                            "Rename the columns or convert the file.")
+                            "Map your column names in params.yaml (ingest.sources: - {path: ..., columns: "
+                            "{question: instruction, answer: output}}), or convert the file.")
     # a missing cell is an absent field: a table that mixes forms (as load_dataset unifies them) has
     # every form's columns, and a row's own form is the one whose fields it fills
     for i, rec in enumerate(df.to_dict(orient="records")):
-        yield first_line + i, {k: v for k, v in rec.items() if not _is_missing(v)}, None
+        line = lines[i] if isinstance(lines, list) else lines + i
+        yield line, {k: v for k, v in rec.items() if not _is_missing(v)}, None
+
+
+def csv_record_lines(path: Path) -> list[int]:
+    """The physical line each CSV record starts on (line 1 is the header): a quoted field may span
+    lines, so the record number is not the line an editor shows. Blank lines hold no record, as in
+    pandas."""
+    import csv
+    import io
+    starts, end = [], 0
+    with _open_binary(path) as f:
+        reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
+        for row in reader:
+            first, end = end + 1, reader.line_num
+            if row and first > 1:
+                starts.append(first)
+    return starts
 
 
 def _is_missing(v: Any) -> bool:
@@ -226,15 +252,15 @@ def read_dataset(source: Source) -> Iterator[tuple[int, Any, str | None]]:
     except Exception as e:  # noqa: BLE001 - datasets raises many types (offline, not found, bad split)
         raise LoraflowError(f"ingest.sources: dataset {source.dataset!r} (split {source.split!r}) could not be "
                             f"loaded: {str(e).splitlines()[0]}") from None
-    yield from _records_table(ds.to_pandas(), 0, Path(source.label))
+    yield from _records_table(ds.to_pandas(), 0, Path(source.label), source.columns)
 
 
-def read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def read_source(path: Path, columns: dict[str, str] | None = None) -> Iterator[tuple[int, Any, str | None]]:
     """(line or row number, record, read error) for every record of one file or directory. A file
     that cannot be read as a whole (a truncated JSON array, a CSV row of the wrong width, a file that
     is not UTF-8, a corrupt Parquet file) is one clear error naming the file and the fix."""
     try:
-        yield from _read_source(path)
+        yield from _read_source(path, columns)
     except LoraflowError:
         raise
     except UnicodeDecodeError as e:
@@ -252,14 +278,19 @@ def read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                             "is the file complete and of the type its name says?") from None
 
 
-def _read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def rename_fields(record: Any, columns: dict[str, str]) -> Any:
+    """A JSON record with its fields renamed as ingest.sources' `columns` says."""
+    return {columns.get(k, k): v for k, v in record.items()} if isinstance(record, dict) else record
+
+
+def _read_source(path: Path, columns: dict[str, str] | None = None) -> Iterator[tuple[int, Any, str | None]]:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             import datasets
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 raise LoraflowError(f"{path}: a DatasetDict; point sources at one split, e.g. {path}/train")
-            yield from _records_table(ds.to_pandas(), 0, path)
+            yield from _records_table(ds.to_pandas(), 0, path, columns)
             return
         raise LoraflowError(f"{path}: a directory, but not a saved `datasets` directory (no dataset_info.json)")
     suffix = _data_suffix(path)
@@ -268,15 +299,17 @@ def _read_source(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             with _open_binary(path) as f:
                 data = f.read()
             if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
-                yield from _records_table(pd.DataFrame(json.loads(data.decode("utf-8-sig"))), 0, path)
+                yield from _records_table(pd.DataFrame(json.loads(data.decode("utf-8-sig"))), 0, path, columns)
                 return
-        yield from _records_jsonl(path)
+        for line, record, error in _records_jsonl(path):
+            yield line, (rename_fields(record, columns) if columns else record), error
     elif suffix == ".csv":
-        # Line 1 is the header; quoted fields may span lines, so this is the record's row number + 1.
-        yield from _records_table(pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[],
-                                              compression="infer"), 2, path)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], compression="infer")
+        lines = csv_record_lines(path)
+        # a dialect the csv module reads otherwise than pandas: record numbers (line 1 the header) then
+        yield from _records_table(df, lines if len(lines) == len(df) else 2, path, columns)
     elif suffix == ".parquet":
-        yield from _records_table(pd.read_parquet(path), 0, path)
+        yield from _records_table(pd.read_parquet(path), 0, path, columns)
     else:
         raise LoraflowError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(FILE_SUFFIXES)} "
                             "or a saved datasets directory")
@@ -305,7 +338,7 @@ def records_of(source: Source) -> Iterator[tuple[int, Any, str | None]]:
     path = Path(source.path)
     if not path.exists():
         raise LoraflowError(f"ingest.sources: {source.path} does not exist. Fix the path in params.yaml.")
-    return read_source(path)
+    return read_source(path, source.columns)
 
 
 def sample(rows: list[dict], source: Source) -> list[dict]:

@@ -62,6 +62,38 @@ def test_csv_with_quotes_and_newlines(tmp_path):
     assert df["ingest_error"].isna().all() and len(df) == 2
 
 
+def test_csv_rows_name_the_physical_line_they_start_on(tmp_path):
+    """A quoted field spanning lines pushes later records down: a reject says the line an editor shows."""
+    p = tmp_path / "a.csv"
+    p.write_text('instruction,input,output\n"one\ntwo\nthree",,a\n\nsecond,,\nthird,,c\n', encoding="utf-8")
+    df = ingest([str(p)])
+    assert list(df["line"]) == [2, 6, 7]
+    assert df["ingest_error"].isna().tolist() == [True, True, True]  # an empty output is validation's to reject
+
+
+def test_a_sources_own_column_names_are_mapped(tmp_path):
+    """A support-ticket CSV keeps its columns: params map them, and `task` drives per-family scoring."""
+    from loraflow.params import Source
+    p = tmp_path / "tickets.csv"
+    pd.DataFrame([{"ticket_id": "T-1", "question": "Reset my password", "answer": "Use the link.", "task": "account"},
+                  {"ticket_id": "T-2", "question": "Refund?", "answer": "Within 30 days.", "task": "billing"}]
+                 ).to_csv(p, index=False)
+    mapping = {"question": "instruction", "answer": "output", "task": "family", "ticket_id": "id"}
+    df = ingest([Source(path=str(p), columns=mapping)])
+    assert list(df["id"]) == ["T-1", "T-2"] and list(df["family"]) == ["account", "billing"]
+    assert json.loads(df["messages"][1]) == [{"role": "user", "content": "Refund?"},
+                                             {"role": "assistant", "content": "Within 30 days."}]
+    # the same mapping reads a JSONL file with those names
+    j = jsonl(tmp_path / "t.jsonl", [{"question": "Q", "answer": "A", "task": "x"}])
+    assert ingest([Source(path=j, columns=mapping)])["family"].tolist() == ["x"]
+    with pytest.raises(LoraflowError, match=r"tickets.csv: ingest.sources maps column\(s\) \['body'\]"):
+        ingest([Source(path=str(p), columns={"body": "instruction"})])
+    with pytest.raises(LoraflowError, match="Map your column names"):
+        ingest([str(p)])  # unmapped: no supported form, and the error says how to map
+    with pytest.raises(ValueError, match="unknown field"):
+        Source(path=str(p), columns={"question": "prompt_text"})
+
+
 def test_parquet_with_message_lists(tmp_path):
     p = tmp_path / "a.parquet"
     pd.DataFrame([CHAT, CHAT | {"messages": CHAT["messages"] * 2}]).to_parquet(p)
