@@ -42,11 +42,12 @@ def code_version() -> dict:
 
 
 def cpu_kernels() -> dict:
-    """What decides CPU results' bits besides the code: the kernels ATen, MKL and oneDNN were pinned to."""
+    """What decides CPU results' bits besides the code: the kernels ATen, MKL and oneDNN were pinned to,
+    and the thread count."""
     import torch
     return {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **{name: os.environ.get(name) for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")},
-            "torch": torch.__version__}
+            **{name: os.environ.get(name) for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")},
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def base_model() -> dict:

@@ -1,5 +1,5 @@
-"""CPU results do not depend on which x86-64 processor runs them: stages pin ATen's kernels to AVX2
-and MKL's and oneDNN's code paths before torch loads (tasks/__init__.py)."""
+"""CPU results do not depend on which x86-64 processor runs them: stages pin ATen's kernels to AVX2,
+MKL's and oneDNN's code paths and the thread count before torch loads (tasks/__init__.py)."""
 import os
 import platform
 import subprocess
@@ -16,8 +16,9 @@ PROBE = ("import hashlib, os, sys\n"
          "torch.manual_seed(0)\n"
          "a, b = torch.randn(257, 1031), torch.randn(1031, 263)\n"
          "out = torch.cat([torch.softmax(a @ b, -1).flatten(), torch.nn.functional.layer_norm(a, (1031,)).flatten()])\n"
-         "print(torch.backends.cpu.get_cpu_capability(), os.environ.get('MKL_CBWR'),"
-         " hashlib.sha256(out.numpy().tobytes()).hexdigest())\n")
+         "total = torch.randn(3000, 3000).sum()  # ATen splits a sum by thread\n"
+         "print(torch.backends.cpu.get_cpu_capability(), os.environ.get('MKL_CBWR'), torch.get_num_threads(),"
+         " hashlib.sha256(out.numpy().tobytes()).hexdigest(), total.item())\n")
 
 
 def probe(mode: str, **env: str) -> list[str]:
@@ -30,13 +31,30 @@ def probe(mode: str, **env: str) -> list[str]:
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the pins are x86-64's")
 def test_a_stage_computes_like_an_avx2_machine_on_any_x86_64_cpu():
+    from tasks import CPU_PINS, has_nvidia_gpu
+    if has_nvidia_gpu():
+        pytest.skip("on a GPU host MKL's branch and the threads are not pinned")
     pinned = probe("stage")
-    assert pinned[:2] == ["AVX2", "AVX2"]
-    avx2_machine = probe("plain", ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
-    assert pinned[2] == avx2_machine[2]
+    assert pinned[:3] == ["AVX2", "COMPATIBLE", "2"]
+    # MKL's "compatible" branch is the one Intel documents as the same on Intel and AMD processors
+    avx2_machine = probe("plain", **CPU_PINS)
+    assert pinned[3:] == avx2_machine[3:]
     native = probe("plain")
     if native[0] != "AVX2":  # on this processor the unpinned kernels differ: the pin is what makes them agree
-        assert native[2] != pinned[2]
+        assert native[3] != pinned[3]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the pins are x86-64's")
+def test_the_thread_count_is_pinned_because_it_changes_a_sum():
+    """A machine with more cores would run more threads, and ATen splits a sum by thread: the same
+    tensor sums to other bits on 1 thread than on 2. Stages run on CPU_THREADS whatever the cores."""
+    from tasks import CPU_PINS, CPU_THREADS, has_nvidia_gpu
+    if has_nvidia_gpu():
+        pytest.skip("on a GPU host the threads are not pinned")
+    pinned = probe("stage")
+    assert pinned[2] == CPU_THREADS
+    one_thread = probe("plain", **{**CPU_PINS, "OMP_NUM_THREADS": "1"})
+    assert one_thread[4] != pinned[4]  # the sum: the pin is what makes it agree (here the GEMM's bits differ too)
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the pins are x86-64's")
