@@ -49,7 +49,7 @@ class BundledBase(Section):
     """Attention heads (key/value heads are half of them: grouped-query attention, as Llama 3)."""
     intermediate_size: int = Field(688, ge=16)
     """Width of the SwiGLU MLP."""
-    pretrain_steps: int = Field(300, ge=0)
+    pretrain_steps: int = Field(400, ge=0)
     """Full-parameter steps on data/base_corpus.txt so that the base knows the facts but not the chat format."""
     pretrain_lr: float = Field(3e-3, gt=0)
     """Learning rate of that pretraining."""
@@ -75,6 +75,11 @@ class BaseParams(Section):
     """Shape of the bundled default; ignored for any other source."""
 
 
+# What a raw row's fields may be named after ingest.sources' `columns` mapping.
+SOURCE_FIELDS = {"messages", "conversations", "instruction", "input", "output", "prompt", "completion", "id",
+                 "family", "task"}
+
+
 class Source(Section):
     """One raw source given as a mapping: a file or directory (`path`) or a `datasets` name
     (`dataset`), and how many of its rows to take when mixing sources."""
@@ -94,6 +99,20 @@ class Source(Section):
     weight: float = Field(1.0, gt=0, le=1)
     """Take this share of the source's rows (after max_rows), the same deterministic sample; for mixing
     a large source down beside a small one."""
+    columns: dict[str, str] = {}
+    """The source's own column (field) names for loraflow's, e.g. {question: instruction, answer: output,
+    task: family, ticket_id: id}: the file is read as if its columns had those names."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, v: dict[str, str]):
+        unknown = sorted(set(v.values()) - SOURCE_FIELDS)
+        if unknown:
+            raise ValueError(f"maps to unknown field(s) {unknown}; the fields are {sorted(SOURCE_FIELDS)}")
+        doubled = sorted({t for t in v.values() if list(v.values()).count(t) > 1})
+        if doubled:
+            raise ValueError(f"maps several columns to {doubled}")
+        return v
 
     @model_validator(mode="after")
     def _one_origin(self):
@@ -378,6 +397,11 @@ class PromoteParams(Section):
     this paired bootstrap confidence interval clears the margin (not the mean alone)."""
     bootstrap_resamples: int = Field(2000, ge=100)
     """Resamples of the paired bootstrap (seeded: the same scores give the same interval)."""
+    scope: str = Field("default", min_length=1)
+    """The registry's scope: the promoted adapter is a rival only to runs of the same scope (and the
+    same base model). Name a new scope when the workspace starts on other data or another task: the
+    first run then compares with the base only, says so, and its promotion replaces the old scope's
+    adapter in models/promoted (DVC and git keep that one's history)."""
 
 
 class ScheduleParams(Section):

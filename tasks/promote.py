@@ -133,9 +133,32 @@ def score_champion(records: list[dict], adapter_dir: Path, settings: dict) -> tu
     return per_row, None
 
 
+def not_a_rival(promoted: dict, base_sha256: str, scope: str) -> str | None:
+    """Why the promoted adapter cannot be this run's champion, or None when it can: another scope's
+    adapter (other data, another task), or one trained on another base model, whose scores on this
+    base would mean nothing even where its weights load."""
+    if promoted.get("scope", "default") != scope:
+        return (f"the promoted adapter belongs to promote.scope {promoted.get('scope', 'default')!r} and this run's is "
+                f"{scope!r}, so it is no rival (a promotion replaces it; DVC keeps its history)")
+    if promoted.get("base_sha256") not in (None, base_sha256):
+        return (f"the promoted adapter was trained on another base model (models/base sha256 "
+                f"{promoted['base_sha256'][:12]}, this run's {base_sha256[:12]})")
+    return None
+
+
+def compared_against(decision: dict, promoted: dict | None) -> str:
+    """One line on what the challenger was measured against: said first, so that a run on new data
+    never reads as a comparison it was not."""
+    if decision["champion"] is None:
+        return "Compared against: the base model only."
+    c = decision["champion"]
+    return (f"Compared against: the base model and the promoted adapter {c['adapter_sha256'][:12]} (scope "
+            f"{decision['scope']!r}, promoted on eval rows {promoted['eval_rows_sha256'][:12]}), both on this run's rows.")
+
+
 def report(decision: dict) -> str:
     verdict = "PROMOTED" if decision["promoted"] else "NOT promoted"
-    lines = [f"# Promotion gate: {verdict}", "", f"Eval rows: {decision['eval_rows']} "
+    lines = [f"# Promotion gate: {verdict}", "", decision["compared_against"], "", f"Eval rows: {decision['eval_rows']} "
              f"(content sha256 {decision['eval_rows_sha256'][:12]}); every model scored on these rows.", ""]
     lines += [f"- {r}" for r in decision["reasons"]]
     if decision.get("data_since_champion"):
@@ -167,12 +190,14 @@ def write_handoff(out_dir: Path, decision: dict) -> None:
                                                  card_data(train_info), decision=decision))
 
 
-def data_since_champion(promoted: dict | None, current: pd.DataFrame) -> dict | None:
+def data_since_champion(promoted: dict | None, current: pd.DataFrame, scope: str) -> dict | None:
     """Write reports/data_changes.{json,md}: this run's training rows (their manifest) against the champion's."""
     kept = layout.PROMOTED_DIR / TRAIN_MANIFEST
     changes, why_none = None, ""
     if promoted is None:
         why_none = "No adapter was promoted before: nothing to compare with."
+    elif promoted.get("scope", "default") != scope:
+        why_none = f"The promoted adapter belongs to another promote.scope ({promoted.get('scope', 'default')!r}): no champion to compare with."
     elif not kept.exists():
         why_none = "The champion was promoted without a manifest of its training rows (an older loraflow)."
     else:
@@ -187,12 +212,14 @@ def run(params: PromoteParams) -> dict:
     records = read_jsonl(layout.GENERATIONS)
     record_file = layout.PROMOTED_DIR / "promotion.json"
     promoted = json.loads(record_file.read_text()) if record_file.exists() else None
-    adapter_sha = sha256_tree(layout.ADAPTER_DIR)
+    adapter_sha, base_sha = sha256_tree(layout.ADAPTER_DIR), sha256_tree(layout.BASE_DIR)
     champion, why_not, pre = None, None, []
     if promoted is not None and promoted["adapter_sha256"] == adapter_sha:
         pre = ["this adapter is already the promoted one"]
     elif promoted is not None:
-        champion, why_not = score_champion(records, layout.PROMOTED_DIR / "adapter", metrics["generation"])
+        why_not = not_a_rival(promoted, base_sha, params.scope)
+        if why_not is None:
+            champion, why_not = score_champion(records, layout.PROMOTED_DIR / "adapter", metrics["generation"])
     # the champion was scored on every row; the eval rows decide, the golden rows can veto
     eval_idx = [i for i, r in enumerate(records) if r["set"] == "eval"]
     golden_idx = [i for i, r in enumerate(records) if r["set"] == "golden"]
@@ -207,14 +234,15 @@ def run(params: PromoteParams) -> dict:
         reasons += golden_reasons
         golden = {"rows": len(golden_idx), "rows_sha256": metrics["golden"]["rows_sha256"], "comparisons": golden_cmp}
     manifest = data_changes.manifest(pd.read_parquet(layout.TRAIN_TOKENS, columns=data_changes.MANIFEST_COLUMNS))
-    changes = data_since_champion(promoted, manifest)
+    changes = data_since_champion(promoted, manifest, params.scope)
     if pre:
         ok, reasons = False, pre + reasons
     elif promoted is None:
         reasons.append("no adapter promoted before: compared with the base only")
     elif why_not:
         reasons.append(f"{why_not}: compared with the base only")
-    decision = {"promoted": ok, "reasons": reasons, "adapter_sha256": adapter_sha,
+    decision = {"promoted": ok, "reasons": reasons, "adapter_sha256": adapter_sha, "base_sha256": base_sha,
+                "scope": params.scope,
                 "eval_rows": metrics["rows"], "eval_rows_sha256": metrics["eval_rows_sha256"],
                 "metrics": {k: metrics["tuned"].get(k) for k in params.metrics},
                 "base_metrics": {k: metrics["base"].get(k) for k in params.metrics},
@@ -227,7 +255,8 @@ def run(params: PromoteParams) -> dict:
                 "data_since_champion": ({k: changes[k] for k in ("added", "removed", "families_appeared", "families_vanished")}
                                         if changes else None),
                 # no timestamp: the same inputs give the same bytes (DVC and git history say when)
-                "previous": {k: promoted.get(k) for k in ("adapter_sha256", "metrics", "eval_rows_sha256")} if promoted else None}
+                "previous": {k: promoted.get(k) for k in ("adapter_sha256", "metrics", "eval_rows_sha256", "scope")} if promoted else None}
+    decision["compared_against"] = compared_against(decision, promoted)
     if ok:
         with atomic_path(layout.PROMOTED_DIR, is_dir=True) as tmp:
             shutil.copytree(layout.ADAPTER_DIR, tmp / "adapter")

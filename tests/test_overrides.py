@@ -155,6 +155,21 @@ def test_a_family_that_regresses_shows_although_the_mean_rises():
     assert slices["antonym"]["exact_match"]["champion"] == 1.0 and slices["antonym"]["exact_match"]["tuned"] == 0.0
 
 
+def test_the_promoted_adapter_is_a_rival_only_in_its_scope_and_on_its_base():
+    """A user who replaces the demo's data names a new promote.scope: the demo's champion is then no
+    rival, and the report's first line says what the challenger was compared with."""
+    from tasks.promote import compared_against, not_a_rival
+    demo = {"adapter_sha256": "a" * 64, "eval_rows_sha256": "e" * 64, "base_sha256": "b" * 64, "scope": "default"}
+    assert not_a_rival(demo, "b" * 64, "default") is None
+    assert "promote.scope 'default' and this run's is 'tickets'" in not_a_rival(demo, "b" * 64, "tickets")
+    assert "another base model" in not_a_rival(demo, "c" * 64, "default")
+    older = {k: v for k, v in demo.items() if k not in ("scope", "base_sha256")}  # a registry from before both
+    assert not_a_rival(older, "c" * 64, "default") is None
+    assert compared_against({"champion": None, "scope": "tickets"}, demo) == "Compared against: the base model only."
+    line = compared_against({"champion": {"adapter_sha256": "a" * 64}, "scope": "default"}, demo)
+    assert "promoted adapter aaaaaaaaaaaa (scope 'default', promoted on eval rows eeeeeeeeeeee)" in line
+
+
 def test_data_changes_since_the_champion():
     import pandas as pd
 
