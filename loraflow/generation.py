@@ -100,11 +100,13 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
     new = torch.full((batch_size, max_new_tokens + 1), pad_id, dtype=torch.long, device=dev)
     k = torch.zeros(1, dtype=torch.long, device=dev)  # index of the token being recorded
 
+    cache_kwarg = cache_argument(decoder)
+
     def forward(cache, ids, decode: bool):
         cache.decode = decode
         start = cache.positions[cache.rows]
         return decoder(input_ids=ids, position_ids=start[:, None] + torch.arange(ids.shape[1], device=dev),
-                       past_key_values=cache, use_cache=True, loraflow_cache=cache).last_hidden_state
+                       use_cache=True, loraflow_cache=cache, **{cache_kwarg: cache}).last_hidden_state
 
     def record(logits):
         nxt = torch.where(done, pad_id, logits.argmax(-1))
@@ -211,3 +213,10 @@ def generate_texts(model, tokenizer, prompts: list[str], *, stop_ids: Sequence[i
                 text = text.replace(special, "")
         results.append({"text": text.strip(), "ended": ended, "new_tokens": len(o["ids"]) + int(o["ended"])})
     return results
+
+
+def cache_argument(decoder) -> str:
+    """The decoder's name for its KV cache: `cache` from transformers 5.2x, where `past_key_values`
+    warns that it is deprecated; `past_key_values` before (the GPU image's 5.17)."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
