@@ -31,6 +31,7 @@ from prefect.concurrency.sync import concurrency
 from loraflow import layout, lockfile, overrides as overrides_mod
 from loraflow.layout import STAGES
 from loraflow.artifacts import sha256_tree, write_json
+from loraflow.families import family_table
 from loraflow.params import load_section, validate_all
 from loraflow.processes import die_with_parent
 from loraflow.workspace import workspace_lock
@@ -105,9 +106,10 @@ DVC_HINTS = ("To track the changes with git, run:", "git add dvc.lock", "To enab
 
 def stage_log_line(line: str) -> tuple[int, str] | None:
     """A line of `dvc repro` output as (level, message) for the flow's log; None for what a reader of
-    the flow run does not need: blank lines, progress bars, DVC's git hints."""
+    the flow run does not need: blank lines, progress bars, DVC's git hints, an empty rejects file."""
     text = line.strip()
-    if not text or PROGRESS_BAR.search(text) or any(hint in text for hint in DVC_HINTS):
+    if (not text or PROGRESS_BAR.search(text) or any(hint in text for hint in DVC_HINTS)
+            or layout.EMPTY_REJECTS_WARNING.match(text)):
         return None
     m = STAGE_LOG.match(text)
     if m:  # a blank line the stage logged (between tables) has nothing to say here
@@ -287,8 +289,9 @@ def publish_artifacts(root: Path, results: list[dict]) -> None:
         m = json.loads(metrics_file.read_text())
         rows = "\n".join(f"| {k} | {m['base'][k]} | {m['tuned'][k]} | {m['delta'].get(k, '')} |"
                          for k in ("exact_match", "rouge1", "rouge2", "rougeL"))
+        families = "\n".join(["", "By family:", ""] + family_table(m["by_family"])) if m.get("by_family") else ""
         create_markdown_artifact(key="metrics", description="held-out metrics, base vs fine-tuned",
-                                 markdown=f"| metric | base | tuned | delta |\n|---|---|---|---|\n{rows}\n")
+                                 markdown=f"| metric | base | tuned | delta |\n|---|---|---|---|\n{rows}\n{families}\n")
     if (root / layout.LOSS_CSV).exists():
         create_markdown_artifact(key="loss-curve", description=str(layout.LOSS_CSV),
                                  markdown=loss_curve_markdown(root / layout.LOSS_CSV))

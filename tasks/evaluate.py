@@ -20,6 +20,7 @@ from loraflow import layout
 from loraflow.artifacts import write_json, write_jsonl, write_text
 from loraflow.audit import FLAGS, audit_flags
 from loraflow.chat_format import ChatFormat, run_tokenizer
+from loraflow.families import family_table
 from loraflow.evaluation import (GenerationSettings, aggregate, eval_rows_sha256, generate_all, load_for_generation,
                                  load_metric, rows_of, score_rows)
 from loraflow.modeling import BaseRef, resolve_base
@@ -47,6 +48,20 @@ def checkable_rows(rows: pd.DataFrame, params: EvaluateParams) -> list[bool]:
     return list(rows["family"].isin(params.exact_match_families) if params.exact_match_families else rows["family"].notna())
 
 
+def by_family(per_row: dict[str, dict[str, list]], rows: pd.DataFrame, eval_idx: list[int]) -> dict:
+    """Each family's (task's) eval rows, exact match and ROUGE-L per model: a mean carried by one
+    large family hides the others, so each is reported on its own."""
+    out = {}
+    for family in sorted({rows["family"].iloc[i] for i in eval_idx}):
+        idx = [i for i in eval_idx if rows["family"].iloc[i] == family]
+        label = family or "(no family)"  # rows of a source without a family or task column
+        out[label] = {"rows": len(idx)}
+        for name in MODELS:
+            agg = aggregate(rows_of(per_row[name], idx))
+            out[label][name] = {"exact_match": agg["exact_match"], "rougeL": agg["rougeL"]}
+    return out
+
+
 def markdown(metrics: dict, records: list[dict], samples: int) -> str:
     lines = ["# Generation audit: base vs fine-tuned", "",
              f"{metrics['rows']} eval rows, greedy, at most {metrics['max_new_tokens']} new tokens.", "",
@@ -55,6 +70,7 @@ def markdown(metrics: dict, records: list[dict], samples: int) -> str:
         lines.append(f"| {key} | " + " | ".join(str(metrics[m][key]) for m in MODELS) + " |")
     for flag in FLAGS:
         lines.append(f"| flagged {flag} | " + " | ".join(str(metrics[m]["flags"][flag]) for m in MODELS) + " |")
+    lines += ["", "## By family", ""] + family_table(metrics["by_family"])
     lines += ["", "## Rows side by side", "", "| id | family | prompt | reference | base | tuned |", "|---|---|---|---|---|---|"]
     cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ⏎ ")[:160]
     for r in spread_over_families(records, samples):
@@ -76,6 +92,20 @@ def spread_over_families(records: list[dict], n: int) -> list[dict]:
     return picked
 
 
+def references_over_cap(references: list[str], tokenizer, cap: int) -> dict | None:
+    """How many references are longer (in tokens) than the generation cap: their generations are cut
+    there, flagged no_eos and scored low for the cap's sake, not the model's. Warned, naming the cap."""
+    # + 1: the end-of-turn token the model must also write within the cap
+    needed = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in references]
+    over = [n for n in needed if n > cap]
+    if not over:
+        return None
+    log.warning("%d of %d references need more than evaluate.max_new_tokens = %d tokens with their end of turn "
+                "(the longest: %d): their generations are cut at the cap and flagged no_eos. Raise "
+                "evaluate.max_new_tokens to score them whole.", len(over), len(references), cap, max(over))
+    return {"rows": len(over), "longest_tokens": max(over), "cap": cap}
+
+
 def prompt_text(prompt: str, tokenizer) -> str:
     """The prompt without special tokens: what an echo would repeat."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -90,6 +120,7 @@ def run(params: EvaluateParams) -> dict:
     chat = ChatFormat.read(layout.CHAT_FORMAT)
     tokenizer = run_tokenizer(base_ref, chat)
     settings = GenerationSettings.of(params)
+    over_cap = references_over_cap(list(rows["reference"]), tokenizer, params.max_new_tokens)
     outputs = {"base": generate_all(load_for_generation(base_ref, tokenizer), tokenizer, prompts, chat, settings)}
     log.info("base model: %d generations", len(prompts))
     merged = BaseRef(str(layout.MERGED_DIR), trust_remote_code=base_ref.trust_remote_code)
@@ -99,29 +130,31 @@ def run(params: EvaluateParams) -> dict:
     rouge, exact = load_metric("rouge"), load_metric("exact_match")
     checkable = checkable_rows(rows, params)
     golden = rows.iloc[sets["golden"]]
-    metrics: dict = {"rows": len(sets["eval"]), "max_new_tokens": params.max_new_tokens,
+    metrics: dict = {"rows": len(sets["eval"]), "max_new_tokens": params.max_new_tokens, "references_over_cap": over_cap,
                      "eval_rows_sha256": eval_rows_sha256(rows.iloc[sets["eval"]]), "generation": settings.to_dict(),
                      "golden": {"rows": len(golden), "rows_sha256": eval_rows_sha256(golden)} if len(golden) else None}
     records = [{"id": r.id, "family": r.family, "set": r.set, "prompt": prompt_text(r.prompt, tokenizer),
                 "reference": r.reference, "exact_match_checked": c} for r, c in zip(rows.itertuples(), checkable)]
+    per_row = {}
     for name in MODELS:
         texts = [o["text"] for o in outputs[name]]
-        per_row = score_rows(texts, list(rows["reference"]), checkable, rouge, exact)
-        metrics[name] = aggregate(rows_of(per_row, sets["eval"]))
+        per_row[name] = score_rows(texts, list(rows["reference"]), checkable, rouge, exact)
+        metrics[name] = aggregate(rows_of(per_row[name], sets["eval"]))
         if metrics["golden"]:
-            metrics["golden"][name] = aggregate(rows_of(per_row, sets["golden"]))
+            metrics["golden"][name] = aggregate(rows_of(per_row[name], sets["golden"]))
         counts = dict.fromkeys(FLAGS, 0)
         for i, (rec, out) in enumerate(zip(records, outputs[name])):
             flags = audit_flags(out["text"], out["ended"], rec["prompt"], ngram=params.repetition_ngram,
                                 min_repeats=params.repetition_min_repeats, echo_min_chars=params.echo_min_chars)
             rec[name], rec[name + "_flags"], rec[name + "_new_tokens"] = out["text"], flags, out["new_tokens"]
             # each row's scores, for the gate's paired comparisons on these very rows
-            rec[name + "_scores"] = {k: v[i] for k, v in per_row.items()}
+            rec[name + "_scores"] = {k: v[i] for k, v in per_row[name].items()}
             for f in flags if rec["set"] == "eval" else ():
                 counts[f] += 1
         metrics[name]["flags"] = counts
     metrics["delta"] = {k: round(metrics["tuned"][k] - metrics["base"][k], 4)
                         for k in ("exact_match", "rouge1", "rouge2", "rougeL") if metrics["base"][k] is not None}
+    metrics["by_family"] = by_family(per_row, rows, sets["eval"])
     write_json(layout.METRICS, metrics)
     for name in MODELS:
         write_json(layout.SCORES_DIR / f"{name}.json", {k: metrics[name][k] for k in layout.SCORE_KEYS})
