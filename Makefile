@@ -14,15 +14,17 @@ install: $(VENV)/.installed
 
 # torch first, from the local CPU build; the project then finds its pin satisfied and pulls no CUDA.
 $(VENV)/.installed: pyproject.toml
+	@echo "install 1/3: a virtual environment in $(VENV)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@echo "install 2/3: torch 2.13.0, the CPU build (about 200 MB)"
 	$(PY) -m pip install -q torch==2.13.0
+	@echo "install 3/3: loraflow and its dependencies (transformers, peft, trl, dvc, prefect, ...)"
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 run: install
-	$(PY) -m loraflow.lockfile
-	dvc repro
+	loraflow repro
 	dvc metrics show -R reports/scores --precision 3
 
 flow: install

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 from loraflow.workspace import workspace_lock
                 with workspace_lock(Path(args.workdir).resolve(), wait_s=0, holder="loraflow run (checking)"):
                     pass
+            quiet_temporary_server()
             from flows.finetune import finetune
             results = finetune(workdir=args.workdir, overrides=overrides, wait_for_workspace_s=args.wait)
             for r in results:
@@ -91,7 +92,35 @@ def main(argv: list[str] | None = None) -> int:
         print(redact(f"loraflow {args.command}: error: {e}"), file=sys.stderr)
         return 2
     from loraflow.lockfile import main as check_lock
-    return check_lock() or subprocess.call([str(Path(sys.executable).parent / "dvc"), "repro"])
+    return check_lock() or repro()
+
+
+# Without PREFECT_API_URL, Prefect starts a temporary server for the run. Its defaults suit a long-lived
+# one: the trigger service's periodic evaluation contends for the SQLite file with the run's own writes
+# ("database is locked" tracebacks, PrefectHQ/prefect#15170), it reports analytics (failures logged
+# offline), and it must start within 20 s (a loaded 2-core machine can take longer).
+TEMPORARY_SERVER = {"PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
+def quiet_temporary_server() -> None:
+    """Settings for the temporary server a run without PREFECT_API_URL starts (yours take precedence)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        for name, value in TEMPORARY_SERVER.items():
+            os.environ.setdefault(name, value)
+
+
+def repro() -> int:
+    """`dvc repro`, its output passed on line by line but for the one warning a clean run gives
+    (an empty rejects file: layout.EMPTY_REJECTS_WARNING)."""
+    from loraflow import layout
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    for line in proc.stdout:
+        if not layout.EMPTY_REJECTS_WARNING.match(line.strip()):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    return proc.wait()
 
 
 def plan(args) -> int:

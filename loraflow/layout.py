@@ -1,5 +1,6 @@
 """Where every stage reads and writes, relative to the project root. dvc.yaml names the same paths
 (tests/test_layout.py keeps the two in step)."""
+import re
 from pathlib import Path
 
 STAGES = ("base", "ingest", "validate", "template", "tokenize", "train", "merge", "evaluate", "promote", "lineage")
@@ -26,6 +27,9 @@ EVAL_TOKENS = TOKENS_DIR / "eval.parquet"
 GOLDEN_TOKENS = TOKENS_DIR / "golden.parquet"  # ingest.golden_sources' rows: scored, never trained on
 GOLDEN_SOURCE = "golden:"  # the source label's prefix that marks a golden row from ingest to tokenize
 TOKENIZE_REJECTS = TOKENS_DIR / "rejects.jsonl"
+# DVC warns "'<out>' is empty." for any empty output; an empty rejects file is the clean case, so
+# `loraflow repro`, `make run` and the flow's log leave that warning out (and only that one).
+EMPTY_REJECTS_WARNING = re.compile(r"^WARNING: '[^']*rejects\.jsonl' is empty\.$")
 MASK_AUDIT_JSON = Path("reports/mask_audit.json")
 MASK_AUDIT_MD = Path("reports/mask_audit.md")
 MASK_AUDIT_ROWS = Path("reports/mask_audit_rows.csv")
