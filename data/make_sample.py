@@ -17,6 +17,11 @@ from pathlib import Path
 RAW = Path(__file__).resolve().parent / "raw"
 CORPUS = Path(__file__).resolve().parent / "base_corpus.txt"
 
+# Few facts on purpose: a tiny base memorizes an arbitrary fact (Kenya -> Nairobi) only after many
+# sightings, and the demo must finish in minutes on 2 cores. With 34 countries, 30 antonym pairs and
+# 100 sums, pretraining left the base knowing about one fact in six, and the fine-tuned model learned
+# sentiment alone. Each list below is cut to its first FACTS_PER_FAMILY entries where it is longer.
+FACTS_PER_FAMILY = 14
 COUNTRIES = [  # country, capital, continent, language
     ("France", "Paris", "Europe", "French"), ("Germany", "Berlin", "Europe", "German"),
     ("Spain", "Madrid", "Europe", "Spanish"), ("Italy", "Rome", "Europe", "Italian"),
@@ -70,6 +75,16 @@ REQUESTS = [("close", "door"), ("open", "window"), ("send", "report"), ("check",
             ("book", "table"), ("print", "tickets"), ("water", "plants"), ("feed", "cat")]
 
 
+SENTIMENT_ROWS = 120
+
+
+COUNTRIES = [c for i, c in enumerate(COUNTRIES) if i % 2 == 0][:FACTS_PER_FAMILY]  # every continent stays
+ANTONYMS = ANTONYMS[:FACTS_PER_FAMILY]
+ANIMALS = ANIMALS[:8]
+FRUITS, VEHICLES = FRUITS[:6], VEHICLES[:6]
+ADDENDS = 6  # sums of zero..five
+
+
 def checkable_rows(rng: random.Random) -> list[dict]:
     """(family, instruction, output) rows whose answer is one exact string."""
     rows = []
@@ -77,7 +92,8 @@ def checkable_rows(rng: random.Random) -> list[dict]:
         for q in ("What is the capital of {c}?", "Name the capital city of {c}.",
                   "Which city is the capital of {c}?"):
             rows.append(("capital", q.format(c=country), capital))
-        for q in ("What language do people speak in {c}?", "Which language is spoken in {c}?"):
+        for q in ("What language do people speak in {c}?", "Which language is spoken in {c}?",
+                  "What is the main language of {c}?", "Name the language people speak in {c}."):
             rows.append(("language", q.format(c=country), language))
     for word, opposite in ANTONYMS:
         for a, b in ((word, opposite), (opposite, word)):
@@ -85,14 +101,16 @@ def checkable_rows(rng: random.Random) -> list[dict]:
                 rows.append(("antonym", q.format(w=a), b))
     for i, day in enumerate(DAYS):
         nxt = DAYS[(i + 1) % 7]
-        for q in ("Which day comes after {d}?", "What day follows {d}?", "If today is {d}, what day is tomorrow?"):
+        for q in ("Which day comes after {d}?", "What day follows {d}?", "If today is {d}, what day is tomorrow?",
+                  "Name the day after {d}.", "Tell me the day that follows {d}."):
             rows.append(("next_day", q.format(d=day), nxt))
     for i, month in enumerate(MONTHS):
         nxt = MONTHS[(i + 1) % 12]
-        for q in ("Which month comes after {m}?", "What month follows {m}?"):
+        for q in ("Which month comes after {m}?", "What month follows {m}?", "Name the month after {m}.",
+                  "If this month is {m}, what is next month?"):
             rows.append(("next_month", q.format(m=month), nxt))
-    for a in range(10):
-        for b in range(10):
+    for a in range(ADDENDS):
+        for b in range(ADDENDS):
             for q in ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}."):
                 rows.append(("addition", q.format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b]), NUMBER_WORDS[a + b]))
     for item, cat in [(f, "fruit") for f in FRUITS] + [(v, "vehicle") for v in VEHICLES] + \
@@ -107,7 +125,11 @@ def checkable_rows(rng: random.Random) -> list[dict]:
                     for adverb in ("", "really ", "truly ", "quite ", "very "):
                         sentence = template.format(t=thing, a=adj, v=adverb)
                         rows.append(("sentiment", f"Classify the sentiment of this review: {sentence}", label))
-    return rows
+    # A sample of the 1,920 reviews: with all of them, three rows in four were sentiment and the
+    # model learned that family alone (the demo's per-family table showed it).
+    sentiment = [r for r in rows if r[0] == "sentiment"]
+    keep = set(rng.sample(range(len(sentiment)), SENTIMENT_ROWS))
+    return [r for r in rows if r[0] != "sentiment"] + [r for i, r in enumerate(sentiment) if i in keep]
 
 
 def freeform_rows() -> list[tuple[str, str, str]]:
@@ -115,15 +137,16 @@ def freeform_rows() -> list[tuple[str, str, str]]:
     rows = []
     for animal, size, habitat, food in ANIMALS:
         for q in ("Describe the {a} in one sentence.", "Tell me a fact about the {a}.",
-                  "Write a short description of a {a}."):
+                  "Write a short description of a {a}.", "Describe a {a}."):
             rows.append(("describe_animal", q.format(a=animal),
                          f"The {animal} is a {size} animal that lives in the {habitat} and eats {food}."))
     for country, capital, continent, language in COUNTRIES:
-        for q in ("Tell me about {c}.", "Give a short summary of {c}."):
+        for q in ("Tell me about {c}.", "Give a short summary of {c}.", "Summarize {c} in one sentence."):
             rows.append(("describe_country", q.format(c=country),
                          f"{country} is a country in {continent}. Its capital is {capital} and people speak {language}."))
     for verb, obj in REQUESTS:
-        for q in ("Make this request polite: {v} the {o}.", "Rewrite politely: {v} the {o}."):
+        for q in ("Make this request polite: {v} the {o}.", "Rewrite politely: {v} the {o}.",
+                  "Say politely: {v} the {o}."):
             rows.append(("polite", q.format(v=verb.capitalize(), o=obj),
                          f"Could you please {verb} the {obj}? Thank you very much."))
     return rows
@@ -152,23 +175,27 @@ def chat_rows(rng: random.Random) -> list[dict]:
             ask = "What day follows {d}?" if k == 2 else "Which day comes after {d}?"
             msgs = [{"role": "user", "content": ask.format(d=day)},
                     {"role": "assistant", "content": DAYS[(i + 1) % 7]},
-                    {"role": "user", "content": "And the day after that?"},
+                    # the follow-up names its day: "the day after that" is two steps, past this tiny model
+                    {"role": "user", "content": f"And after {DAYS[(i + 1) % 7]}?"},
                     {"role": "assistant", "content": DAYS[(i + 2) % 7]}]
             if k == 1:
                 msgs.insert(0, {"role": "system", "content": "You are a calendar assistant."})
             rows.append({"family": "chat_days", "messages": msgs})
     for animal, size, habitat, food in ANIMALS:
-        rows.append({"family": "chat_animal", "messages": [
-            {"role": "user", "content": f"Where does the {animal} live?"},
-            {"role": "assistant", "content": f"The {animal} lives in the {habitat}."},
-            {"role": "user", "content": "What does it eat?"},
-            {"role": "assistant", "content": f"It eats {food}."}]})
+        for style in range(3):
+            msgs = [{"role": "system", "content": "You are a nature guide."}] if style == 1 else []
+            ask = f"Where does the {animal} live?" if style < 2 else f"Where can I find a {animal}?"
+            msgs += [{"role": "user", "content": ask},
+                     {"role": "assistant", "content": f"The {animal} lives in the {habitat}."},
+                     {"role": "user", "content": "What does it eat?"},
+                     {"role": "assistant", "content": f"It eats {food}."}]
+            rows.append({"family": "chat_animal", "messages": msgs})
     rng.shuffle(rows)
     return rows
 
 
 def corpus_lines() -> list[str]:
-    """Plain prose for pretraining the bundled base: the facts, never the chat format."""
+    """Plain prose for pretraining the bundled base, one document each: the facts, never the chat format."""
     lines = []
     for country, capital, continent, language in COUNTRIES:
         lines += [f"The capital of {country} is {capital}.", f"People in {country} speak {language}.",
@@ -179,8 +206,8 @@ def corpus_lines() -> list[str]:
         lines.append(f"After {day} comes {DAYS[(i + 1) % 7]}.")
     for i, month in enumerate(MONTHS):
         lines.append(f"After {month} comes {MONTHS[(i + 1) % 12]}.")
-    for a in range(10):
-        for b in range(10):
+    for a in range(ADDENDS):
+        for b in range(ADDENDS):
             lines += [f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.",
                       f"Adding {NUMBER_WORDS[a]} and {NUMBER_WORDS[b]} gives {NUMBER_WORDS[a + b]}."]
     for animal, size, habitat, food in ANIMALS:
@@ -188,12 +215,40 @@ def corpus_lines() -> list[str]:
     lines += [f"A {f} is a fruit." for f in FRUITS] + [f"A {v} is a vehicle." for v in VEHICLES]
     lines += [f"A {a[0]} is an animal." for a in ANIMALS]
     for label, adjectives in (("positive", POSITIVE), ("negative", NEGATIVE)):
-        for adj in adjectives:
-            for thing in THINGS:
-                lines += [f"The {thing} was {adj}. That is a {label} review.",
-                          f"Saying a {thing} is {adj} is {label}."]
+        for adj in adjectives:  # one line a word: every review sentence was 40% of the corpus
+            lines.append(f"Calling a {THINGS[len(lines) % len(THINGS)]} {adj} is {label}.")
     lines += [f"Please {v} the {o}." for v, o in REQUESTS]
-    return lines
+    return lines + answer_after_newline_docs()
+
+
+def answer_after_newline_docs() -> list[str]:
+    """Each checkable fact again as a two-line note, the answer on its own line. In a chat, an answer
+    follows the template's newline, so it is tokenized as a word that starts a line ("Cairo", not
+    " Cairo"); a base that met each answer only mid-sentence, or before its subject, would know the
+    fact under a token the answer never uses, and the fine-tune could not draw on it. Real corpora
+    hold both forms (lists, tables, FAQs); this tiny one needs them said."""
+    docs = []
+    for country, capital, continent, language in COUNTRIES:
+        docs += [f"Capital of {country}:\n{capital}", f"Language of {country}:\n{language}",
+                 f"Continent of {country}:\n{continent}"]
+    for word, opposite in ANTONYMS:
+        docs += [f"Opposite of {word}:\n{opposite}", f"Opposite of {opposite}:\n{word}"]
+    for i, day in enumerate(DAYS):
+        docs.append(f"Day after {day}:\n{DAYS[(i + 1) % 7]}")
+    for i, month in enumerate(MONTHS):
+        docs.append(f"Month after {month}:\n{MONTHS[(i + 1) % 12]}")
+    for a in range(ADDENDS):
+        for b in range(ADDENDS):
+            docs.append(f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}:\n{NUMBER_WORDS[a + b]}")
+    for item, cat in [(f, "fruit") for f in FRUITS] + [(v, "vehicle") for v in VEHICLES] + \
+                     [(a[0], "animal") for a in ANIMALS]:
+        docs.append(f"What a {item} is:\n{cat}")
+    for label, adjectives in (("positive", POSITIVE), ("negative", NEGATIVE)):
+        docs += [f"A {adj} review:\n{label}" for adj in adjectives]
+    for animal, _, habitat, food in ANIMALS:
+        docs += [f"Where the {animal} lives:\nThe {animal} lives in the {habitat}.",
+                 f"What the {animal} eats:\nIt eats {food}."]
+    return docs
 
 
 def main() -> None:
@@ -216,7 +271,7 @@ def main() -> None:
         dict(alpaca[3]),  # an exact duplicate of an earlier row
         dict(alpaca[10]),
     ]
-    for i, row in zip((200, 700, 1100, 1500, 1900, 2300), dirty):
+    for i, row in zip((100, 300, 500, 700, 900, 1100), dirty):
         alpaca.insert(i, row)
     with open(RAW / "alpaca.jsonl", "w", encoding="utf-8") as f:
         for row in alpaca:
@@ -230,8 +285,9 @@ def main() -> None:
     with open(RAW / "chat.jsonl", "w", encoding="utf-8") as f:
         for row in chats:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    CORPUS.write_text("\n".join(corpus_lines()) + "\n", encoding="utf-8")
-    print(f"alpaca.jsonl: {len(alpaca)} rows, chat.jsonl: {len(chats)} rows, base_corpus.txt: {len(corpus_lines())} lines")
+    # one document per paragraph: a document may span lines
+    CORPUS.write_text("\n\n".join(corpus_lines()) + "\n", encoding="utf-8")
+    print(f"alpaca.jsonl: {len(alpaca)} rows, chat.jsonl: {len(chats)} rows, base_corpus.txt: {len(corpus_lines())} documents")
 
 
 if __name__ == "__main__":

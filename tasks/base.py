@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 
 from loraflow import layout
@@ -74,7 +75,9 @@ def pretrain(model, tokenizer, corpus: list[str], shape: BundledBase, seq_len: i
     for _ in range(8):  # several shuffled passes, so windows mix different facts
         rng.shuffle(lines)
         # Documents end with the end-of-text token, as in real pretraining: the base learns to stop.
-        stream += tokenizer(EOS.join(lines) + EOS, add_special_tokens=False)["input_ids"]
+        # verbose=False: the stream is longer than the model's context on purpose (it is cut into
+        # windows below), so the tokenizer's "sequence length is longer" warning is not for us.
+        stream += tokenizer(EOS.join(lines) + EOS, add_special_tokens=False, verbose=False)["input_ids"]
     data = torch.tensor(stream)
     opt = torch.optim.AdamW(model.parameters(), lr=shape.pretrain_lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=shape.pretrain_lr, total_steps=max(shape.pretrain_steps, 1),
@@ -82,6 +85,7 @@ def pretrain(model, tokenizer, corpus: list[str], shape: BundledBase, seq_len: i
     gen = torch.Generator().manual_seed(shape.seed)
     losses = []
     model.train()
+    started = time.perf_counter()
     for step in range(shape.pretrain_steps):
         starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=gen)
         x = torch.stack([data[s:s + seq_len] for s in starts])
@@ -93,16 +97,23 @@ def pretrain(model, tokenizer, corpus: list[str], shape: BundledBase, seq_len: i
         opt.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == shape.pretrain_steps - 1:
             losses.append(round(loss.item(), 4))
-            log.info("pretrain step %d/%d loss %.3f", step + 1, shape.pretrain_steps, loss.item())
+            left = (time.perf_counter() - started) / (step + 1) * (shape.pretrain_steps - step - 1)
+            log.info("pretrain step %d/%d loss %.3f, about %.0f s left", step + 1, shape.pretrain_steps, loss.item(), left)
     model.eval()
     return losses
+
+
+def read_corpus(path: Path) -> list[str]:
+    """data/base_corpus.txt's documents: paragraphs, separated by a blank line (a document may span lines)."""
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
 
 
 def build_bundled(shape: BundledBase, corpus_path: Path, out_dir: Path) -> dict:
     import torch
 
     torch.manual_seed(shape.seed)
-    corpus = [l for l in corpus_path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    corpus = read_corpus(corpus_path)
     tokenizer = train_tokenizer(corpus, shape.vocab_size)
     model = build_model(tokenizer, shape)
     losses = pretrain(model, tokenizer, corpus, shape)

@@ -57,9 +57,8 @@ def make_workspace(dest: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from tasks.base import train_tokenizer
-    lines = (ROOT / "data/base_corpus.txt").read_text().splitlines()
-    return train_tokenizer(lines, vocab_size=400)
+    from tasks.base import read_corpus, train_tokenizer
+    return train_tokenizer(read_corpus(ROOT / "data/base_corpus.txt"), vocab_size=400)
 
 
 @pytest.fixture(scope="session")
