@@ -172,7 +172,7 @@ def run(params: ValidateParams) -> dict:
             f"{params.max_reject_fraction}. See {layout.REJECTS} and {layout.VALIDATION_MD}; fix the data or raise the limit.")
     write_parquet(layout.VALIDATED, accepted.drop(columns=["ingest_error"]).reset_index(drop=True))
     for r, c in report["per_reason"].items():
-        log.warning("rejected %d rows: %s (e.g. %s)", c["rows"], r, ", ".join(c["examples"]))
+        log.warning("rejected %d row%s: %s (e.g. %s)", c["rows"], "" if c["rows"] == 1 else "s", r, ", ".join(c["examples"]))
     return {k: report[k] for k in ("read", "accepted", "rejected", "rejected_fraction")}
 
 
