@@ -105,6 +105,9 @@ def test_triggered_run_applies_overrides_for_that_run_only(ws, served, prefect_s
     curve = api(prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["loss-curve"]},
                                                                     "flow_run_id": {"any_": [run["id"]]}}})[0]
     assert "| step | loss |" in curve["data"] and any(mark in curve["data"] for mark in "▁▂▃▄▅▆▇█")  # numbers, chart
+    shown = api(prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["metrics"]},
+                                                                    "flow_run_id": {"any_": [run["id"]]}}})[0]["data"]
+    assert "By family:" in shown and all(f"| {name} |" in shown for name in metrics["by_family"])
     files = api(prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["report-files"]},
                                                                     "flow_run_id": {"any_": [run["id"]]}}})[0]
     assert "file://" not in json.dumps(files["data"]) and "reports/metrics.json" in json.dumps(files["data"])
