@@ -86,7 +86,8 @@ def test_two_processes_over_gloo_train_one_adapter_with_the_one_process_math(tmp
     done = subprocess.run([sys.executable, "-c", code], cwd=ws, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = read_json(ws, "reports/stages/train.json")
-    assert summary["processes"] == 2 and summary["micro_batch"] == 8  # 16 rows per step, 8 on each process
+    rows_per_step = yaml.safe_load((ws / "params.yaml").read_text())["train"]["rows_per_step"]
+    assert summary["processes"] == 2 and summary["micro_batch"] == rows_per_step // 2  # each process half the rows
     assert yaml.safe_load((ws / "models/launch/accelerate_config.yaml").read_text())["num_processes"] == 2
     two_loss = pd.read_csv(ws / "reports/train_loss.csv")
     two_adapter = load_file(str(ws / "models/adapter/adapter_model.safetensors"))
