@@ -24,7 +24,8 @@ def promoted_adapter_sha(ws) -> str:
 def test_three_rounds_of_retraining_are_gated_on_the_same_rows(tmp_path, prefect_server):
     ws = make_workspace(tmp_path / "ws")
     raw = (ws / "data/raw/alpaca.jsonl").read_text().splitlines(keepends=True)
-    (ws / "data/raw/alpaca.jsonl").write_text("".join(raw[:1800]))
+    first_rows = len(raw) * 3 // 4  # round 1's data; the last quarter arrives in round 2
+    (ws / "data/raw/alpaca.jsonl").write_text("".join(raw[:first_rows]))
     # a golden set from rows that arrive later as training data too: they must never be trained on
     (ws / "data/raw/golden.jsonl").write_text("".join(raw[-40:]))
     edit_params(ws, ingest={"golden_sources": ["data/raw/golden.jsonl"]}, train={"init_from": "promoted"},
@@ -54,7 +55,7 @@ def test_three_rounds_of_retraining_are_gated_on_the_same_rows(tmp_path, prefect
     assert "## Merge check" in (ws / "models/merged/README.md").read_text()
 
     # round 2: more rows arrive; the flow (on the Prefect server) warm-starts from the champion
-    (ws / "data/raw/more.jsonl").write_text("".join(raw[1800:]))
+    (ws / "data/raw/more.jsonl").write_text("".join(raw[first_rows:]))
     edit_params(ws, ingest={"sources": ["data/raw/alpaca.jsonl", "data/raw/chat.jsonl", "data/raw/more.jsonl"]})
     lines = run_flow(ws, prefect_server)
     assert lines["train"].startswith("ran in") and lines["promote"].startswith("ran in")
