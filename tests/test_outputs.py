@@ -57,7 +57,9 @@ def test_stage_lines_reach_the_flow_log_at_their_level_without_their_timestamp()
     assert stage_log_line("2026-12-05 03:00:01,123 loraflow.promote WARNING adapter NOT promoted: x") == \
         (logging.WARNING, "loraflow.promote: adapter NOT promoted: x")
     assert stage_log_line("2026-12-05 03:00:01,123 loraflow.train INFO ") is None  # a blank line between tables
-    assert stage_log_line("WARNING: 'data/interim/rejects.jsonl' is empty.")[0] == logging.WARNING
+    assert stage_log_line("WARNING: 'models/adapter' is empty.")[0] == logging.WARNING
+    # an empty rejects file is the clean case: DVC's warning about it is not relayed
+    assert stage_log_line("WARNING: 'data/interim/template_rejects.jsonl' is empty.") is None
     assert stage_log_line("ValueError: bad row")[0] == logging.ERROR
     for noise in ("", "\tgit add dvc.lock reports/.gitignore", "To enable auto staging, run:",
                   "Loading weights: 100%|██████████| 21/21 [00:00<00:00, 25223.48it/s]"):

@@ -270,15 +270,15 @@ def test_generation_stops_on_the_trained_end_of_turn(tokenizers, family_name):
     _, chat, out, _ = render_row(tok, family, messages)
     prompt = out["prompt"][0]
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    answer = tok("Lima", add_special_tokens=False)["input_ids"]
-    junk = tok(" and more", add_special_tokens=False)["input_ids"]
+    answer = tok("Paris", add_special_tokens=False)["input_ids"]  # pieces that do not repeat in this vocabulary
+    junk = tok(" and then", add_special_tokens=False)["input_ids"]
     eot = tok.convert_tokens_to_ids(family.end_of_turn)
     chain = [prompt_ids[-1], *answer, eot, *junk]
     assert len(set(chain)) == len(chain), "the rig needs distinct ids"
     model = rigged_model(len(tok), chain)
     result = generate_texts(model, tok, [prompt], stop_ids=chat.stop_ids, end_of_turn=chat.end_of_turn,
                             max_new_tokens=12, batch_size=1)[0]
-    assert result == {"text": "Lima", "ended": True, "new_tokens": len(answer) + 1}
+    assert result == {"text": "Paris", "ended": True, "new_tokens": len(answer) + 1}
 
 
 def base_tokenizer(tiny_tokenizer):

@@ -24,7 +24,8 @@ def test_packed_micro_batched_checkpointed_training_matches_the_plain_path(tmp_p
     ws = make_workspace(tmp_path / "ws")
     make_tiny(ws)
     # no token rows trained: the fast side keeps the (then frozen) input embedding in CPU memory
-    edit_params(ws, train={"dropout": 0.0, "trainable_tokens": []})
+    # 16 rows a step: the fast side takes them as 4 micro-batches of 4
+    edit_params(ws, train={"dropout": 0.0, "trainable_tokens": [], "rows_per_step": 16})
     sh([DVC, "repro", "tokenize"], ws)
     plain_loss, plain_adapter, plain_info, plain_plan = train(ws, packing=False, gradient_checkpointing=False, micro_batch="auto")
     fast_loss, fast_adapter, fast_info, fast_plan = train(ws, packing=True, gradient_checkpointing=1, micro_batch=4,
