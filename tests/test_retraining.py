@@ -81,7 +81,8 @@ def test_three_rounds_of_retraining_are_gated_on_the_same_rows(tmp_path, prefect
     assert second["golden"]["comparisons"]["exact_match"]["champion"]["rows"] > 0
     # what the person reading the decision sees about the data: the new rows, none lost
     changes = read_json(ws, "reports/data_changes.json")["changes"]
-    assert changes["rows"] == len(train_rows) and changes["added"] == len(train_rows) - changes["champion_rows"] > 500
+    arrived = int((train_rows["source"] == "data/raw/more.jsonl").sum())  # round 2's new rows in the train split
+    assert changes["rows"] == len(train_rows) and changes["added"] == len(train_rows) - changes["champion_rows"] == arrived > 0
     assert changes["removed"] == 0 and second["data_since_champion"]["added"] == changes["added"]
     assert f"**{changes['added']} added, 0 removed**" in (ws / "reports/data_changes.md").read_text()
     for key in ("exact_match", "rougeL"):
