@@ -133,12 +133,17 @@ def score_champion(records: list[dict], adapter_dir: Path, settings: dict) -> tu
     return per_row, None
 
 
+def scope_of(promoted: dict) -> str:
+    """The registry entry's promote.scope; entries from before scopes existed are the default one's."""
+    return promoted.get("scope", "default")
+
+
 def not_a_rival(promoted: dict, base_sha256: str, scope: str) -> str | None:
     """Why the promoted adapter cannot be this run's champion, or None when it can: another scope's
     adapter (other data, another task), or one trained on another base model, whose scores on this
     base would mean nothing even where its weights load."""
-    if promoted.get("scope", "default") != scope:
-        return (f"the promoted adapter belongs to promote.scope {promoted.get('scope', 'default')!r} and this run's is "
+    if scope_of(promoted) != scope:
+        return (f"the promoted adapter belongs to promote.scope {scope_of(promoted)!r} and this run's is "
                 f"{scope!r}, so it is no rival (a promotion replaces it; DVC keeps its history)")
     if promoted.get("base_sha256") not in (None, base_sha256):
         return (f"the promoted adapter was trained on another base model (models/base sha256 "
@@ -196,8 +201,8 @@ def data_since_champion(promoted: dict | None, current: pd.DataFrame, scope: str
     changes, why_none = None, ""
     if promoted is None:
         why_none = "No adapter was promoted before: nothing to compare with."
-    elif promoted.get("scope", "default") != scope:
-        why_none = f"The promoted adapter belongs to another promote.scope ({promoted.get('scope', 'default')!r}): no champion to compare with."
+    elif scope_of(promoted) != scope:
+        why_none = f"The promoted adapter belongs to another promote.scope ({scope_of(promoted)!r}): no champion to compare with."
     elif not kept.exists():
         why_none = "The champion was promoted without a manifest of its training rows (an older loraflow)."
     else:
