@@ -52,9 +52,16 @@ def main(seq=2048, rows=8, heads=32, kv=8, d=128):
             return out
         return run
 
+    def cudnn_gqa():  # loraflow's path for equal rows: KV heads grouped, nothing expanded
+        from loraflow import fastpath
+        packed = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, heads, total, d)
+        out = fastpath.dense_rows_attention(*packed, rows, None, fastpath.CUDNN)[0]
+        out.backward(dout)
+        return out
+
     ref = fa2().float()
     for name, fn in (("fa2_varlen", fa2), ("sdpa_flash_dense", dense(SDPBackend.FLASH_ATTENTION)),
-                     ("sdpa_cudnn_dense", dense(SDPBackend.CUDNN_ATTENTION))):
+                     ("sdpa_cudnn_dense", dense(SDPBackend.CUDNN_ATTENTION)), ("loraflow_cudnn_gqa", cudnn_gqa)):
         try:
             out = fn().float()
             if out.dim() == 4:

@@ -159,6 +159,9 @@ def ours(args) -> None:
     if args.peft_projections:  # the A/B of loraflow/fused_lora.py: peft's own LoRA forward and backward
         from loraflow import fused_lora
         fused_lora.fuse_lora_projections = lambda model: 0
+    if args.attention == "varlen":  # the A/B of the cuDNN path for equal rows (loraflow/fastpath.py)
+        from loraflow import fastpath
+        fastpath.DENSE_ATTENTION = False
     if args.fused_layers_min_tokens is not None:
         memplan.FUSED_LAYERS_MIN_TOKENS = args.fused_layers_min_tokens
     seqs = [int(s) for s in args.seqs.split(",")]
@@ -206,7 +209,7 @@ def ours(args) -> None:
             "bench": "ours", "method": setup.method, "seq": seq, "rows_per_step": args.rows,
             "micro_batch": plan.chosen.micro_batch, "checkpoint_layers": setup.checkpoint_layers,
             "fused": setup.fused, "fused_layers": setup.fused and setup.fused_layers,
-            "lora_projections": "peft" if args.peft_projections else "fused",
+            "lora_projections": "peft" if args.peft_projections else "fused", "attention": args.attention,
             "embedding_on_cpu": setup.embedding_on_cpu, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
             "predicted_gib": {k: memplan.gib(v) for k, v in plan.chosen.parts.items()},
             "measured_peak_gib": memplan.gib(peak), "loaded_gib": memplan.gib(weights),
@@ -265,6 +268,8 @@ def main() -> None:
     o.add_argument("--optimizer", default="adamw"); o.add_argument("--plain", action="store_true")
     o.add_argument("--profile", action="store_true", help="torch.profiler over the run: GPU busy share, time by kernel kind")
     o.add_argument("--peft-projections", action="store_true", help="peft's LoRA forward instead of loraflow/fused_lora.py")
+    o.add_argument("--attention", default="auto", choices=["auto", "varlen"],
+                   help="varlen: FA2 varlen even for equal rows (auto runs those through cuDNN)")
     o.add_argument("--embedding-on-cpu", default="auto", choices=["auto", "true", "false"])
     o.add_argument("--fused-layers-min-tokens", type=int, default=None,
                    help="override memplan.FUSED_LAYERS_MIN_TOKENS (when Liger's per-layer kernels turn on)")

@@ -9,8 +9,14 @@ layer at 8B, a tenth of a LoRA step on an H200. Here:
   then per projection the base GEMM with the LoRA update added in the GEMM's own epilogue (addmm_);
 - backward: grad_x is accumulated in one buffer by addmm_ (beta=1) over every base and LoRA term, so
   no grad tensor is summed afterwards; grad_A for the whole group is one GEMM.
-It saves what peft saves (x and x A^T), so the memory plan is unchanged, and it computes the same
-function: tests/test_fused_lora.py checks loss and gradients against peft on CPU.
+It saves what peft saves (x and x A^T), and it computes the same function: tests/test_fused_lora.py
+checks loss and gradients against peft on CPU.
+
+The adapter's weights are fp32 (peft's default) and the matmuls run in the compute dtype, so every
+use casts them, and q/k/v's A matrices are stacked: 42 casts and cats per layer and micro-batch
+(forward, the checkpointed recompute, backward), a sixth of the launches of a host-bound QLoRA step.
+Each group keeps its cast weights instead (one compute-dtype copy of the adapter, which the memory
+plan counts) until an optimizer step or any in-place write changes them.
 
 Groups: projections under one parent that take the same input (q/k/v, gate/up); whichever member
 is called first computes the group and hands the others their outputs when they are called with
@@ -20,6 +26,7 @@ uses its projections in another order is still right, only not grouped.
 from __future__ import annotations
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # sibling projections that every supported architecture (Llama, Qwen, Mistral, Gemma, Phi-3's
 # unfused forms) calls on one input tensor
@@ -36,28 +43,58 @@ def base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
+# optimizer steps so far, in this process: a cast cache from before a step is stale even where the
+# optimizer wrote the weights through .data or a raw pointer (bitsandbytes' 8-bit AdamW), which
+# leaves the tensor's version counter as it was
+_optimizer_steps = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+class _CastWeights:
+    """A group's adapter weights in the compute dtype: the A matrices stacked, each B. Recast when an
+    optimizer has stepped or a weight was written in place or replaced since the last cast."""
+
+    def __init__(self):
+        self.key, self.a_all, self.b_list = None, None, None
+
+    def get(self, a_list, b_list, dtype: torch.dtype):
+        key = (dtype, _optimizer_steps[0], *((w._version, w.data_ptr()) for w in (*a_list, *b_list)))
+        if key != self.key:
+            self.a_all = torch.cat([a.detach().to(dtype) for a in a_list])
+            self.b_list = [b.detach().to(dtype) for b in b_list]
+            self.key = key
+        return self.a_all, self.b_list
+
+
 class _LoraGroup(torch.autograd.Function):
     """y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T for every projection i of a group.
-    Inputs: x, the bases and scales (not differentiated), then every A, then every B."""
+    Inputs: x, the bases, scales and the group's _CastWeights (not differentiated), then every A,
+    then every B."""
 
     @staticmethod
-    def forward(ctx, x, bases, scales, *lora):
+    def forward(ctx, x, bases, scales, cast, *lora):
         n = len(bases)
         a_list, b_list = lora[:n], lora[n:]
         dtype = x.dtype
         flat = x.reshape(-1, x.shape[-1])
         ranks = [a.shape[0] for a in a_list]
-        a_all = torch.cat([a.to(dtype) for a in a_list])
+        a_all, b_cast = cast.get(a_list, b_list, dtype)
         xa = flat @ a_all.t()
         outputs, start = [], 0
-        for base, b, s, r in zip(bases, b_list, scales, ranks):
+        for base, b, s, r in zip(bases, b_cast, scales, ranks):
             weight = base_weight(base, dtype)
             y = flat @ weight.t() if base.bias is None else torch.addmm(base.bias.to(dtype), flat, weight.t())
-            y.addmm_(xa[:, start:start + r], b.to(dtype).t(), alpha=s)
+            y.addmm_(xa[:, start:start + r], b.t(), alpha=s)
             outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
             start += r
         ctx.save_for_backward(flat, xa, *lora)
-        ctx.bases, ctx.scales, ctx.ranks, ctx.x_shape = bases, scales, ranks, x.shape
+        ctx.bases, ctx.scales, ctx.ranks, ctx.x_shape, ctx.cast = bases, scales, ranks, x.shape, cast
         return tuple(outputs)
 
     @staticmethod
@@ -66,8 +103,9 @@ class _LoraGroup(torch.autograd.Function):
         n = len(ctx.bases)
         a_list, b_list = lora[:n], lora[n:]
         dtype = flat.dtype
+        a_all, b_cast = ctx.cast.get(a_list, b_list, dtype)
         grad_x, dy_b, grad_b, start = None, [], [], 0
-        for base, b, s, r, grad_y in zip(ctx.bases, b_list, ctx.scales, ctx.ranks, grads):
+        for base, b, bc, s, r, grad_y in zip(ctx.bases, b_list, b_cast, ctx.scales, ctx.ranks, grads):
             if grad_y is None:  # an output that did not reach the loss
                 dy_b.append(flat.new_zeros(flat.shape[0], r))
                 grad_b.append(None)
@@ -76,18 +114,17 @@ class _LoraGroup(torch.autograd.Function):
             dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
             weight = base_weight(base, dtype)
             grad_x = dy @ weight if grad_x is None else grad_x.addmm_(dy, weight)
-            dy_b.append((dy @ b.to(dtype)).mul_(s))
+            dy_b.append((dy @ bc).mul_(s))
             grad_b.append(((dy.t() @ xa[:, start:start + r]) * s).to(b.dtype))
             start += r
         dy_b_all = torch.cat(dy_b, dim=1)
-        a_all = torch.cat([a.to(dtype) for a in a_list])
         if grad_x is None:
             grad_x = dy_b_all @ a_all
         else:
             grad_x.addmm_(dy_b_all, a_all)
         grad_a_all = dy_b_all.t() @ flat
         grad_a = [g.to(a.dtype) for g, a in zip(grad_a_all.split(ctx.ranks), a_list)]
-        return (grad_x.view(ctx.x_shape), None, None, *grad_a, *grad_b)
+        return (grad_x.view(ctx.x_shape), None, None, None, *grad_a, *grad_b)
 
 
 class _Group:
@@ -97,6 +134,7 @@ class _Group:
     def __init__(self, members: list):
         self.members = members
         self.input, self.pending = None, {}
+        self.cast = _CastWeights()
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if self.input is x and index in self.pending:
@@ -105,7 +143,7 @@ class _Group:
                 self.input = None
             return y
         outputs = _LoraGroup.apply(x, tuple(m.get_base_layer() for m in self.members),
-                                   tuple(m.scaling["default"] for m in self.members),
+                                   tuple(m.scaling["default"] for m in self.members), self.cast,
                                    *(m.lora_A["default"].weight for m in self.members),
                                    *(m.lora_B["default"].weight for m in self.members))
         self.pending = {i: y for i, y in enumerate(outputs) if i != index}
@@ -156,6 +194,7 @@ def fuse_lora_projections(model) -> int:
 def _install(group: _Group) -> None:
     for index, m in enumerate(group.members):
         m.forward = _forward(group, index, m)
+        m.loraflow_group = group
 
 
 def _forward(group: _Group, index: int, module):

@@ -101,6 +101,54 @@ def test_fused_projections_train_the_same_loss_curve():
     assert curves[1] == pytest.approx(curves[0], rel=1e-5, abs=1e-6)
 
 
+class DataSGD(torch.optim.Optimizer):
+    """Writes the weights through .data, as bitsandbytes' 8-bit optimizers write them through a raw
+    pointer: the tensors' version counters do not move."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def test_cast_adapter_weights_are_reused_until_an_optimizer_step_then_recast(monkeypatch):
+    """A bf16 base with fp32 adapter weights: each group casts its weights once per optimizer step
+    (not in every forward and backward), and after a step, even one that bypasses the version
+    counters, the outputs are those of freshly cast weights."""
+    torch.manual_seed(0)
+    _, fused = pair(LlamaForCausalLM(LlamaConfig(**SHAPE)).to(torch.bfloat16))
+    lora = [p for p in fused.parameters() if p.requires_grad]
+    assert {p.dtype for p in lora} == {torch.float32}
+    groups = {id(m.loraflow_group): m.loraflow_group for m in fused.modules() if hasattr(m, "loraflow_group")}
+    assert len(groups) == 4 * 2
+    casts, original = [], fused_lora._CastWeights.get
+
+    def counting(self, *args):
+        before = self.key
+        weights = original(self, *args)
+        if self.key != before:
+            casts.append(self)
+        return weights
+    monkeypatch.setattr(fused_lora._CastWeights, "get", counting)
+    ids = torch.randint(0, 120, (2, 9))
+    for _ in range(2):  # two micro-batches of one step
+        fused(input_ids=ids, labels=ids).loss.backward()
+    assert len(casts) == len(groups)
+    opt = DataSGD(lora, lr=1.0)
+    with torch.no_grad():
+        before = fused(input_ids=ids).logits
+        opt.step()
+        stepped = fused(input_ids=ids).logits
+        assert len(casts) == 2 * len(groups) and not torch.equal(stepped, before)
+        for g in groups.values():
+            g.cast.key = None  # force a fresh cast
+        torch.testing.assert_close(fused(input_ids=ids).logits, stepped, rtol=0, atol=0)
+
+
 def test_unsupported_projections_keep_peft_path():
     """Dropout makes a projection another function (a random mask): it is left to peft."""
     torch.manual_seed(0)

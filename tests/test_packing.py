@@ -66,6 +66,28 @@ def test_rows_cannot_see_each_other(tiny_model_dir):
     torch.testing.assert_close(a, b)
 
 
+def test_equal_rows_run_as_one_dense_batch_with_the_per_row_result():
+    """The GPU's cuDNN path views a packed micro-batch of equal rows as a dense (rows, heads, L, d)
+    batch with grouped KV heads; the same view through SDPA's math kernel (CPU) must give the packed
+    path's output and gradients, row by row, and a row must not see the row before it."""
+    torch.manual_seed(0)
+    rows, length, heads, kv, d = 3, 6, 4, 2, 8
+    total = rows * length
+    q, k, v = (torch.randn(1, h, total, d, dtype=torch.float64, requires_grad=True) for h in (heads, kv, kv))
+    cu = torch.arange(0, total + 1, length, dtype=torch.int32)
+    packed, _ = fastpath.packed_attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=length)
+    grads_packed = torch.autograd.grad(packed.square().sum(), (q, k, v))
+    dense = fastpath.dense_rows_attention(q, k, v, rows, 0.3, "math")
+    grads_dense = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    assert dense.shape == packed.shape == (1, total, heads, d)
+    torch.testing.assert_close(dense, packed)
+    for a, b in zip(grads_dense, grads_packed):
+        torch.testing.assert_close(a, b)
+    # the second row's first token attends to itself alone, not to the first row
+    first = torch.softmax(torch.zeros(1), 0) * v[0, :, length].repeat_interleave(heads // kv, 0)
+    torch.testing.assert_close(dense[0, length], first)
+
+
 def test_checkpointing_picks_exactly_the_first_layers(tiny_model_dir):
     model = lora_model(tiny_model_dir, "sdpa", checkpointed=1)
     assert [layer.gradient_checkpointing for layer in fastpath.decoder_layers(model)] == [True, False]

@@ -115,8 +115,10 @@ def saved_module_params(arch: Arch, s: Setup) -> int:
 
 def adapter_bytes(arch: Arch, s: Setup) -> float:
     moments = 2 if s.optimizer == "adamw_8bit" else 8
-    autocast_copy = 2 if s.act_bytes == 2 else 0
-    lora = adapter_params(arch, s) * (4 + 4 + moments + autocast_copy)
+    # fp32 weights and grads; one copy in the compute dtype: fused_lora's cast weights, kept between
+    # optimizer steps (peft's path casts per use under autocast instead, a copy at a time)
+    cast_copy = 2 if s.act_bytes == 2 else 0
+    lora = adapter_params(arch, s) * (4 + 4 + moments + cast_copy)
     # a trained copy of the module in the weight dtype, its grad, and two moments in that dtype (or 8-bit)
     full_moments = 2 if s.optimizer == "adamw_8bit" else 2 * s.act_bytes
     full = saved_module_params(arch, s) * (2 * s.act_bytes + full_moments)
