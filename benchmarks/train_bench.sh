@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training speed and memory on one H200: loraflow's train path and the peers in one run; JSON lines into $OUT.
-#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention] [methods for plan, default "lora qlora lora8"]
+#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention|ab1|ab2] [methods for plan, default "lora qlora lora8"]
 # plan:  predicted vs measured peak, 8B LoRA / 8-bit / QLoRA x 512, 2048, 8192 tokens, no checkpointing
 # speed: workloads P1 (LoRA 2048, no cap), P2 (24 GiB budget), P3 (QLoRA, 8 GiB budget: 7.2 usable after the
 #        plan's margin; 8-bit AdamW as the peer), the plain-HF peers, and P4 (variable-length SFT: ours, TRL defaults, TRL
@@ -10,6 +10,8 @@
 #        projections and, for T1, with peft's (the A/B); then profiles of both (where the time goes)
 # t4:    the Qwen2.5-7B shape, LoRA 4 x 4096 within 24 GiB, ours and Unsloth
 # t3profile: where a QLoRA step's time goes; attention: attention backends timed alone (attention_probe.py)
+# ab1:   T1 with cuDNN attention for equal rows and with FA2 varlen (the A/B), T3, their Unsloth runs, a T3 profile
+# ab2:   T4 (both attentions) and T2, with Unsloth
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CKPT=/dev/shm/llama31-8b-random
@@ -58,8 +60,28 @@ if [ "$what" = t ]; then
     O $CKPT --method lora --seqs 2048 --rows 8 --steps 3 --profile $ab | keep profile >> "$OUT/results.jsonl"
   done
 fi
-if [ "$what" = t4 ] || [ "$what" = t3profile ]; then
+if [ "$what" = t4 ] || [ "$what" = t3profile ] || [ "$what" = ab1 ] || [ "$what" = ab2 ]; then
   unsloth_site
+fi
+if [ "$what" = ab1 ]; then  # cuDNN attention for equal rows (A/B against FA2 varlen), cast weights kept; Unsloth beside
+  for shape in "2048 8" "4096 4"; do
+    python3 benchmarks/attention_probe.py $shape 2>>"$OUT/err.txt" | keep attention >> "$OUT/results.jsonl"
+  done
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 | keep T1 >> "$OUT/results.jsonl"
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --attention varlen | keep T1 >> "$OUT/results.jsonl"
+  U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"
+  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit | keep T3 >> "$OUT/results.jsonl"
+  U $CKPT 2048 2 qlora unsloth | keep T3 >> "$OUT/results.jsonl"
+  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 3 --budget-gib 8 --optimizer adamw_8bit --profile | keep profile >> "$OUT/results.jsonl"
+fi
+if [ "$what" = ab2 ]; then  # the same for T4 and T2
+  QW=/dev/shm/qwen25-7b-random
+  [ -d $QW ] || $B make-qwen $QW 2>&1 | tail -1
+  O $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24 | keep T4 >> "$OUT/results.jsonl"
+  O $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24 --attention varlen | keep T4 >> "$OUT/results.jsonl"
+  U $QW 4096 4 lora unsloth | keep T4 >> "$OUT/results.jsonl"
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24 | keep T2 >> "$OUT/results.jsonl"
+  U $CKPT 2048 8 lora unsloth | keep T2 >> "$OUT/results.jsonl"
 fi
 if [ "$what" = t4 ]; then  # the Qwen2.5-7B shape, LoRA within 24 GiB at 4096 tokens
   QW=/dev/shm/qwen25-7b-random
