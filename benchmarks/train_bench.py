@@ -122,6 +122,34 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
 
 
+def sync_sites(trainer, steps: int) -> None:
+    """Where the host waits for the GPU: every synchronizing CUDA call of the run (a .item(), a copy
+    from pageable memory, ...), counted by the Python call site and divided by the optimizer steps;
+    each one drains the GPU's queue, which costs most where the host barely keeps ahead (QLoRA)."""
+    import collections
+    import traceback
+    import warnings
+    sites: collections.Counter = collections.Counter()
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename][-4:]
+        sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))] += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = shown
+    print(json.dumps({"sync_sites_per_step": {k: round(v / steps, 1) for k, v in sites.most_common(15)},
+                      "syncs_per_step": round(sum(sites.values()) / steps, 1)}), flush=True)
+
+
 def profile(trainer, tag: str) -> None:
     """Where a step's time goes: the GPU's busy time against the wall clock, busy time by kind of kernel,
     and the top kernels and host-side ops ($OUT/profile-TAG.txt and .json)."""
@@ -193,7 +221,9 @@ def ours(args) -> None:
                                      torch.bfloat16, [timer])
         error = None
         try:
-            if args.profile:
+            if args.sync_debug:
+                sync_sites(trainer, args.steps)
+            elif args.profile:
                 profile(trainer, f"{setup.method}-{seq}x{args.rows}-{'peft' if args.peft_projections else 'fused'}")
             else:
                 trainer.train()
@@ -266,6 +296,7 @@ def main() -> None:
     o.add_argument("--micro", default="auto"); o.add_argument("--checkpoint", default="auto")
     o.add_argument("--budget-gib", type=float, default=None); o.add_argument("--steps", type=int, default=5)
     o.add_argument("--optimizer", default="adamw"); o.add_argument("--plain", action="store_true")
+    o.add_argument("--sync-debug", action="store_true", help="count the run's synchronizing CUDA calls by call site")
     o.add_argument("--profile", action="store_true", help="torch.profiler over the run: GPU busy share, time by kernel kind")
     o.add_argument("--peft-projections", action="store_true", help="peft's LoRA forward instead of loraflow/fused_lora.py")
     o.add_argument("--attention", default="auto", choices=["auto", "varlen"],

@@ -74,6 +74,7 @@ if [ "$what" = ab1 ]; then  # cuDNN attention for equal rows (A/B against FA2 va
   U $CKPT 2048 2 qlora unsloth | keep T3 >> "$OUT/results.jsonl"
   # what micro-batch 4 alone would give T3 (over its budget today; offloaded checkpoints would bring it under)
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 10 --micro 4 --embedding-on-cpu true --optimizer adamw_8bit | keep T3-micro4 >> "$OUT/results.jsonl"
+  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 2 --budget-gib 8 --optimizer adamw_8bit --sync-debug | keep T3-syncs >> "$OUT/results.jsonl"
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 3 --budget-gib 8 --optimizer adamw_8bit --profile | keep profile >> "$OUT/results.jsonl"
 fi
 if [ "$what" = ab2 ]; then  # the same for T4 and T2
@@ -92,6 +93,7 @@ if [ "$what" = t4 ]; then  # the Qwen2.5-7B shape, LoRA within 24 GiB at 4096 to
   U $QW 4096 4 lora unsloth | keep T4 >> "$OUT/results.jsonl"
 fi
 if [ "$what" = t3profile ]; then
+  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 2 --budget-gib 8 --optimizer adamw_8bit --sync-debug | keep T3-syncs >> "$OUT/results.jsonl"
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 3 --budget-gib 8 --optimizer adamw_8bit --profile | keep profile >> "$OUT/results.jsonl"
 fi
 if [ "$what" = attention ]; then
