@@ -1,7 +1,11 @@
 """P4: variable-length SFT on a GPU, useful (non-pad) tokens/s: loraflow's train path against TRL's
 SFTTrainer with its defaults and TRL with padding-free + Liger, in one run, same model and rows.
 
-    python benchmarks/sft_bench.py CKPT ours|trl_default|trl_padding_free_liger [--rows 8 --steps 10]
+    python benchmarks/sft_bench.py CKPT ours|trl_default|trl_padding_free_liger|unsloth [--rows 8 --steps 10]
+
+unsloth (T5 of issue 18): Unsloth's FastLanguageModel through TRL's SFTTrainer, which Unsloth patches,
+padding-free, no checkpointing (as ours with no memory cap); run it with Unsloth's own site first on
+PYTHONPATH (benchmarks/train_bench.sh t5).
 
 Row lengths: lognormal with median 350 tokens and sigma 0.9, clipped to [16, 2048] (seed 0): a long
 right tail like instruction/chat SFT sets (most rows a few hundred tokens, a few near the limit).
@@ -112,16 +116,42 @@ def run_trl(ckpt: str, data: list[list[int]], rows_per_step: int, steps: int, pa
                    "use_liger_kernel": args.use_liger_kernel}
 
 
+def run_unsloth(ckpt: str, data: list[list[int]], rows_per_step: int, steps: int):
+    from unsloth import FastLanguageModel  # first: it patches transformers and TRL on import
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=ckpt, max_seq_length=MAX_LEN, dtype=torch.bfloat16,
+                                                         load_in_4bit=False, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none", random_state=0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"], use_gradient_checkpointing=False)
+    args = SFTConfig(output_dir="/tmp/sft_unsloth", max_steps=steps, per_device_train_batch_size=rows_per_step,
+                     save_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True,
+                     padding_free=True, max_length=None, bf16=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": data}),
+                         processing_class=tokenizer)
+    meter = Meter(trainer.model)
+    trainer.add_callback(meter.callback())
+    trainer.train()
+    import unsloth
+    return meter, {"padding_free": args.padding_free, "gradient_checkpointing": False,
+                   "unsloth": getattr(unsloth, "__version__", "?")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt"); p.add_argument("who", choices=["ours", "trl_default", "trl_padding_free_liger"])
+    p.add_argument("ckpt"); p.add_argument("who", choices=["ours", "trl_default", "trl_padding_free_liger", "unsloth"])
     p.add_argument("--rows", type=int, default=8); p.add_argument("--steps", type=int, default=10)
     a = p.parse_args()
+    if a.who == "unsloth":
+        import unsloth  # noqa: F401  (before transformers, as Unsloth requires)
     from transformers import AutoConfig
     data = rows(a.rows * a.steps, AutoConfig.from_pretrained(a.ckpt).vocab_size)
     torch.cuda.reset_peak_memory_stats()
     if a.who == "ours":
         meter, info = run_ours(a.ckpt, data, a.rows, a.steps)
+    elif a.who == "unsloth":
+        meter, info = run_unsloth(a.ckpt, data, a.rows, a.steps)
     else:
         meter, info = run_trl(a.ckpt, data, a.rows, a.steps, a.who == "trl_padding_free_liger")
     tok_s = meter.rate()

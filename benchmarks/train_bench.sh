@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training speed and memory on one H200: loraflow's train path and the peers in one run; JSON lines into $OUT.
-#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention|ab1|ab2] [methods for plan, default "lora qlora lora8"]
+#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention|ab1|ab2|t5] [methods for plan, default "lora qlora lora8"]
 # plan:  predicted vs measured peak, 8B LoRA / 8-bit / QLoRA x 512, 2048, 8192 tokens, no checkpointing
 # speed: workloads P1 (LoRA 2048, no cap), P2 (24 GiB budget), P3 (QLoRA, 8 GiB budget: 7.2 usable after the
 #        plan's margin; 8-bit AdamW as the peer), the plain-HF peers, and P4 (variable-length SFT: ours, TRL defaults, TRL
@@ -12,6 +12,7 @@
 # t3profile: where a QLoRA step's time goes; attention: attention backends timed alone (attention_probe.py)
 # ab1:   T1 with cuDNN attention for equal rows and with FA2 varlen (the A/B), T3, their Unsloth runs, a T3 profile
 # ab2:   T4 (both attentions) and T2, with Unsloth
+# t5:    variable-length SFT: ours, Unsloth (TRL padding-free, its patches), TRL padding-free + Liger
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CKPT=/dev/shm/llama31-8b-random
@@ -76,6 +77,13 @@ if [ "$what" = ab1 ]; then  # cuDNN attention for equal rows (A/B against FA2 va
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 10 --micro 4 --embedding-on-cpu true --optimizer adamw_8bit | keep T3-micro4 >> "$OUT/results.jsonl"
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 2 --budget-gib 8 --optimizer adamw_8bit --sync-debug | keep T3-syncs >> "$OUT/results.jsonl"
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 3 --budget-gib 8 --optimizer adamw_8bit --profile | keep profile >> "$OUT/results.jsonl"
+fi
+if [ "$what" = t5 ]; then  # variable-length SFT (P4's rows): ours, Unsloth through TRL padding-free, TRL padding-free + Liger
+  unsloth_site
+  timeout 200 python3 benchmarks/sft_bench.py $CKPT ours --rows 8 --steps 10 2>>"$OUT/err.txt" | keep T5 >> "$OUT/results.jsonl"
+  env PYTHONPATH=/tmp/site_u:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 240 \
+    python3 benchmarks/sft_bench.py $CKPT unsloth --rows 8 --steps 10 2>>"$OUT/err.txt" | keep T5 >> "$OUT/results.jsonl"
+  timeout 200 python3 benchmarks/sft_bench.py $CKPT trl_padding_free_liger --rows 8 --steps 10 2>>"$OUT/err.txt" | keep T5 >> "$OUT/results.jsonl"
 fi
 if [ "$what" = ab2 ]; then  # the same for T4 and T2
   QW=/dev/shm/qwen25-7b-random
