@@ -152,9 +152,10 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def checkpoint_layers(model, count: int) -> int:
+def checkpoint_layers(model, count: int, offload: bool = False) -> int:
     """Recompute the first `count` decoder layers in backward (non-reentrant); keep the rest's
-    activations. Returns how many layers are checkpointed."""
+    activations. offload: those layers' inputs wait in CPU memory (loraflow/offload.py) instead of
+    GPU memory. Returns how many layers are checkpointed."""
     layers = decoder_layers(model)
     if count <= 0 or not layers:
         return 0
@@ -163,8 +164,14 @@ def checkpoint_layers(model, count: int) -> int:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()  # the checkpointed input must carry grad with a frozen embedding
+    offloader = None
+    if offload:
+        from loraflow.offload import Offloader
+        offloader = Offloader()
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < count
+        if offloader is not None and i < count:
+            layer._gradient_checkpointing_func = offloader.checkpoint_function(i)
     return min(count, len(layers))
 
 
