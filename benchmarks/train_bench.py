@@ -198,14 +198,16 @@ def ours(args) -> None:
                          gradient_checkpointing=checkpoint, micro_batch="auto" if args.micro == "auto" else int(args.micro),
                          memory_budget_gib=args.budget_gib, packing=True, fused_kernels=not args.plain,
                          optimizer=args.optimizer, max_steps=args.steps, save_steps=10**6, logging_steps=10**6, lr=2e-4,
-                         embedding_on_cpu={"auto": "auto", "true": True, "false": False}[args.embedding_on_cpu])
+                         embedding_on_cpu={"auto": "auto", "true": True, "false": False}[args.embedding_on_cpu],
+                         offload_checkpoints={"auto": "auto", "true": True, "false": False}[args.offload_checkpoints])
     speed = planning.resolve_speed(params, config.model_type)
     model, model_setup = None, None
     for seq in seqs:
         plan = planning.make_plan(params, config, seq, speed, torch.bfloat16)
         setup = plan.chosen.setup
         # a new setting that changes how the model is built needs a fresh one
-        built_as = (setup.method, setup.checkpoint_layers, setup.fused_layers, setup.embedding_on_cpu)
+        built_as = (setup.method, setup.checkpoint_layers, setup.fused_layers, setup.embedding_on_cpu,
+                    setup.offload_checkpoints)
         if model is None or built_as != model_setup:
             model = None
             gc.collect(); torch.cuda.empty_cache()
@@ -240,7 +242,7 @@ def ours(args) -> None:
             "micro_batch": plan.chosen.micro_batch, "checkpoint_layers": setup.checkpoint_layers,
             "fused": setup.fused, "fused_layers": setup.fused and setup.fused_layers,
             "lora_projections": "peft" if args.peft_projections else "fused", "attention": args.attention,
-            "embedding_on_cpu": setup.embedding_on_cpu, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
+            "embedding_on_cpu": setup.embedding_on_cpu, "offload_checkpoints": setup.offload_checkpoints, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
             "predicted_gib": {k: memplan.gib(v) for k, v in plan.chosen.parts.items()},
             "measured_peak_gib": memplan.gib(peak), "loaded_gib": memplan.gib(weights),
             "error_pct": round(100 * (plan.chosen.peak - peak) / peak, 1),
@@ -301,6 +303,7 @@ def main() -> None:
     o.add_argument("--peft-projections", action="store_true", help="peft's LoRA forward instead of loraflow/fused_lora.py")
     o.add_argument("--attention", default="auto", choices=["auto", "varlen"],
                    help="varlen: FA2 varlen even for equal rows (auto runs those through cuDNN)")
+    o.add_argument("--offload-checkpoints", default="auto", choices=["auto", "true", "false"])
     o.add_argument("--embedding-on-cpu", default="auto", choices=["auto", "true", "false"])
     o.add_argument("--fused-layers-min-tokens", type=int, default=None,
                    help="override memplan.FUSED_LAYERS_MIN_TOKENS (when Liger's per-layer kernels turn on)")

@@ -292,6 +292,11 @@ class TrainParams(Section):
     copied to the GPU, which frees vocab x hidden weights of GPU memory (1 GiB at 8B) for a larger
     micro-batch. auto: the memory plan turns it on only when that lets a faster setting fit. Not with
     a tied output head, embed_tokens in modules_to_save or target_modules, or FSDP."""
+    offload_checkpoints: bool | Literal["auto"] = "auto"
+    """Keep the checkpointed layers' inputs in pinned CPU memory instead of GPU memory (copied out
+    while the layer computes and back one layer ahead in backward), which frees tokens x hidden
+    bytes per checkpointed layer for a larger micro-batch. auto: the memory plan turns it on only
+    when that lets a faster setting fit. Single-GPU only (not with FSDP)."""
     packing: bool | Literal["auto"] = "auto"
     """Padding-free packing of each micro-batch's rows (attention stays within each row). auto: on a GPU."""
     fused_kernels: bool | Literal["auto"] = "auto"
@@ -348,7 +353,11 @@ class MergeParams(Section):
     probe_prompts: int = Field(8, ge=1)
     """How many eval prompts to compare merged vs base+adapter on."""
     atol: float = Field(1e-4, gt=0)
-    """Largest allowed absolute logit difference (float32); bf16 merges need about 5e-2."""
+    """Allowed logit difference, absolute part (float32); bf16 merges need about 5e-2."""
+    rtol: float = Field(1e-5, ge=0)
+    """Allowed logit difference, relative part: the check allows atol + rtol x the largest |logit| of
+    the trained model, because float32 rounding grows with the logits' scale (a longer or stronger
+    fine-tune reaches 1e-4 by rounding alone); a wrong merge is off by orders of magnitude more."""
     min_greedy_agreement: float = Field(1.0, ge=0, le=1)
     """Share of probe prompts whose greedy continuation must be identical before and after merging."""
     qlora_base: Literal["dequantized", "original"] = "dequantized"

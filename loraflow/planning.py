@@ -31,6 +31,7 @@ def setup_for_params(params: TrainParams, act_bytes: int, fused: bool, shards: i
     return memplan.Setup(method=method, fused=fused, rank=params.rank, targets=targets,
                  modules_to_save=tuple(params.modules_to_save), optimizer=params.optimizer, act_bytes=act_bytes,
                  shards=shards, embedding_on_cpu=params.embedding_on_cpu is True, trainable_tokens=trainable_tokens,
+                 offload_checkpoints=params.offload_checkpoints is True and shards == 1,
                  embedding_frozen=params.target_modules == "all-linear" or "embed_tokens" not in params.target_modules)
 
 def fixed_checkpoint_layers(setting, layers: int) -> int | None:
@@ -68,7 +69,8 @@ def plan_for_params(params: TrainParams, arch: memplan.Arch, max_length: int, ac
                             "sharded (num_gpus 1)")
     return memplan.make_plan(arch, base, max_length, rows, budget, micro_batch=micro,
                      checkpoint_layers=fixed_checkpoint_layers(params.gradient_checkpointing, arch.layers),
-                     methods=methods, place_embedding=params.embedding_on_cpu == "auto")
+                     methods=methods, place_embedding=params.embedding_on_cpu == "auto",
+                     place_checkpoints=params.offload_checkpoints == "auto" and budget is not None)
 
 
 @dataclass(frozen=True)

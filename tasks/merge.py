@@ -7,8 +7,8 @@ The merge streams: one safetensors shard of the base at a time is read, merged a
 then checked against the model that was trained, base + adapter (after QLoRA: the 4-bit base +
 adapter), on probe prompts from the eval split: the largest absolute and relative logit
 differences, and agreement of greedy continuations. The merge fails, publishing nothing, when the
-logits differ by more than merge.atol or fewer than merge.min_greedy_agreement of the greedy
-continuations agree.
+logits differ by more than merge.atol + merge.rtol x the largest |logit|, or fewer than
+merge.min_greedy_agreement of the greedy continuations agree.
 
 After QLoRA both merge bases are checked (the dequantized 4-bit weights and the original 16-bit
 ones) and reported side by side; merge.qlora_base chooses which one is published.
@@ -54,10 +54,17 @@ def probe(model, tokenizer, prompts: list[str], chat: ChatFormat) -> tuple[torch
 
 def compare(before: torch.Tensor, after: torch.Tensor, greedy_before: list[str], greedy_after: list[str]) -> dict:
     diff = (before - after).abs()
-    return {"max_abs_logit_diff": float(diff.max()),
+    return {"max_abs_logit_diff": float(diff.max()), "max_abs_logit": float(before.abs().max()),
             "max_rel_logit_diff": float((diff / before.abs().clamp_min(1e-6)).max()),
             "mean_abs_logit_diff": float(diff.mean()),
             "greedy_agreement": sum(a == b for a, b in zip(greedy_before, greedy_after)) / max(len(greedy_before), 1)}
+
+
+def verdict(check: dict, params: MergeParams) -> tuple[float, bool]:
+    """The logit difference the check allows (atol + rtol x the trained model's largest |logit|) and
+    whether the merge passes: within it, and greedy continuations agreeing often enough."""
+    allowed = params.atol + params.rtol * check["max_abs_logit"]
+    return allowed, check["max_abs_logit_diff"] <= allowed and check["greedy_agreement"] >= params.min_greedy_agreement
 
 
 def trained_model_probe(ref, method: str, dtype: torch.dtype, tokenizer, prompts, chat: ChatFormat):
@@ -109,7 +116,7 @@ def run(params: MergeParams) -> dict:
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         check = {**{k: v for k, v in results[chosen].items() if k != "merge"}, "merge": results[chosen]["merge"],
-                 "atol": params.atol, "min_greedy_agreement": params.min_greedy_agreement,
+                 "atol": params.atol, "rtol": params.rtol, "min_greedy_agreement": params.min_greedy_agreement,
                  "probe_prompts": len(prompts), "dtype": str(dtype).replace("torch.", ""), "adapter_method": method,
                  "merged_into": {"original": "the unquantized base",
                                  "dequantized": "the dequantized 4-bit nf4 base the adapter was trained on"}[chosen],
@@ -118,12 +125,13 @@ def run(params: MergeParams) -> dict:
             check["qlora_bases"] = {k: {m: v[m] for m in ("max_abs_logit_diff", "max_rel_logit_diff", "greedy_agreement")}
                                     for k, v in results.items()}
             check["qlora_base_closest_to_trained"] = min(results, key=lambda k: results[k]["max_abs_logit_diff"])
-        check["passed"] = check["max_abs_logit_diff"] <= params.atol and check["greedy_agreement"] >= params.min_greedy_agreement
+        check["allowed_logit_diff"], check["passed"] = verdict(check, params)
         write_json(layout.MERGE_CHECK, check)
         if not check["passed"]:
             raise LoraflowError(
                 f"merged model differs from the trained one (base+adapter): max |logit diff| "
-                f"{check['max_abs_logit_diff']:.3g} (merge.atol {params.atol}), greedy agreement "
+                f"{check['max_abs_logit_diff']:.3g}, allowed {check['allowed_logit_diff']:.3g} (merge.atol {params.atol} "
+                f"+ merge.rtol {params.rtol} x largest |logit| {check['max_abs_logit']:.3g}), greedy agreement "
                 f"{check['greedy_agreement']:.0%} (merge.min_greedy_agreement {params.min_greedy_agreement:.0%}). "
                 f"See {layout.MERGE_CHECK}. In a 16-bit dtype, rounding alone can reach about 5e-2: merge in "
                 "float32 (merge.dtype) or raise merge.atol.")

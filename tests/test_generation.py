@@ -29,6 +29,22 @@ def test_compare_reports_logit_and_greedy_differences():
     assert compare(a, a, ["x"], ["x"])["max_abs_logit_diff"] == 0.0
 
 
+def test_merge_tolerance_grows_with_the_logits_scale_only_by_rtol():
+    """float32 rounding of a merge grows with the logits: a 1.4e-4 difference (seen at lr 0.01) passes
+    beside logits of 30, fails beside logits of 3, and a wrong merge (0.05) fails beside either."""
+    from loraflow.params import MergeParams
+    from tasks.merge import verdict
+    params = MergeParams()
+
+    def passes(diff, scale, greedy=1.0):
+        return verdict({"max_abs_logit_diff": diff, "max_abs_logit": scale, "greedy_agreement": greedy}, params)[1]
+    assert passes(1.4e-4, 30.0) and not passes(1.4e-4, 3.0)
+    assert not passes(0.05, 30.0) and not passes(0.05, 3.0)
+    assert not passes(0.0, 30.0, greedy=0.875)  # one probe's continuation changed
+    a = torch.tensor([[-30.0, 2.0]])
+    assert compare(a, a + 1e-4, ["x"], ["x"])["max_abs_logit"] == 30.0
+
+
 def test_row_loop_equals_one_row_hf_generate(tiny_model_dir):
     """Our batch-invariant decode loop (the one captured in a CUDA graph on a GPU; eager here) gives what
     HF generate gives one row at a time, token for token, rows of different lengths and a short last batch."""

@@ -19,6 +19,12 @@ less work by relative_step_cost) ran 0.4% slower than with it on the GPU
 (benchmarks/results/train-h200-run9-p1-p2.jsonl), so the move costs about 1.4%; 2% keeps the plan
 from moving it for a gain that small."""
 
+OFFLOAD_CHECKPOINTS_COST = 0.03
+"""Share of step time that offloading the checkpointed inputs costs, with the copies overlapped (a
+layer's input is 8 KB a token at 8B, under 2 ms per 8,192 tokens each way over PCIe 5, against ~5 ms
+of the layer's compute); kept above zero so that the plan offloads only to fit a faster setting.
+Estimated, not yet measured: benchmarks/train_bench.sh ab3 measures it."""
+
 FUSED_LAYERS_MIN_TOKENS = 4096
 """Below this many tokens per micro-batch the fused layer kernels are left off: each Liger call costs
 about 1 ms of host time (profiled on the H200, benchmarks/results/profile-qlora-p3-h200.txt, where
@@ -32,4 +38,6 @@ def relative_step_cost(arch: Arch, s: Setup) -> float:
     leave the GPU partly idle, and the embedding in CPU memory adds its copy."""
     recompute = (4 + 2 * s.checkpoint_layers / arch.layers) / 4
     offload = 1 + EMBEDDING_ON_CPU_COST if s.embedding_on_cpu else 1
+    if s.offload_checkpoints and s.checkpoint_layers:
+        offload *= 1 + OFFLOAD_CHECKPOINTS_COST
     return recompute * offload * (s.tokens + OCCUPANCY_TOKENS) / s.tokens

@@ -63,6 +63,7 @@ class Setup:
     double_quant: bool = True
     shards: int = 1                      # FSDP processes (FULL_SHARD); 1: one GPU
     embedding_on_cpu: bool = False       # the frozen input embedding is looked up in CPU memory
+    offload_checkpoints: bool = False    # checkpointed layers' inputs wait in CPU memory (loraflow/offload.py)
     embedding_frozen: bool = True        # no adapter on the input embedding, and not trained in full
     trainable_tokens: int = 0            # token rows of the embedding and the head trained (PEFT trainable tokens)
 
@@ -170,7 +171,8 @@ def activation_bytes_per_token(arch: Arch, s: Setup) -> float:
     """All decoder layers, plus what every layer shares (rotary cos/sin, the input ids) and the final norm."""
     a = s.act_bytes
     kept = arch.layers - s.checkpoint_layers
-    layers = kept * layer_saved_bytes(arch, s) + s.checkpoint_layers * a * arch.hidden
+    checkpointed_input = 0 if s.offload_checkpoints else a * arch.hidden
+    layers = kept * layer_saved_bytes(arch, s) + s.checkpoint_layers * checkpointed_input
     if s.checkpoint_layers == 0 and not trains_embedding(s):
         # a frozen embedding's output needs no grad, so the first norm keeps nothing (checkpointing
         # turns input grads on, but then the first layer is a checkpointed one)
@@ -194,6 +196,8 @@ def working_bytes(arch: Arch, s: Setup) -> float:
     per_token = a * (3 * arch.hidden + 3 * arch.intermediate)
     if s.checkpoint_layers:
         per_token += layer_saved_bytes(arch, s)
+    if s.offload_checkpoints and s.checkpoint_layers:
+        per_token += 2 * a * arch.hidden  # the input being recomputed and the one fetched ahead
     dequant = 0
     if s.method in ("lora8", "qlora"):
         dequant = max(x * y for x, y in arch.linear_shapes().values()) * 2

@@ -47,44 +47,49 @@ class Plan:
                 "grad_accum": self.rows_per_step // c.micro_batch, "checkpoint_layers": c.setup.checkpoint_layers,
                 "fused": c.setup.fused, "fused_layers": c.setup.fused and c.setup.fused_layers,
                 "tokens_per_micro_batch": c.setup.tokens, "gpus_sharing_weights": c.setup.shards,
-                "embedding_on_cpu": c.setup.embedding_on_cpu,
+                "embedding_on_cpu": c.setup.embedding_on_cpu, "offload_checkpoints": c.setup.offload_checkpoints,
                 "predicted_gib": {k: gib(v) for k, v in c.parts.items()},
                 "relative_step_cost": round(relative_step_cost(self.arch, c.setup), 3),
                 "considered": len(self.considered)}
 
 def candidates(arch: Arch, base: Setup, max_length: int, rows_per_step: int, micro_batch: int | None,
-               checkpoint_layers: int | None, methods: tuple[str, ...], place_embedding: bool = False) -> list[Choice]:
+               checkpoint_layers: int | None, methods: tuple[str, ...], place_embedding: bool = False,
+               place_checkpoints: bool = False) -> list[Choice]:
     """Every setting the plan may pick, fastest first: a cheaper method, then the lowest
     relative_step_cost (recomputation, micro-batch occupancy, the embedding's copy), then the
     embedding on the GPU. place_embedding: try the embedding in CPU memory as well as on the GPU;
-    else keep base.embedding_on_cpu."""
+    else keep base.embedding_on_cpu. place_checkpoints: likewise for the checkpointed layers' inputs
+    (offloaded or on the GPU), else keep base.offload_checkpoints."""
     batches = [micro_batch] if micro_batch else [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0]
     ckpts = [checkpoint_layers] if checkpoint_layers is not None else list(range(arch.layers + 1))
     if place_embedding and embedding_can_leave_gpu(arch, base):
         offloads = [False, True]
     else:
         offloads = [base.embedding_on_cpu]
+    stash_places = [False, True] if place_checkpoints and base.shards == 1 else [base.offload_checkpoints]
     out = []
     for method in methods:
         for k in ckpts:
             for m in batches:
                 for offload in offloads:
-                    tokens = m * max_length
-                    s = replace(base, method=method, checkpoint_layers=k, tokens=tokens, embedding_on_cpu=offload,
-                                fused_layers=base.fused and tokens >= FUSED_LAYERS_MIN_TOKENS)
-                    out.append(Choice(s, m, estimate(arch, s), False))
+                    for stash in stash_places if k else [False]:
+                        tokens = m * max_length
+                        s = replace(base, method=method, checkpoint_layers=k, tokens=tokens, embedding_on_cpu=offload,
+                                    offload_checkpoints=stash, fused_layers=base.fused and tokens >= FUSED_LAYERS_MIN_TOKENS)
+                        out.append(Choice(s, m, estimate(arch, s), False))
     rank = {m: i for i, m in enumerate(methods)}
     return sorted(out, key=lambda c: (rank[c.setup.method], relative_step_cost(arch, c.setup),
-                                      c.setup.embedding_on_cpu))
+                                      c.setup.embedding_on_cpu, c.setup.offload_checkpoints))
 
 def make_plan(arch: Arch, base: Setup, max_length: int, rows_per_step: int, budget_bytes: float | None,
               micro_batch: int | None = None, checkpoint_layers: int | None = None,
-              methods: tuple[str, ...] | None = None, place_embedding: bool = False) -> Plan:
+              methods: tuple[str, ...] | None = None, place_embedding: bool = False,
+              place_checkpoints: bool = False) -> Plan:
     """The fastest candidate whose predicted peak fits the budget less the safety margin. With no
     budget (CPU) that is the fastest one. When none fits, the plan holds the smallest one, not fitting."""
     methods = methods or (base.method,)
     considered = candidates(arch, base, max_length, rows_per_step, micro_batch, checkpoint_layers, methods,
-                            place_embedding)
+                            place_embedding, place_checkpoints)
     usable = None if budget_bytes is None else budget_bytes * (1 - SAFETY_MARGIN)
     marked = [replace(c, fits=usable is None or c.peak <= usable) for c in considered]
     fitting = [c for c in marked if c.fits]
