@@ -10,8 +10,9 @@
 #        projections and, for T1, with peft's (the A/B); then profiles of both (where the time goes)
 # t4:    the Qwen2.5-7B shape, LoRA 4 x 4096 within 24 GiB, ours and Unsloth
 # t3profile: where a QLoRA step's time goes; attention: attention backends timed alone (attention_probe.py)
-# ab1:   T1 with cuDNN attention for equal rows and with FA2 varlen (the A/B), T3, their Unsloth runs, a T3 profile
-# ab2:   T4 (both attentions) and T2, with Unsloth
+# ab1:   T1 with cuDNN attention for equal rows and with FA2 varlen (the A/B), T3 with and without offloaded
+#        checkpoints, their Unsloth runs, the GPU equivalence check, T3's sync sites and profile
+# ab2:   T4 (both attentions) and T2 (with and without offloaded checkpoints), with Unsloth
 # t5:    variable-length SFT: ours, Unsloth (TRL padding-free, its patches), TRL padding-free + Liger
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -71,10 +72,11 @@ if [ "$what" = ab1 ]; then  # cuDNN attention for equal rows (A/B against FA2 va
   O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 | keep T1 >> "$OUT/results.jsonl"
   O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --attention varlen | keep T1 >> "$OUT/results.jsonl"
   U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"
+  # T3: the plan's choice (offloaded checkpoints let micro-batch 4 fit), then without offloading (micro-batch 2)
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit | keep T3 >> "$OUT/results.jsonl"
+  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit --offload-checkpoints false | keep T3 >> "$OUT/results.jsonl"
   U $CKPT 2048 2 qlora unsloth | keep T3 >> "$OUT/results.jsonl"
-  # what micro-batch 4 alone would give T3 (over its budget today; offloaded checkpoints would bring it under)
-  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 10 --micro 4 --embedding-on-cpu true --optimizer adamw_8bit | keep T3-micro4 >> "$OUT/results.jsonl"
+  timeout 150 python3 benchmarks/fastpath_equivalence.py 2>>"$OUT/err.txt" | keep equivalence >> "$OUT/results.jsonl"
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 2 --budget-gib 8 --optimizer adamw_8bit --sync-debug | keep T3-syncs >> "$OUT/results.jsonl"
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 3 --budget-gib 8 --optimizer adamw_8bit --profile | keep profile >> "$OUT/results.jsonl"
 fi
@@ -92,6 +94,7 @@ if [ "$what" = ab2 ]; then  # the same for T4 and T2
   O $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24 --attention varlen | keep T4 >> "$OUT/results.jsonl"
   U $QW 4096 4 lora unsloth | keep T4 >> "$OUT/results.jsonl"
   O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24 | keep T2 >> "$OUT/results.jsonl"
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24 --offload-checkpoints false | keep T2 >> "$OUT/results.jsonl"
   U $CKPT 2048 8 lora unsloth | keep T2 >> "$OUT/results.jsonl"
 fi
 if [ "$what" = t4 ]; then  # the Qwen2.5-7B shape, LoRA within 24 GiB at 4096 tokens
