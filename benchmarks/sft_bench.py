@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.train_bench import N_PARAMS, PEAK_TFLOPS  # noqa: E402
+from benchmarks.train_bench import PEAK_TFLOPS, param_count  # noqa: E402
 
 MEDIAN, SIGMA, MIN_LEN, MAX_LEN = 350, 0.9, 16, 2048
 
@@ -146,7 +146,8 @@ def main() -> None:
     if a.who == "unsloth":
         import unsloth  # noqa: F401  (before transformers, as Unsloth requires)
     from transformers import AutoConfig
-    data = rows(a.rows * a.steps, AutoConfig.from_pretrained(a.ckpt).vocab_size)
+    config = AutoConfig.from_pretrained(a.ckpt)
+    data = rows(a.rows * a.steps, config.vocab_size)
     torch.cuda.reset_peak_memory_stats()
     if a.who == "ours":
         meter, info = run_ours(a.ckpt, data, a.rows, a.steps)
@@ -158,7 +159,8 @@ def main() -> None:
     mean_len = sum(map(len, data)) / len(data)
     print(json.dumps({"bench": "P4", "who": a.who, "rows_per_step": a.rows, "steps": a.steps,
                       "mean_len": round(mean_len, 1), "max_len": max(map(len, data)), "useful_tok_s": round(tok_s),
-                      "mfu": round(tok_s * (4 * N_PARAMS + 12 * 32 * 4096 * mean_len) / (PEAK_TFLOPS * 1e12), 3),
+                      "mfu": round(tok_s * (4 * param_count(config) + 12 * config.num_hidden_layers * config.hidden_size
+                                            * mean_len) / (PEAK_TFLOPS * 1e12), 3),
                       "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), **info}), flush=True)
 
 

@@ -90,7 +90,7 @@ def dense_rows_attention(query, key, value, rows: int, scaling, backend: str):
     def dense(t):  # (1, h, rows*L, d) -> (rows, h, L, d)
         return t[0].unflatten(1, (rows, -1)).transpose(0, 1)
     q, k, v = dense(query), dense(key), dense(value)
-    chosen = SDPBackend.CUDNN_ATTENTION if backend == CUDNN else SDPBackend.MATH
+    chosen = SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.MATH
     with sdpa_kernel([chosen]):
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
@@ -99,15 +99,20 @@ def dense_rows_attention(query, key, value, rows: int, scaling, backend: str):
 
 def cudnn_takes(query, key) -> bool:
     """Whether cuDNN's attention runs these shapes on this torch (grouped-query heads included); asked
-    once per shape, by trying a small batch, because the answer depends on the torch and cuDNN build."""
+    once per shape, by trying a small batch, because the answer depends on the torch and cuDNN build.
+    The first call comes from inside the model's forward, which may run without grad (an offloaded
+    checkpoint's first pass) or under a checkpoint's saved-tensor hooks (which count what is saved and
+    would find the trial's tensors missing in the recompute): the trial runs with grad and keeps its
+    tensors to itself."""
     shape = (query.shape[1], key.shape[1], query.shape[-1], query.dtype)
     if shape not in _cudnn_verdicts:
         q = torch.zeros(1, shape[0], 128, shape[2], device=query.device, dtype=query.dtype, requires_grad=True)
         k = torch.zeros(1, shape[1], 128, shape[2], device=query.device, dtype=query.dtype, requires_grad=True)
         try:
             import warnings
-            with warnings.catch_warnings():  # torch warns why a backend refuses; the log line below says it
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(), torch.enable_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                warnings.simplefilter("ignore")  # torch warns why a backend refuses; the log line below says it
                 dense_rows_attention(q, k, k, 1, None, CUDNN).sum().backward()
             _cudnn_verdicts[shape] = True
         except RuntimeError as e:

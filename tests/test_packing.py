@@ -88,6 +88,20 @@ def test_equal_rows_run_as_one_dense_batch_with_the_per_row_result():
     torch.testing.assert_close(dense[0, length], first)
 
 
+def test_the_backend_trial_runs_with_grad_and_outside_a_checkpoints_hooks(monkeypatch):
+    """cudnn_takes is first asked from inside a layer's forward: under no_grad (an offloaded checkpoint's
+    first pass) or under torch's checkpoint hooks, which count saved tensors. The trial must still
+    run its backward, and save nothing through those hooks (the recompute would then miss them).
+    On CPU the trial runs SDPA's math kernel in cuDNN's place."""
+    monkeypatch.setattr(fastpath, "CUDNN", "math")
+    monkeypatch.setattr(fastpath, "_cudnn_verdicts", {})
+    q, k = torch.zeros(1, 4, 6, 8), torch.zeros(1, 2, 6, 8)
+    packed = []
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        assert fastpath.cudnn_takes(q, k)
+    assert packed == []
+
+
 def test_checkpointing_picks_exactly_the_first_layers(tiny_model_dir):
     model = lora_model(tiny_model_dir, "sdpa", checkpointed=1)
     assert [layer.gradient_checkpointing for layer in fastpath.decoder_layers(model)] == [True, False]
