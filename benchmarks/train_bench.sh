@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training speed and memory on one H200: loraflow's train path and the peers in one run; JSON lines into $OUT.
-#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention|ab1|ab2|ab3|ab4|t5] [methods for plan, default "lora qlora lora8"]
+#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention|ab1|ab2|ab3|t5] [methods for plan, default "lora qlora lora8"]
 # plan:  predicted vs measured peak, 8B LoRA / 8-bit / QLoRA x 512, 2048, 8192 tokens, no checkpointing
 # speed: workloads P1 (LoRA 2048, no cap), P2 (24 GiB budget), P3 (QLoRA, 8 GiB budget: 7.2 usable after the
 #        plan's margin; 8-bit AdamW as the peer), the plain-HF peers, and P4 (variable-length SFT: ours, TRL defaults, TRL
@@ -13,8 +13,7 @@
 # ab1:   T1 with cuDNN attention for equal rows and with FA2 varlen (the A/B), T3 with and without offloaded
 #        checkpoints, their Unsloth runs, the GPU equivalence check, T3's sync sites and profile
 # ab2:   T4 (both attentions) and T2 (with and without offloaded checkpoints), with Unsloth
-# ab3:   T3 with and without offloaded checkpoints, T4 against its old path, Unsloth, the GPU equivalence check
-# ab4:   T2 with and without offloaded checkpoints, Unsloth
+# ab3:   T3, T4, T2 with Unsloth; then T2 and T3 without offloaded checkpoints, T4 on its old path; the GPU equivalence check
 # t5:    variable-length SFT: ours, Unsloth (TRL padding-free, its patches), TRL padding-free + Liger
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -64,7 +63,7 @@ if [ "$what" = t ]; then
     O $CKPT --method lora --seqs 2048 --rows 8 --steps 3 --profile $ab | keep profile >> "$OUT/results.jsonl"
   done
 fi
-if [ "$what" = t4 ] || [ "$what" = t3profile ] || [ "$what" = ab1 ] || [ "$what" = ab2 ] || [ "$what" = ab3 ] || [ "$what" = ab4 ]; then
+if [ "$what" = t4 ] || [ "$what" = t3profile ] || [ "$what" = ab1 ] || [ "$what" = ab2 ] || [ "$what" = ab3 ]; then
   unsloth_site
 fi
 if [ "$what" = ab1 ]; then  # cuDNN attention for equal rows (A/B against FA2 varlen), cast weights kept; Unsloth beside
@@ -89,21 +88,19 @@ if [ "$what" = t5 ]; then  # variable-length SFT (P4's rows): ours, Unsloth thro
     python3 benchmarks/sft_bench.py $CKPT unsloth --rows 8 --steps 10 2>>"$OUT/err.txt" | keep T5 >> "$OUT/results.jsonl"
   timeout 200 python3 benchmarks/sft_bench.py $CKPT trl_padding_free_liger --rows 8 --steps 10 2>>"$OUT/err.txt" | keep T5 >> "$OUT/results.jsonl"
 fi
-if [ "$what" = ab3 ]; then  # T3 (with and without offloaded checkpoints), T4 (both attentions), their Unsloth runs, equivalence
-  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit | keep T3 >> "$OUT/results.jsonl"
-  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit --offload-checkpoints false | keep T3 >> "$OUT/results.jsonl"
-  U $CKPT 2048 2 qlora unsloth | keep T3 >> "$OUT/results.jsonl"
+if [ "$what" = ab3 ]; then  # after ab1's fixes: T3, T4, T2 with Unsloth, then the A/Bs (no offloading, FA2 varlen), equivalence
   QW=/dev/shm/qwen25-7b-random
+  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit | keep T3 >> "$OUT/results.jsonl"
+  U $CKPT 2048 2 qlora unsloth | keep T3 >> "$OUT/results.jsonl"
   [ -d $QW ] || $B make-qwen $QW 2>&1 | tail -1
   O $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24 | keep T4 >> "$OUT/results.jsonl"
-  O $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24 --attention varlen --offload-checkpoints false | keep T4 >> "$OUT/results.jsonl"
   U $QW 4096 4 lora unsloth | keep T4 >> "$OUT/results.jsonl"
-  timeout 150 python3 benchmarks/fastpath_equivalence.py 2>>"$OUT/err.txt" | keep equivalence >> "$OUT/results.jsonl"
-fi
-if [ "$what" = ab4 ]; then  # T2 (with and without offloaded checkpoints) with Unsloth
   O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24 | keep T2 >> "$OUT/results.jsonl"
   O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24 --offload-checkpoints false | keep T2 >> "$OUT/results.jsonl"
   U $CKPT 2048 8 lora unsloth | keep T2 >> "$OUT/results.jsonl"
+  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit --offload-checkpoints false | keep T3 >> "$OUT/results.jsonl"
+  O $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24 --attention varlen --offload-checkpoints false | keep T4 >> "$OUT/results.jsonl"
+  timeout 150 python3 benchmarks/fastpath_equivalence.py 2>>"$OUT/err.txt" | keep equivalence >> "$OUT/results.jsonl"
 fi
 if [ "$what" = ab2 ]; then  # the same for T4 and T2
   QW=/dev/shm/qwen25-7b-random
