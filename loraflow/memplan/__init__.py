@@ -9,13 +9,15 @@ Each term is bytes per parameter or bytes per token, from what the step keeps al
   output head and norms stay bf16, as bitsandbytes leaves them. The frozen input embedding may be
   kept in CPU memory instead (embedding_on_cpu: 1 GiB at 8B, a fifth of a QLoRA base).
 - adapter: LoRA A/B in fp32 (peft's default), their fp32 grads, the optimizer's two moments, and
-  the bf16 copy autocast keeps for the step. modules_to_save are whole copies in the weight dtype;
+  one bf16 copy (the fused projections' cast weights, kept between optimizer steps). modules_to_save are whole copies in the weight dtype;
   trainable token rows (a base's chat tokens) are rows of the embedding and head, with their own
   grads and moments.
 - token_rows: the whole matrices those rows cost during the step (PEFT's merged copy of the head's
   weight and the dense gradients of the embedding and head), only when token rows are trained.
 - activations: the tensors autograd saves per token in a LLaMA-style decoder layer (listed in
-  `layer_saved_bytes`); a checkpointed layer keeps only its input.
+  `layer_saved_bytes`); a checkpointed layer keeps only its input, and not even that on the GPU
+  when the inputs are offloaded to CPU memory (offload_checkpoints; two of them then join the
+  working set: the one being recomputed and the one fetched ahead).
 - logits/loss: a fused linear cross-entropy keeps one hidden-sized gradient per token; the plain
   path keeps fp32 log-probabilities over the vocabulary and their gradients.
 - working set: the gradients alive while one layer runs backward, one recomputed layer when any is
@@ -27,7 +29,8 @@ and the whole peak against torch.cuda.max_memory_allocated on the H200
 """
 from __future__ import annotations
 
-from .costs import EMBEDDING_ON_CPU_COST, FUSED_LAYERS_MIN_TOKENS, OCCUPANCY_TOKENS, SAFETY_MARGIN, relative_step_cost
+from .costs import (EMBEDDING_ON_CPU_COST, FUSED_LAYERS_MIN_TOKENS, OCCUPANCY_TOKENS, OFFLOAD_CHECKPOINTS_COST,
+                    SAFETY_MARGIN, relative_step_cost)
 from .estimate import (GIB, LINEAR_NAMES, Arch, Setup, activation_bytes_per_token, adapter_bytes, adapter_params,
                        embedding_can_leave_gpu, estimate, fsdp_gather_bytes, layer_saved_bytes, linear_weight_bytes,
                        loss_bytes_per_token, norm_saved_bytes, saved_module_params, token_rows_working_bytes,
@@ -37,7 +40,7 @@ from .render import render
 from .search import METHODS_FASTEST_FIRST, Choice, Plan, candidates, gib, make_plan, next_rung_down
 
 __all__ = [
-    "EMBEDDING_ON_CPU_COST", "FUSED_LAYERS_MIN_TOKENS", "OCCUPANCY_TOKENS", "SAFETY_MARGIN",
+    "EMBEDDING_ON_CPU_COST", "FUSED_LAYERS_MIN_TOKENS", "OCCUPANCY_TOKENS", "OFFLOAD_CHECKPOINTS_COST", "SAFETY_MARGIN",
     "relative_step_cost", "GIB", "LINEAR_NAMES", "Arch", "Setup", "activation_bytes_per_token",
     "adapter_bytes", "adapter_params", "embedding_can_leave_gpu", "estimate", "fsdp_gather_bytes",
     "layer_saved_bytes", "linear_weight_bytes", "loss_bytes_per_token", "norm_saved_bytes",
