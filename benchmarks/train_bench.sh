@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training speed and memory on one H200: loraflow's train path and the peers in one run; JSON lines into $OUT.
-#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention|ab1|ab2|ab3|t5] [methods for plan, default "lora qlora lora8"]
+#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention|ab1|ab2|ab3|ab5|t5] [methods for plan, default "lora qlora lora8"]
 # plan:  predicted vs measured peak, 8B LoRA / 8-bit / QLoRA x 512, 2048, 8192 tokens, no checkpointing
 # speed: workloads P1 (LoRA 2048, no cap), P2 (24 GiB budget), P3 (QLoRA, 8 GiB budget: 7.2 usable after the
 #        plan's margin; 8-bit AdamW as the peer), the plain-HF peers, and P4 (variable-length SFT: ours, TRL defaults, TRL
@@ -14,6 +14,7 @@
 #        checkpoints, their Unsloth runs, the GPU equivalence check, T3's sync sites and profile
 # ab2:   T4 (both attentions) and T2 (with and without offloaded checkpoints), with Unsloth
 # ab3:   T3, T4, T2 with Unsloth; then T2 and T3 without offloaded checkpoints, T4 on its old path; the GPU equivalence check
+# ab5:   ab3's first part: T3 and T2 (with and without offloaded checkpoints) with Unsloth
 # t5:    variable-length SFT: ours, Unsloth (TRL padding-free, its patches), TRL padding-free + Liger
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -63,7 +64,7 @@ if [ "$what" = t ]; then
     O $CKPT --method lora --seqs 2048 --rows 8 --steps 3 --profile $ab | keep profile >> "$OUT/results.jsonl"
   done
 fi
-if [ "$what" = t4 ] || [ "$what" = t3profile ] || [ "$what" = ab1 ] || [ "$what" = ab2 ] || [ "$what" = ab3 ]; then
+if [ "$what" = t4 ] || [ "$what" = t3profile ] || [ "$what" = ab1 ] || [ "$what" = ab2 ] || [ "$what" = ab3 ] || [ "$what" = ab5 ]; then
   unsloth_site
 fi
 if [ "$what" = ab1 ]; then  # cuDNN attention for equal rows (A/B against FA2 varlen), cast weights kept; Unsloth beside
@@ -87,6 +88,13 @@ if [ "$what" = t5 ]; then  # variable-length SFT (P4's rows): ours, Unsloth thro
   env PYTHONPATH=/tmp/site_u:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 240 \
     python3 benchmarks/sft_bench.py $CKPT unsloth --rows 8 --steps 10 2>>"$OUT/err.txt" | keep T5 >> "$OUT/results.jsonl"
   timeout 200 python3 benchmarks/sft_bench.py $CKPT trl_padding_free_liger --rows 8 --steps 10 2>>"$OUT/err.txt" | keep T5 >> "$OUT/results.jsonl"
+fi
+if [ "$what" = ab5 ]; then  # the short form of ab3: T3 and T2 (with and without offloaded checkpoints), Unsloth beside
+  O $CKPT --method qlora --seqs 2048 --rows 8 --steps 5 --budget-gib 8 --optimizer adamw_8bit | keep T3 >> "$OUT/results.jsonl"
+  U $CKPT 2048 2 qlora unsloth | keep T3 >> "$OUT/results.jsonl"
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 5 --budget-gib 24 | keep T2 >> "$OUT/results.jsonl"
+  O $CKPT --method lora --seqs 2048 --rows 8 --steps 5 --budget-gib 24 --offload-checkpoints false | keep T2 >> "$OUT/results.jsonl"
+  U $CKPT 2048 8 lora unsloth | keep T2 >> "$OUT/results.jsonl"
 fi
 if [ "$what" = ab3 ]; then  # after ab1's fixes: T3, T4, T2 with Unsloth, then the A/Bs (no offloading, FA2 varlen), equivalence
   QW=/dev/shm/qwen25-7b-random
