@@ -19,11 +19,14 @@ less work by relative_step_cost) ran 0.4% slower than with it on the GPU
 (benchmarks/results/train-h200-run9-p1-p2.jsonl), so the move costs about 1.4%; 2% keeps the plan
 from moving it for a gain that small."""
 
-OFFLOAD_CHECKPOINTS_COST = 0.03
+OFFLOAD_CHECKPOINTS_COST = 0.05
 """Share of step time that offloading the checkpointed inputs costs, with the copies overlapped (a
-layer's input is 8 KB a token at 8B, under 2 ms per 8,192 tokens each way over PCIe 5, against ~5 ms
-of the layer's compute); kept above zero so that the plan offloads only to fit a faster setting.
-Estimated, not yet measured: benchmarks/train_bench.sh ab3 measures it."""
+layer's input is 8 KB a token at 8B, about 1 ms per 8,192 tokens each way over the H200's PCIe 5,
+measured in run 13's profile, against ~5 ms of the layer's compute). Not yet measured alone: on T3
+(8B QLoRA, 8 GiB) offloading let micro-batch 4 fit and the step ran 9,934 tok/s where micro-batch
+2 had run 8,350 (run 10, without this session's other changes). 5% keeps T2 (8B LoRA, 24 GiB) on
+its measured setting, which 3% would trade for micro-batch 8 with offloading on an estimate;
+benchmarks/train_bench.sh ab5 measures both on T2."""
 
 FUSED_LAYERS_MIN_TOKENS = 4096
 """Below this many tokens per micro-batch the fused layer kernels are left off: each Liger call costs
