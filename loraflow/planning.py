@@ -31,7 +31,7 @@ def setup_for_params(params: TrainParams, act_bytes: int, fused: bool, shards: i
     return memplan.Setup(method=method, fused=fused, rank=params.rank, targets=targets,
                  modules_to_save=tuple(params.modules_to_save), optimizer=params.optimizer, act_bytes=act_bytes,
                  shards=shards, embedding_on_cpu=params.embedding_on_cpu is True, trainable_tokens=trainable_tokens,
-                 offload_checkpoints=params.offload_checkpoints is True and shards == 1,
+                 offload_checkpoints=params.offload_checkpoints is True,
                  embedding_frozen=params.target_modules == "all-linear" or "embed_tokens" not in params.target_modules)
 
 def fixed_checkpoint_layers(setting, layers: int) -> int | None:
@@ -63,6 +63,9 @@ def plan_for_params(params: TrainParams, arch: memplan.Arch, max_length: int, ac
     if params.method == "auto" and budget is not None:
         methods = tuple(m for m in memplan.METHODS_FASTEST_FIRST if shards == 1 or m != "lora8")
     base = setup_for_params(params, act_bytes, fused, shards, trainable_tokens)
+    if params.offload_checkpoints is True and shards > 1:
+        raise LoraflowError("train.offload_checkpoints=true is for one GPU: under FSDP (num_gpus > 1) each "
+                            "process already holds a share of the activations; set it to auto or false")
     if base.embedding_on_cpu and not memplan.embedding_can_leave_gpu(arch, base):
         raise LoraflowError("train.embedding_on_cpu=true needs an input embedding that is frozen (not in "
                             "modules_to_save or target_modules, no trainable_tokens), not tied to the output head, and not "

@@ -139,10 +139,16 @@ def test_offloaded_checkpoints_let_a_larger_micro_batch_fit_and_leave_the_gpu():
     inputs = s.checkpoint_layers * 2 * 4096 * s.tokens
     assert memplan.estimate(LLAMA_31_8B, kept)["activations"] - plan.chosen.parts["activations"] == inputs
     assert plan.chosen.parts["working_set"] - memplan.estimate(LLAMA_31_8B, kept)["working_set"] == 2 * 2 * 4096 * s.tokens
-    # no budget (CPU) or several GPUs: never offloaded
+    # no budget (CPU) or several GPUs: never offloaded, and asking for it under FSDP is an error
     cpu = planning.plan_for_params(auto.model_copy(update={"memory_budget_gib": None}), LLAMA_31_8B, 2048,
                                    act_bytes=2, fused=True, gpu_free_bytes=None)
     assert not cpu.chosen.setup.offload_checkpoints
+    sharded = planning.plan_for_params(auto, LLAMA_31_8B, 2048, act_bytes=2, fused=True, gpu_free_bytes=None,
+                                       processes=2, shards=2)
+    assert not any(c.setup.offload_checkpoints for c in sharded.considered)
+    with pytest.raises(LoraflowError, match="offload_checkpoints=true is for one GPU"):
+        planning.plan_for_params(auto.model_copy(update={"offload_checkpoints": True}), LLAMA_31_8B, 2048,
+                                 act_bytes=2, fused=True, gpu_free_bytes=None, processes=2, shards=2)
 
 
 def test_train_stage_refuses_a_plan_that_does_not_fit_before_loading_weights(tmp_path, monkeypatch):
