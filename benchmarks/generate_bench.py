@@ -2,13 +2,15 @@
 in a CUDA graph) against HF `generate` one row at a time (the peer), on a random-init Llama-3.1-8B
 architecture, in one run.
 
-    python3 benchmarks/generate_bench.py [--rows 512] [--batch 128 256] [--peer-rows 4] [--out DIR]
+    python3 benchmarks/generate_bench.py [--rows 512] [--batch 128 256] [--peer-rows 4] [--out DIR] [--configs FILE]
+    python3 benchmarks/generate_bench.py --bound-only      # the bound alone, on CPU
 
 Prompts are random token ids with lengths drawn from a log-normal (median 150 tokens, clipped to
 16..1024), as chat eval prompts are. Decoding is greedy with no EOS (random weights never emit one
 reliably), so every row makes exactly --new-tokens tokens. Memory and speed do not depend on the
 weight values. Prints tokens/s for each batch size (and the prefill's share), the peer's, their
-ratio, and how many rows our loop run one row at a time reproduces token for token in the batch.
+ratio, how many rows our loop run one row at a time reproduces token for token in the batch, and the
+workload's bound on this GPU (bound_seconds) with the share of it reached.
 """
 from __future__ import annotations
 
@@ -33,6 +35,37 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(10, 128000, (int(L),), generator=g).tolist() for L in lengths]
 
 
+# The H200's rates used for the bound: HBM bandwidth (spec) and the bf16 matmul rate the device notes
+# give as reachable (dense spec 989 TFLOP/s)
+HBM_BYTES_PER_S = 4.8e12
+MATMUL_FLOP_PER_S = 790e12
+
+
+def bound_seconds(config, lengths: list[int], new_tokens: int, batch: int) -> dict:
+    """The least time the workload can take on this GPU, whatever the software: prefill at the matmul
+    rate (weights x prompt tokens, plus causal attention), then each decode step at the larger of its
+    bytes (every weight once, plus each row's K/V so far) over the bandwidth and its FLOPs over the
+    matmul rate. Rows go `batch` at a time, sorted by length, as the loop runs them."""
+    h, layers, inter, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
+    head_dim = h // config.num_attention_heads
+    kv_width = config.num_key_value_heads * head_dim
+    matmul_params = layers * (2 * h * h + 2 * h * kv_width + 3 * h * inter) + vocab * h  # lm_head included
+    kv_bytes_per_token = layers * 2 * kv_width * 2
+    attn_flops = lambda q, k: 4 * q * k * h * layers  # QK^T and PV over k keys for q queries  # noqa: E731
+    prefill = sum(2 * matmul_params * L + attn_flops(L, L) / 2 for L in lengths) / MATMUL_FLOP_PER_S
+    decode, order = 0.0, sorted(lengths)
+    for first in range(0, len(order), batch):
+        rows = order[first:first + batch]
+        for step in range(1, new_tokens):
+            keys = sum(L + step for L in rows)
+            flops = 2 * matmul_params * len(rows) + attn_flops(1, keys)
+            bytes_ = 2 * matmul_params + kv_bytes_per_token * keys
+            decode += max(bytes_ / HBM_BYTES_PER_S, flops / MATMUL_FLOP_PER_S)
+    total = prefill + decode
+    return {"prefill_s": round(prefill, 2), "decode_s": round(decode, 2), "seconds": round(total, 2),
+            "tokens_per_s": round(len(lengths) * new_tokens / total, 1)}
+
+
 def timed(fn):
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -48,7 +81,21 @@ def main() -> None:
     p.add_argument("--peer-rows", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--bound-only", action="store_true")
+    p.add_argument("--baseline", action="store_true", help="the loop as Run 5 had it: for the A/B in one run")
+    p.add_argument("--configs", help="matmul configurations by shape (invariant_kernel_probe.py --write), tried in place of "
+                                     "the table in loraflow/invariant_kernels.py")
     a = p.parse_args()
+    if a.bound_only:
+        for b in a.batch:
+            print(json.dumps({"batch": b, **bound_seconds(llama_8b(), list(map(len, prompts(a.rows))), a.new_tokens, b)}))
+        return
+    from loraflow import batch_invariant, invariant_kernels as ik
+    if a.baseline:  # as Run 5 measured it: one configuration per phase, every projection its own launch
+        ik.MM_BY_SHAPE.clear()
+        batch_invariant.PROJECTION_GROUPS = ()
+    if a.configs:
+        ik.MM_BY_SHAPE.update({(d, n, k): tuple(c) for d, n, k, c in json.loads(Path(a.configs).read_text())})
     import transformers
     from transformers import LlamaForCausalLM
 
@@ -62,39 +109,52 @@ def main() -> None:
     kw = dict(pad_id=0, stop_ids=[], max_new_tokens=a.new_tokens)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
                "rows": a.rows, "new_tokens": a.new_tokens, "median_prompt_tokens": sorted(map(len, rows))[len(rows) // 2],
-               "build_s": round(time.perf_counter() - t0, 1), "ours": {}}
+               "build_s": round(time.perf_counter() - t0, 1), "baseline": a.baseline,
+               "configs": sorted(ik.MM_BY_SHAPE.items()), "ours": {}}
     # first call: Triton compiles the kernels (once per machine; cached on disk after)
     _, results["first_call_s"] = timed(lambda: generate_ids_batch_invariant(model, rows[:8], batch_size=8, **{**kw, "max_new_tokens": 4}))
     batched_out, outputs = None, {}
     for b in a.batch:
         torch.cuda.reset_peak_memory_stats()
-        out, s = timed(lambda: generate_ids_batch_invariant(model, rows, batch_size=b, **kw))
+        try:
+            out, s = timed(lambda: generate_ids_batch_invariant(model, rows, batch_size=b, **kw))
+        except torch.OutOfMemoryError as e:  # batch 512's cache needs an H200; an H100 gets the other sizes
+            print(json.dumps({"batch": b, "error": str(e)[:120]}), flush=True)
+            torch.cuda.empty_cache()
+            continue
         _, prefill_s = timed(lambda: generate_ids_batch_invariant(model, rows, batch_size=b, **{**kw, "max_new_tokens": 1}))
         batched_out = outputs[b] = out
+        bound = bound_seconds(model.config, list(map(len, rows)), a.new_tokens, b)
         results["ours"][b] = {"seconds": round(s, 2), "prefill_seconds": round(prefill_s, 2),
                               "tokens_per_s": round(a.rows * a.new_tokens / s, 1),
-                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                              "bound": bound, "share_of_bound": round(bound["seconds"] / s, 3)}
         print(json.dumps({"batch": b, **results["ours"][b]}), flush=True)
     # every row, at every batch size: batch invariance means the same tokens
-    first = outputs[a.batch[0]]
-    results["identical_across_batch_sizes"] = {f"{a.batch[0]} vs {b}": f"{same(first, outputs[b])}/{a.rows}" for b in a.batch[1:]}
-    peer_rows = rows[:a.peer_rows]
-    # the same loop one row at a time: batch invariance means these equal the batched rows exactly
-    alone, s = timed(lambda: [generate_ids_batch_invariant(model, [r], batch_size=1, **kw)[0] for r in peer_rows])
-    results["ours_one_row_at_a_time"] = {"rows": a.peer_rows, "seconds": round(s, 2),
-                                         "identical_to_batched": f"{same(alone, batched_out)}/{a.peer_rows}",
-                                         "first_differing_position": first_diff(alone, batched_out)}
-    # the peer: plain HF generate, one row at a time (dynamic cache, sdpa, cuBLAS)
-    peer_out, s = timed(lambda: [generate_ids_hf(model, [r], batch_size=1, **kw)[0] for r in peer_rows])
-    results["peer_one_row_at_a_time"] = {"rows": a.peer_rows, "seconds": round(s, 2),
-                                         "tokens_per_s": round(a.peer_rows * a.new_tokens / s, 1),
-                                         "identical_to_ours": f"{same(peer_out, batched_out)}/{a.peer_rows}",
-                                         "first_differing_position": first_diff(peer_out, batched_out)}
-    best = max(results["ours"].values(), key=lambda r: r["tokens_per_s"])
-    results["ratio_vs_peer"] = round(best["tokens_per_s"] / results["peer_one_row_at_a_time"]["tokens_per_s"], 1)
+    ran = list(outputs)
+    results["identical_across_batch_sizes"] = {f"{ran[0]} vs {b}": f"{same(outputs[ran[0]], outputs[b])}/{a.rows}" for b in ran[1:]}
+    if a.peer_rows:
+        one_row_runs(model, rows[:a.peer_rows], batched_out, kw, results)
     print(json.dumps(results, indent=1))
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "generate_bench.json").write_text(json.dumps(results, indent=1))
+
+
+def one_row_runs(model, peer_rows, batched_out, kw, results) -> None:
+    """Our loop and the peer (HF generate), one row at a time over the first rows."""
+    # the same loop one row at a time: batch invariance means these equal the batched rows exactly
+    alone, s = timed(lambda: [generate_ids_batch_invariant(model, [r], batch_size=1, **kw)[0] for r in peer_rows])
+    results["ours_one_row_at_a_time"] = {"rows": len(peer_rows), "seconds": round(s, 2),
+                                         "identical_to_batched": f"{same(alone, batched_out)}/{len(peer_rows)}",
+                                         "first_differing_position": first_diff(alone, batched_out)}
+    # the peer: plain HF generate, one row at a time (dynamic cache, sdpa, cuBLAS)
+    peer_out, s = timed(lambda: [generate_ids_hf(model, [r], batch_size=1, **kw)[0] for r in peer_rows])
+    results["peer_one_row_at_a_time"] = {"rows": len(peer_rows), "seconds": round(s, 2),
+                                         "tokens_per_s": round(len(peer_rows) * kw["max_new_tokens"] / s, 1),
+                                         "identical_to_ours": f"{same(peer_out, batched_out)}/{len(peer_rows)}",
+                                         "first_differing_position": first_diff(peer_out, batched_out)}
+    best = max(results["ours"].values(), key=lambda r: r["tokens_per_s"])
+    results["ratio_vs_peer"] = round(best["tokens_per_s"] / results["peer_one_row_at_a_time"]["tokens_per_s"], 1)
 
 
 def same(xs: list[dict], ys: list[dict]) -> int:

@@ -1,7 +1,7 @@
 """Times loraflow.invariant_kernels at the 8B's decode and prefill shapes against cuBLAS / sdpa, and
-sweeps their configurations (H200). Prints one JSON line per measurement.
+sweeps their configurations (H200). Prints one JSON line per measurement and the fastest per shape.
 
-    python3 benchmarks/invariant_kernel_probe.py
+    python3 benchmarks/invariant_kernel_probe.py [--decode-m 256 512] [--write configs.json] [--matmul-only]
 """
 from __future__ import annotations
 
@@ -33,26 +33,60 @@ def ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-def main() -> None:
-    bf = torch.bfloat16
-    shapes = {"qo": (4096, 4096), "kv": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
-    configs = [(128, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 3), (64, 128, 64, 8, 4, 4),
-               (128, 64, 128, 8, 4, 3), (128, 32, 64, 8, 4, 4), (64, 32, 128, 8, 4, 4)]
-    for M in (256, 16384):
-        for name, (N, K) in shapes.items():
-            if M == 16384 and name == "lm_head":
+DECODE_CONFIGS = [(128, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 3), (64, 128, 64, 8, 4, 4),
+                  (128, 64, 128, 8, 4, 3), (128, 32, 64, 8, 4, 4), (64, 32, 128, 8, 4, 4), (128, 256, 64, 8, 8, 3),
+                  (128, 128, 64, 8, 4, 4), (128, 128, 128, 8, 8, 3), (64, 128, 128, 8, 4, 3), (64, 256, 64, 8, 8, 3)]
+PREFILL_CONFIGS = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4),
+                   (128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 8, 3)]
+# the 8B's weights as the generation loop calls them: q/k/v and gate/up as one launch each (matmul_group)
+SHAPES = {"qkv": (4096 + 2 * 1024, 4096), "o": (4096, 4096), "gate_up": (2 * 14336, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+
+
+def sweep(decode_ms: list[int], prefill_m: int) -> list:
+    """Every configuration at every shape; returns the fastest per (phase, N, K), decode summed over
+    decode_ms (the batch sizes the loop will run), as [decode, N, K, config] rows."""
+    bf, best = torch.bfloat16, []
+    for decode, ms_, configs in ((True, decode_ms, DECODE_CONFIGS), (False, [prefill_m], PREFILL_CONFIGS)):
+        for name, (N, K) in SHAPES.items():
+            if not decode and name == "lm_head":  # prefill's lm_head sees one row per prompt
                 continue
-            a, w = torch.randn(M, K, dtype=bf, device="cuda"), torch.randn(N, K, dtype=bf, device="cuda") / 64
-            t_cublas = ms(lambda: torch.nn.functional.linear(a, w))
-            for cfg in configs:
-                ik.MM_DECODE = cfg
-                try:
-                    t = ms(lambda: ik.matmul(a, w, decode=True))
-                except Exception as e:  # a config that does not fit shared memory
-                    print(json.dumps({"M": M, "op": name, "cfg": cfg, "error": str(e)[:80]}), flush=True)
-                    continue
-                print(json.dumps({"M": M, "op": name, "cfg": cfg, "ms": round(t, 4), "cublas_ms": round(t_cublas, 4),
-                                  "tflops": round(2 * M * N * K / t / 1e9, 1), "gbps": round((N * K + M * K) * 2 / t / 1e6, 1)}), flush=True)
+            w = torch.randn(N, K, dtype=bf, device="cuda") / 64
+            totals = {}
+            for M in ms_:
+                a = torch.randn(M, K, dtype=bf, device="cuda")
+                t_cublas = ms(lambda: torch.nn.functional.linear(a, w))
+                for cfg in configs:
+                    ik.MM_BY_SHAPE[(decode, N, K)] = cfg
+                    try:
+                        t = ms(lambda: ik.matmul(a, w, decode=decode))
+                    except Exception as e:  # a config that does not fit shared memory
+                        print(json.dumps({"M": M, "op": name, "cfg": cfg, "error": str(e)[:80]}), flush=True)
+                        totals[cfg] = float("inf")
+                        continue
+                    totals[cfg] = totals.get(cfg, 0.0) + t
+                    print(json.dumps({"M": M, "op": name, "cfg": cfg, "ms": round(t, 4), "cublas_ms": round(t_cublas, 4),
+                                      "tflops": round(2 * M * N * K / t / 1e9, 1)}), flush=True)
+            pick = min(totals, key=totals.get)
+            ik.MM_BY_SHAPE[(decode, N, K)] = pick
+            best.append([decode, N, K, list(pick)])
+            print(json.dumps({"best": name, "decode": decode, "cfg": pick, "ms_summed": round(totals[pick], 4)}), flush=True)
+    return best
+
+
+def main() -> None:
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("--write", help="write the fastest configuration per shape here (generate_bench.py --configs)")
+    p.add_argument("--decode-m", type=int, nargs="+", default=[256])
+    p.add_argument("--matmul-only", action="store_true")
+    a = p.parse_args()
+    best = sweep(a.decode_m, 16384)
+    if a.write:
+        Path(a.write).write_text(json.dumps(best))
+    if a.matmul_only:
+        return
+    bf = torch.bfloat16
     # decode attention: batch 256, 8B heads, positions 150..450 in a cache of 1,300
     B, H, Hkv, D, cap = 256, 32, 8, 128, 1300
     q = torch.randn(B, 1, H, D, dtype=bf, device="cuda").transpose(1, 2)

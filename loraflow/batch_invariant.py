@@ -3,7 +3,7 @@ alone, so batched greedy outputs equal one-row-at-a-time outputs token for token
 
 Inside `with batch_invariant(model, batch, capacity) as cache:`
 - every plain nn.Linear and every Llama-style RMSNorm runs a fixed-configuration kernel
-  (loraflow.invariant_kernels) on CUDA;
+  (loraflow.invariant_kernels) on CUDA; q/k/v and gate/up run as one launch each;
 - attention reads a `RowKVCache`, where each row's keys start at position 0 of its own slot
   (right padding), so a row's keys sit at the same positions whatever the batch;
 - on CPU the same structure runs on PyTorch ops (float32 there, which the tests compare).
@@ -97,6 +97,51 @@ def _linear(module: nn.Linear, cache: RowKVCache, x):
     return nn.functional.linear(x, module.weight, module.bias)
 
 
+# Linears of one module that read the same input: one launch computes them all on the kernels
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _ProjectionGroup:
+    """q/k/v (or gate/up) as one launch on the kernels: the first member called computes every member's
+    output (loraflow.invariant_kernels.matmul_group, each column as its own matmul would round it) and
+    the others, called next with the same input, take theirs. A member called with another input, or
+    again, computes afresh, so a model that calls them otherwise still gets what nn.Linear gives."""
+
+    def __init__(self, members: list[nn.Linear], cache: "RowKVCache"):
+        self.members, self.cache = members, cache
+        self.input, self.pending = None, {}
+
+    def __call__(self, index: int, x):
+        if self.input is x and index in self.pending:
+            out = self.pending.pop(index)
+            if not self.pending:
+                self.input = None  # holds no activation past the layer
+            return out
+        outs = self.compute(x)
+        self.input, self.pending = x, {i: o for i, o in enumerate(outs) if i != index}
+        return outs[index]
+
+    def compute(self, x):
+        if _on_kernels(x):
+            from loraflow import invariant_kernels
+            return invariant_kernels.matmul_group(x, [m.weight for m in self.members], [m.bias for m in self.members],
+                                                  decode=self.cache.decode)
+        return [nn.functional.linear(x, m.weight, m.bias) for m in self.members]
+
+
+def projection_groups(model) -> list[list[nn.Linear]]:
+    """Each module's q/k/v and gate/up linears, where all are plain nn.Linear of one input width and
+    all or none have a bias (the kernel's terms)."""
+    groups = []
+    for module in model.modules():
+        for names in PROJECTION_GROUPS:
+            members = [getattr(module, n, None) for n in names]
+            if all(type(m) is nn.Linear for m in members) and len({m.in_features for m in members}) == 1 \
+                    and len({m.bias is None for m in members}) == 1:
+                groups.append(members)
+    return groups
+
+
 def _rms_norm(module, original, x):
     if _on_kernels(x):
         from loraflow import invariant_kernels
@@ -114,8 +159,16 @@ def batch_invariant(model, batch: int, capacity: int):
         raise ValueError(f"batch-invariant generation does not support {reason}")
     AttentionInterface.register(ATTENTION, row_attention)  # no mask function: the kernels mask by position
     cache = RowKVCache(model.config, batch, capacity, model.dtype, model.device)
-    patched = []
+    patched, grouped = [], set()
+    for members in projection_groups(model):
+        group = _ProjectionGroup(members, cache)
+        for index, m in enumerate(members):
+            m.forward = partial(group, index)
+            patched.append(m)
+            grouped.add(id(m))
     for m in model.modules():
+        if id(m) in grouped:
+            continue
         if type(m) is nn.Linear:
             m.forward = partial(_linear, m, cache)
             patched.append(m)

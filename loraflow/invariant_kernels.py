@@ -5,7 +5,8 @@ cuBLAS and PyTorch's reductions pick their algorithm (tile shape, split-K, how m
 row) from the whole tensor's shape, so the same row rounds differently at batch 1 and at batch 256;
 in bf16 on near-tied logits that flips greedy tokens. Here every kernel has one fixed configuration
 and reduces each row in one fixed order:
-- `matmul`: no split-K; each output element sums its K blocks in order, whatever M is;
+- `matmul` / `matmul_group`: no split-K; each output element sums its K blocks in order, whatever M
+  is, and whichever weights share the launch;
 - `rms_norm`: one program per row;
 - `attention_prefill` / `attention_decode`: one program per (row, head), keys walked from position 0
   in fixed blocks; keys past a query's position are masked to exact zeros, so padding and a longer
@@ -20,30 +21,53 @@ import torch
 import triton
 import triton.language as tl
 
-# One configuration per phase, never per shape: a different tile or warp count may change the MMA
-# instruction and so the rounding. The caller names the phase (prefill or decode), so a row's token
-# takes the same kernel whether it is alone or in a batch of 256. Picked by
-# benchmarks/invariant_kernel_probe.py on the H200 at the 8B's shapes (M, N, K, GROUP_M, warps, stages).
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages), chosen by the phase and the weight's shape, never by
+# M: a row alone and in a batch of 256 meet the same weight in the same phase, so they take the same
+# configuration, and a different tile or warp count (which may change the MMA instruction and so the
+# rounding) never comes from the batch. The caller names the phase (prefill or decode). Picked by
+# benchmarks/invariant_kernel_probe.py on the H200 at the 8B's shapes; other shapes take the phase's default.
 MM_PREFILL = (128, 128, 64, 8, 8, 3)
 MM_DECODE = (128, 64, 64, 8, 4, 4)
+MM_BY_SHAPE: dict[tuple[bool, int, int], tuple[int, ...]] = {  # (decode, N, K): configuration
+    (True, 1024, 4096): (64, 32, 128, 8, 4, 4),
+    (True, 14336, 4096): (128, 128, 64, 8, 8, 3),
+    (True, 4096, 14336): (64, 64, 128, 8, 4, 3),
+    (True, 128256, 4096): (128, 128, 64, 8, 8, 3),
+}
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 64, 64
 DECODE_BLOCK_N, DECODE_WARPS = 64, 4
 
 
+def matmul_config(n: int, k: int, decode: bool) -> tuple[int, ...]:
+    """The configuration for a weight of N outputs and K inputs (a group's N is its members' sum)."""
+    return MM_BY_SHAPE.get((decode, n, k), MM_DECODE if decode else MM_PREFILL)
+
+
 @triton.jit
-def _matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+def _matmul_kernel(a_ptr, w1_ptr, w2_ptr, w3_ptr, b1_ptr, b2_ptr, b3_ptr, c_ptr, M, N1, N2, N3, K,
+                   stride_am, stride_w1, stride_w2, stride_w3, stride_cm,
                    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped order: programs that share a weight tile run together, so it is read from HBM once
+    # Up to three weights that read the same input (q/k/v, gate/up) in one launch, their outputs side by
+    # side in c. A column tile belongs to one weight; each output element sums its K blocks in order, so a
+    # column comes out the same whichever weights share the launch and whatever M is.
     pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    t1, t2 = tl.cdiv(N1, BLOCK_N), tl.cdiv(N2, BLOCK_N)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), t1 + t2 + tl.cdiv(N3, BLOCK_N)
+    # grouped order: programs that share a weight tile run together, so it is read from HBM once
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
+    if pid_n < t1:
+        w_ptr, b_ptr, n_w, stride_wn, tile, col0 = w1_ptr, b1_ptr, N1, stride_w1, pid_n, 0
+    elif pid_n < t1 + t2:
+        w_ptr, b_ptr, n_w, stride_wn, tile, col0 = w2_ptr, b2_ptr, N2, stride_w2, pid_n - t1, N1
+    else:
+        w_ptr, b_ptr, n_w, stride_wn, tile, col0 = w3_ptr, b3_ptr, N3, stride_w3, pid_n - t1 - t2, N1 + N2
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x N can pass 2**31
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None]
@@ -51,33 +75,47 @@ def _matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn,
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=offs_m[:, None] < M, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_n[None, :] < N, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_n[None, :] < n_w, other=0.0)
         else:
             k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
-            w = tl.load(w_ptrs, mask=(offs_n[None, :] < N) & (offs_k[:, None] < k_left), other=0.0)
+            w = tl.load(w_ptrs, mask=(offs_n[None, :] < n_w) & (offs_k[:, None] < k_left), other=0.0)
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < n_w, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + col0 + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_w))
+
+
+def matmul_group(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                 decode: bool = False) -> list[torch.Tensor]:
+    """[x @ w.T + b for each weight], as nn.Linear computes them, in one launch (at most three weights of
+    the same K, all with a bias or none); each result is a view into one (..., sum of N) output."""
+    assert 1 <= len(weights) <= 3 and len(biases) == len(weights)
+    has_bias = biases[0] is not None
+    assert all((b is not None) == has_bias for b in biases), "all with a bias or none"
+    K, widths = x.shape[-1], [w.shape[0] for w in weights]
+    block_m, block_n, block_k, group_m, warps, stages = matmul_config(sum(widths), K, decode)
+    a = x.reshape(-1, K).contiguous()
+    ws = [w.contiguous() for w in weights]
+    bs = [b if b is not None else w for b, w in zip(biases, ws)]
+    ws, bs, ns = ws + [ws[0]] * (3 - len(ws)), bs + [bs[0]] * (3 - len(bs)), widths + [0] * (3 - len(widths))
+    M = a.shape[0]
+    c = torch.empty((M, sum(widths)), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, block_m) * sum(triton.cdiv(n, block_n) for n in widths),)
+    _matmul_kernel[grid](a, *ws, *bs, c, M, *ns, K, a.stride(0), *(w.stride(0) for w in ws), c.stride(0),
+                         HAS_BIAS=has_bias, EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
+                         BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+    c = c.view(*x.shape[:-1], sum(widths))
+    bounds = [0] + [sum(widths[:i + 1]) for i in range(len(widths))]
+    return [c[..., lo:hi] for lo, hi in zip(bounds, bounds[1:])]
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, decode: bool = False) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T + bias, as nn.Linear computes it, with the phase's configuration."""
-    block_m, block_n, block_k, group_m, warps, stages = MM_DECODE if decode else MM_PREFILL
-    K, N = x.shape[-1], weight.shape[0]
-    a = x.reshape(-1, K).contiguous()
-    w = weight.contiguous()
-    M = a.shape[0]
-    c = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _matmul_kernel[grid](a, w, bias if bias is not None else w, c, M, N, K, a.stride(0), w.stride(0), c.stride(0),
-                         HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages)
-    return c.view(*x.shape[:-1], N)
+    return matmul_group(x, [weight], [bias], decode)[0]
 
 
 @triton.jit

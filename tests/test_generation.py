@@ -93,6 +93,28 @@ def test_row_loop_output_does_not_depend_on_batch_or_prefill_chunks(tiny_model_d
     assert generate_ids_batch_invariant(model, prompts, batch_size=4, prefill_tokens=20, **kw) == alone  # prefill in chunks
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_projection_groups_give_each_linear_its_own_output(model_type):
+    """Inside batch_invariant, q/k/v and gate/up are one group each per layer (Qwen2's q/k/v biases
+    included); a member returns what nn.Linear gives it, in the order the model calls them, out of
+    order, or with another input."""
+    from loraflow.batch_invariant import batch_invariant, projection_groups
+    model = tiny_causal_lm(model_type)
+    groups = projection_groups(model)
+    assert [[type(m).__name__ for m in g] for g in groups] == [["Linear"] * 3, ["Linear"] * 2] * 2
+    attn = model.model.layers[0].self_attn
+    x, y = torch.randn(3, 32), torch.randn(3, 32)
+    expected = {n: getattr(attn, n).forward(x) for n in ("q_proj", "k_proj", "v_proj")}
+    with batch_invariant(model, 2, 16):
+        for order in (("q_proj", "k_proj", "v_proj"), ("v_proj", "q_proj", "k_proj")):
+            for name in order:
+                assert torch.equal(getattr(attn, name)(x), expected[name]), name
+        assert torch.equal(attn.q_proj(x), expected["q_proj"])
+        assert torch.equal(attn.k_proj(y), torch.nn.functional.linear(y, attn.k_proj.weight, attn.k_proj.bias))
+        assert torch.equal(attn.k_proj(x), expected["k_proj"])  # the pending k of y's call is not x's
+    assert "forward" not in vars(attn.q_proj)  # restored on exit
+
+
 def test_prefill_chunks_bound_padded_tokens():
     from loraflow.generation import prefill_chunks
     assert prefill_chunks([2, 3, 5, 5, 9], 10) == [(0, 2), (2, 4), (4, 5)]

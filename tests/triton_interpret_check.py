@@ -64,6 +64,19 @@ for K, bias, decode in [(128, False, False), (200, True, False), (200, True, Tru
     same(ik.matmul(a[3:40], w, b, decode), full[3:40], "matmul 37 rows")
     same(ik.matmul(a.view(7, 10, K), w, b, decode).view(70, -1), full, "matmul 3-d input")
 
+# matmul_group (q/k/v, gate/up in one launch): each output bitwise what matmul gives that weight alone (same
+# configuration: neither N is in the table), its column tiles split where one weight ends (150 is no multiple
+# of a tile), and each row the same whatever rows come with it
+for widths, bias, decode in [((150, 40, 40), True, True), ((96, 96), False, False)]:
+    a = torch.randn(70, 200, dtype=h)
+    ws = [torch.randn(n, 200, dtype=h) / 200 ** 0.5 for n in widths]
+    bs = [torch.randn(n, dtype=h) if bias else None for n in widths]
+    assert all(ik.matmul_config(n, 200, decode) == ik.matmul_config(sum(widths), 200, decode) for n in widths)
+    group = ik.matmul_group(a, ws, bs, decode)
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        same(group[i], ik.matmul(a, w, b, decode), f"group member {i}")
+        same(ik.matmul_group(a[5:6], ws, bs, decode)[i], group[i][5:6], f"group member {i} one row")
+
 # rms_norm
 x, weight = torch.randn(9, 48, dtype=h), torch.rand(48, dtype=h) + 0.5
 y = ik.rms_norm(x, weight, 1e-6)
