@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--bound-only", action="store_true")
+    p.add_argument("--profile", action="store_true", help="GPU time per decode step by kernel (eager, at the first batch size)")
     p.add_argument("--baseline", action="store_true", help="the loop as Run 5 had it: for the A/B in one run")
     p.add_argument("--configs", help="matmul configurations by shape (invariant_kernel_probe.py --write), tried in place of "
                                      "the table in loraflow/invariant_kernels.py")
@@ -133,11 +134,34 @@ def main() -> None:
     # every row, at every batch size: batch invariance means the same tokens
     ran = list(outputs)
     results["identical_across_batch_sizes"] = {f"{ran[0]} vs {b}": f"{same(outputs[ran[0]], outputs[b])}/{a.rows}" for b in ran[1:]}
+    if a.profile:
+        results["decode_step_profile"] = decode_step_profile(model, rows, a.batch[0])
     if a.peer_rows:
         one_row_runs(model, rows[:a.peer_rows], batched_out, kw, results)
     print(json.dumps(results, indent=1))
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "generate_bench.json").write_text(json.dumps(results, indent=1))
+
+
+def decode_step_profile(model, rows: list[list[int]], batch: int, steps: int = 16) -> list[dict]:
+    """GPU time per decode step by kernel, at `batch` rows: the loop run eagerly (no CUDA graph: the same
+    kernels, each visible to the profiler) with steps + 1 new tokens, less the prefill-only run."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    kw = dict(pad_id=0, stop_ids=[], batch_size=batch, cuda_graph=False)
+    by_kernel = []
+    for new_tokens in (1, steps + 1):
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            generate_ids_batch_invariant(model, rows[:batch], max_new_tokens=new_tokens, **kw)
+            torch.cuda.synchronize()
+        by_kernel.append({e.key: (e.self_device_time_total, e.count) for e in prof.key_averages()
+                          if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0})
+    prefill, both = by_kernel
+    per_step = [{"kernel": k[:90], "ms_per_step": round((t - prefill.get(k, (0, 0))[0]) / steps / 1e3, 4),
+                 "calls_per_step": round((n - prefill.get(k, (0, 0))[1]) / steps, 1)} for k, (t, n) in both.items()]
+    per_step = sorted((r for r in per_step if r["ms_per_step"] > 0), key=lambda r: -r["ms_per_step"])
+    print(json.dumps({"decode_step_ms": round(sum(r["ms_per_step"] for r in per_step), 3), "batch": batch,
+                      "kernels_per_step": round(sum(r["calls_per_step"] for r in per_step)), "top": per_step[:12]}), flush=True)
+    return per_step
 
 
 def one_row_runs(model, peer_rows, batched_out, kw, results) -> None:

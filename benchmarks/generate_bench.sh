@@ -11,7 +11,7 @@ timeout 120 python3 tests/triton_interpret_check.py > "$OUT/kernel_check.txt" 2>
 timeout 240 python3 benchmarks/invariant_kernel_probe.py --decode-m 256 512 --write "$OUT/configs.json" --matmul-only \
   > "$OUT/sweep.jsonl" 2>>"$OUT/gen_log.txt"
 grep '"best"' "$OUT/sweep.jsonl"
-timeout 200 python3 benchmarks/generate_bench.py --rows 512 --batch 256 512 --peer-rows 2 --configs "$OUT/configs.json" \
+timeout 200 python3 benchmarks/generate_bench.py --rows 512 --batch 256 512 --peer-rows 2 --configs "$OUT/configs.json" --profile \
   --out "$OUT/new" 2>&1 | grep -v "^ " >> "$OUT/gen_log.txt"
 timeout 120 python3 benchmarks/generate_bench.py --rows 512 --batch 256 --peer-rows 0 --baseline --out "$OUT/base" \
   2>&1 | grep -v "^ " >> "$OUT/gen_log.txt"
