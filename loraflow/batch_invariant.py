@@ -50,11 +50,18 @@ class RowKVCache:
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.rows = slice(None)
         self.decode = False
+        self.token_positions = self.positions[:, None]
+
+    def begin_call(self, decode: bool, length: int) -> torch.Tensor:
+        """Set the phase of the next model call over `rows`, and return its tokens' positions (rows,
+        length): the call's position ids, and where every layer's update writes (worked out once, not per layer)."""
+        self.decode = decode
+        self.token_positions = self.positions[self.rows, None] + torch.arange(length, device=self.positions.device)
+        return self.token_positions
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         k, v = self.keys[layer_idx][self.rows], self.values[layer_idx][self.rows]
-        index = (self.positions[self.rows, None] + torch.arange(key.shape[2], device=key.device))
-        index = index[:, None, :, None].expand_as(key)
+        index = self.token_positions[:, None, :, None].expand_as(key)
         k.scatter_(2, index, key)
         v.scatter_(2, index, value)
         return k, v

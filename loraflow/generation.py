@@ -103,9 +103,7 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
     cache_kwarg = cache_argument(decoder)
 
     def forward(cache, ids, decode: bool):
-        cache.decode = decode
-        start = cache.positions[cache.rows]
-        return decoder(input_ids=ids, position_ids=start[:, None] + torch.arange(ids.shape[1], device=dev),
+        return decoder(input_ids=ids, position_ids=cache.begin_call(decode, ids.shape[1]),
                        use_cache=True, loraflow_cache=cache, **{cache_kwarg: cache}).last_hidden_state
 
     def record(logits):
