@@ -3,7 +3,8 @@ alone, so batched greedy outputs equal one-row-at-a-time outputs token for token
 
 Inside `with batch_invariant(model, batch, capacity) as cache:`
 - every plain nn.Linear and every Llama-style RMSNorm runs a fixed-configuration kernel
-  (loraflow.invariant_kernels) on CUDA; q/k/v and gate/up run as one launch each;
+  (loraflow.invariant_kernels) on CUDA; q/k/v and gate/up run as one launch each, and the rotary
+  embedding one launch per tensor;
 - attention reads a `RowKVCache`, where each row's keys start at position 0 of its own slot
   (right padding), so a row's keys sit at the same positions whatever the batch;
 - on CPU the same structure runs on PyTorch ops (float32 there, which the tests compare).
@@ -12,6 +13,7 @@ Quantized (bitsandbytes) linears are left as they are, so their rows are not gua
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from functools import partial
 
@@ -149,6 +151,14 @@ def projection_groups(model) -> list[list[nn.Linear]]:
     return groups
 
 
+def _rope(original, q, k, cos, sin, *args, **kwargs):
+    """transformers' apply_rotary_pos_emb, one launch per tensor on the kernels (bit for bit the same)."""
+    if _on_kernels(q) and not args and not kwargs and cos.shape[-1] == q.shape[-1] and cos.dim() == 3:
+        from loraflow import invariant_kernels
+        return invariant_kernels.rope(q, cos, sin), invariant_kernels.rope(k, cos, sin)
+    return original(q, k, cos, sin, *args, **kwargs)
+
+
 def _rms_norm(module, original, x):
     if _on_kernels(x):
         from loraflow import invariant_kernels
@@ -182,6 +192,11 @@ def batch_invariant(model, batch: int, capacity: int):
         elif type(m).__name__ in NORM_CLASSES:
             m.forward = partial(_rms_norm, m, m.forward)
             patched.append(m)
+    # the modeling module's own apply_rotary_pos_emb, which its attention looks up when called
+    modeling = sys.modules[type(model).__module__]
+    rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    if rope is not None:
+        modeling.apply_rotary_pos_emb = partial(_rope, rope)
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION
@@ -189,5 +204,7 @@ def batch_invariant(model, batch: int, capacity: int):
         yield cache
     finally:
         config._attn_implementation = previous
+        if rope is not None:
+            modeling.apply_rotary_pos_emb = rope
         for m in patched:
             del m.forward  # back to the class's forward

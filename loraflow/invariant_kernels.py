@@ -138,6 +138,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, H, L, sx_b, sx_h, sx_l, sc_b, sc_l, so_b, so_h, so_l,
+                 HALF: tl.constexpr):
+    # one (row, position, head): HF's (x * cos) + (rotate_half(x) * sin), each product and the sum
+    # rounded to the input dtype as PyTorch's elementwise ops round them, so the result is HF's bit for bit
+    pid, h = tl.program_id(0), tl.program_id(1)
+    b, l = pid // L, pid % L
+    offs = tl.arange(0, HALF)
+    x = x_ptr + b * sx_b + h * sx_h + l * sx_l
+    x1, x2 = tl.load(x + offs), tl.load(x + HALF + offs)
+    c = cos_ptr + b * sc_b + l * sc_l
+    s = sin_ptr + b * sc_b + l * sc_l
+    c1, c2, s1, s2 = tl.load(c + offs), tl.load(c + HALF + offs), tl.load(s + offs), tl.load(s + HALF + offs)
+    dt = o_ptr.dtype.element_ty
+    out1 = ((x1.to(tl.float32) * c1.to(tl.float32)).to(dt).to(tl.float32)
+            + (-x2.to(tl.float32) * s1.to(tl.float32)).to(dt).to(tl.float32)).to(dt)
+    out2 = ((x2.to(tl.float32) * c2.to(tl.float32)).to(dt).to(tl.float32)
+            + (x1.to(tl.float32) * s2.to(tl.float32)).to(dt).to(tl.float32)).to(dt)
+    o = o_ptr + b * so_b + h * so_h + l * so_l
+    tl.store(o + offs, out1)
+    tl.store(o + HALF + offs, out2)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for one tensor, in one launch: x (B, H, L, D), any strides with a
+    contiguous last dim; cos, sin (B, L, D). Returns (B, H, L, D) laid out as (B, L, H, D)."""
+    B, H, L, D = x.shape
+    assert x.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride() == sin.stride() and D % 2 == 0
+    out = torch.empty((B, L, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)
+    _rope_kernel[(B * L, H)](x, cos, sin, out, H, L, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+                             out.stride(0), out.stride(1), out.stride(2), HALF=D // 2)
+    return out
+
+
+@triton.jit
 def _online_softmax_block(q, k, v, visible, scale, m_i, l_i, acc):
     """One key block of the online softmax, shared by both attention kernels: scores of the visible
     keys, the running max m_i and sum l_i rescaled, and the block's values added to acc. Masked keys

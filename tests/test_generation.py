@@ -115,6 +115,21 @@ def test_projection_groups_give_each_linear_its_own_output(model_type):
     assert "forward" not in vars(attn.q_proj)  # restored on exit
 
 
+def test_batch_invariant_takes_the_rotary_embedding_and_gives_it_back():
+    """The modeling module's apply_rotary_pos_emb is ours inside (the kernels' on a GPU, HF's on CPU) and
+    HF's again after."""
+    import sys
+    from loraflow.batch_invariant import batch_invariant
+    model = tiny_causal_lm("llama")
+    modeling = sys.modules[type(model).__module__]
+    original = modeling.apply_rotary_pos_emb
+    q, k, cos, sin = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    with batch_invariant(model, 1, 8):
+        assert modeling.apply_rotary_pos_emb is not original
+        assert all(torch.equal(a, b) for a, b in zip(modeling.apply_rotary_pos_emb(q, k, cos, sin), original(q, k, cos, sin)))
+    assert modeling.apply_rotary_pos_emb is original
+
+
 def test_prefill_chunks_bound_padded_tokens():
     from loraflow.generation import prefill_chunks
     assert prefill_chunks([2, 3, 5, 5, 9], 10) == [(0, 2), (2, 4), (4, 5)]

@@ -77,6 +77,16 @@ for widths, bias, decode in [((150, 40, 40), True, True), ((96, 96), False, Fals
         same(group[i], ik.matmul(a, w, b, decode), f"group member {i}")
         same(ik.matmul_group(a[5:6], ws, bs, decode)[i], group[i][5:6], f"group member {i} one row")
 
+# rope: HF's apply_rotary_pos_emb bit for bit, on the transposed view the projections give
+from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
+B, L, H, Hkv, D = 2, 5, 4, 2, 16
+q, k = torch.randn(B, L, H, D, dtype=h).transpose(1, 2), torch.randn(B, L, Hkv, D, dtype=h).transpose(1, 2)
+cos, sin = LlamaRotaryEmbedding(LlamaConfig(hidden_size=H * D, num_attention_heads=H))(
+    q, torch.arange(L).repeat(B, 1) + torch.tensor([[0], [7]]))
+q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+same(ik.rope(q, cos, sin), q_ref, "rope q")
+same(ik.rope(k, cos, sin), k_ref, "rope k")
+
 # rms_norm
 x, weight = torch.randn(9, 48, dtype=h), torch.rand(48, dtype=h) + 0.5
 y = ik.rms_norm(x, weight, 1e-6)
