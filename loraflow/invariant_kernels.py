@@ -25,14 +25,21 @@ import triton.language as tl
 # M: a row alone and in a batch of 256 meet the same weight in the same phase, so they take the same
 # configuration, and a different tile or warp count (which may change the MMA instruction and so the
 # rounding) never comes from the batch. The caller names the phase (prefill or decode). Picked by
-# benchmarks/invariant_kernel_probe.py on the H200 at the 8B's shapes; other shapes take the phase's default.
+# benchmarks/invariant_kernel_probe.py on the H200 at the 8B's shapes as the generation loop calls them
+# (q/k/v and gate/up as one launch), decode at M = 256 and 512 together, prefill at M = 16,384
+# (benchmarks/results/generate-h200.md, Run 6); other shapes take the phase's default.
 MM_PREFILL = (128, 128, 64, 8, 8, 3)
 MM_DECODE = (128, 64, 64, 8, 4, 4)
 MM_BY_SHAPE: dict[tuple[bool, int, int], tuple[int, ...]] = {  # (decode, N, K): configuration
-    (True, 1024, 4096): (64, 32, 128, 8, 4, 4),
-    (True, 14336, 4096): (128, 128, 64, 8, 8, 3),
-    (True, 4096, 14336): (64, 64, 128, 8, 4, 3),
-    (True, 128256, 4096): (128, 128, 64, 8, 8, 3),
+    (True, 6144, 4096): (128, 128, 128, 8, 8, 3),  # decode q/k/v
+    (True, 4096, 4096): (128, 64, 64, 8, 4, 4),  # decode o
+    (True, 28672, 4096): (128, 128, 64, 8, 8, 3),  # decode gate/up
+    (True, 4096, 14336): (128, 64, 64, 8, 4, 4),  # decode down
+    (True, 128256, 4096): (256, 128, 64, 8, 8, 3),  # decode lm_head
+    (False, 6144, 4096): (128, 256, 64, 8, 8, 4),  # prefill q/k/v
+    (False, 4096, 4096): (256, 128, 64, 8, 8, 3),  # prefill o
+    (False, 28672, 4096): (256, 128, 64, 8, 8, 3),  # prefill gate/up
+    (False, 4096, 14336): (256, 128, 64, 8, 8, 3),  # prefill down
 }
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 64, 64
 DECODE_BLOCK_N, DECODE_WARPS = 64, 4
@@ -138,6 +145,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
+def _rounded(x, dt: tl.constexpr):
+    """fp32 x rounded to dt and back, as a PyTorch op of dtype dt rounds its result. For bf16 the rounding
+    (to nearest, ties to even) is done on the bits: a cast pair may be folded away by the compiler,
+    which then fuses the product into the next add (an FMA) and rounds differently."""
+    if dt == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dt).to(tl.float32)
+
+
+@triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, H, L, sx_b, sx_h, sx_l, sc_b, sc_l, so_b, so_h, so_l,
                  HALF: tl.constexpr):
     # one (row, position, head): HF's (x * cos) + (rotate_half(x) * sin), each product and the sum
@@ -151,10 +170,10 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, H, L, sx_b, sx_h, sx_l, sc_b, s
     s = sin_ptr + b * sc_b + l * sc_l
     c1, c2, s1, s2 = tl.load(c + offs), tl.load(c + HALF + offs), tl.load(s + offs), tl.load(s + HALF + offs)
     dt = o_ptr.dtype.element_ty
-    out1 = ((x1.to(tl.float32) * c1.to(tl.float32)).to(dt).to(tl.float32)
-            + (-x2.to(tl.float32) * s1.to(tl.float32)).to(dt).to(tl.float32)).to(dt)
-    out2 = ((x2.to(tl.float32) * c2.to(tl.float32)).to(dt).to(tl.float32)
-            + (x1.to(tl.float32) * s2.to(tl.float32)).to(dt).to(tl.float32)).to(dt)
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    c1, c2, s1, s2 = c1.to(tl.float32), c2.to(tl.float32), s1.to(tl.float32), s2.to(tl.float32)
+    out1 = (_rounded(x1 * c1, dt) + _rounded(-x2 * s1, dt)).to(dt)
+    out2 = (_rounded(x2 * c2, dt) + _rounded(x1 * s2, dt)).to(dt)
     o = o_ptr + b * so_b + h * so_h + l * so_l
     tl.store(o + offs, out1)
     tl.store(o + HALF + offs, out2)

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from loraflow import invariant_kernels as ik  # noqa: E402
 from loraflow.batch_invariant import reference_attention  # noqa: E402
@@ -86,6 +88,20 @@ cos, sin = LlamaRotaryEmbedding(LlamaConfig(hidden_size=H * D, num_attention_hea
 q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
 same(ik.rope(q, cos, sin), q_ref, "rope q")
 same(ik.rope(k, cos, sin), k_ref, "rope k")
+
+
+# the rope's bf16 rounding on the bits (the GPU path; the interpreter's fp16 takes the cast): as torch rounds
+@triton.jit
+def _round_bf16_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, ik._rounded(tl.load(x_ptr + offs), tl.bfloat16))
+
+
+x = torch.cat([torch.randn(4000, dtype=torch.float32) * 10.0 ** torch.randint(-3, 4, (4000,)).float(),
+               torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 0.0, -0.0] + [1.0] * 91)])  # ties
+y = torch.empty_like(x)
+_round_bf16_kernel[(1,)](x, y, N=x.numel())
+same(y, x.to(torch.bfloat16).float(), "bf16 rounding on the bits")
 
 # rms_norm
 x, weight = torch.randn(9, 48, dtype=h), torch.rand(48, dtype=h) + 0.5
