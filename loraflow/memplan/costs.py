@@ -19,14 +19,16 @@ less work by relative_step_cost) ran 0.4% slower than with it on the GPU
 (benchmarks/results/train-h200-run9-p1-p2.jsonl), so the move costs about 1.4%; 2% keeps the plan
 from moving it for a gain that small."""
 
-OFFLOAD_CHECKPOINTS_COST = 0.05
+OFFLOAD_CHECKPOINTS_COST = 0.02
 """Share of step time that offloading the checkpointed inputs costs, with the copies overlapped (a
 layer's input is 8 KB a token at 8B, about 1 ms per 8,192 tokens each way over the H200's PCIe 5,
-measured in run 13's profile, against ~5 ms of the layer's compute). Not yet measured alone: on T3
-(8B QLoRA, 8 GiB) offloading let micro-batch 4 fit and the step ran 9,934 tok/s where micro-batch
-2 had run 8,350 (run 10, without this session's other changes). 5% keeps T2 (8B LoRA, 24 GiB) on
-its measured setting, which 3% would trade for micro-batch 8 with offloading on an estimate;
-benchmarks/train_bench.sh ab5 measures both on T2."""
+against ~5 ms of the layer's compute). Measured on T2 (8B LoRA, 24 GiB budget, H200 run 14,
+benchmarks/results/train-h200-run14.jsonl): micro-batch 8 with every layer checkpointed and offloaded
+ran 11,187 tok/s, micro-batch 4 with 31 layers checkpointed in GPU memory 10,984 (mean of two runs);
+by relative_step_cost that puts offloading's own cost at 1.7%. (On T3, QLoRA at 8 GiB, offloading
+let micro-batch 4 fit: 10,211 tok/s against 8,112 at micro-batch 2, a gain the occupancy term
+underrates for 4-bit weights, so T3 cannot calibrate it.)"""
+
 
 FUSED_LAYERS_MIN_TOKENS = 4096
 """Below this many tokens per micro-batch the fused layer kernels are left off: each Liger call costs
