@@ -200,7 +200,7 @@ def test_generation_batch_by_hand():
     free = 8 * per_row / (1 - memplan.SAFETY_MARGIN)
     assert memplan.generation_batch(TINY, 20, 12, free, rows=100) == 8
     assert memplan.generation_batch(TINY, 20, 12, free, rows=5) == 4   # no bigger than the rows need
-    assert memplan.generation_batch(TINY, 20, 12, free * 1000, rows=10**6) == 256  # capped
+    assert memplan.generation_batch(TINY, 20, 12, free * 1000, rows=10**6) == 512  # capped
 
 
 def test_running_out_of_memory_anyway_names_the_next_rung():
