@@ -26,13 +26,18 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
-def unsupported_reason(model) -> str | None:
-    """Why `batch_invariant` cannot run this model, or None."""
+def unsupported_reason(model, on_gpu: bool | None = None) -> str | None:
+    """Why `batch_invariant` cannot run this model (on the GPU kernels: on_gpu, by default where the
+    model is), or None."""
     config = model.config
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {config.model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
     if getattr(config, "use_sliding_window", False) or (config.model_type == "mistral" and config.sliding_window):
         return "sliding-window attention"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    on_kernels = model.device.type == "cuda" if on_gpu is None else on_gpu  # CPU runs PyTorch ops, any head_dim
+    if on_kernels and (head_dim & (head_dim - 1) or head_dim < 16):  # the GPU kernels tile a head in powers of two
+        return f"head_dim {head_dim} (the GPU kernels take powers of two from 16)"
     return None
 
 

@@ -137,6 +137,14 @@ def test_prefill_chunks_bound_padded_tokens():
     assert prefill_chunks([1, 1, 1], 100) == [(0, 3)]
 
 
+def test_head_dims_the_kernels_cannot_tile_fall_back():
+    from loraflow.batch_invariant import unsupported_reason
+    assert unsupported_reason(tiny_causal_lm("qwen3", head_dim=16), on_gpu=True) is None
+    assert unsupported_reason(tiny_causal_lm("qwen3", head_dim=24), on_gpu=True) == \
+        "head_dim 24 (the GPU kernels take powers of two from 16)"
+    assert unsupported_reason(tiny_causal_lm("qwen3", head_dim=24)) is None  # on CPU the loop runs PyTorch ops
+
+
 def test_unsupported_model_type_falls_back_to_hf_generate(caplog):
     from transformers import GPT2Config, GPT2LMHeadModel
 
