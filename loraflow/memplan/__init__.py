@@ -22,6 +22,9 @@ Each term is bytes per parameter or bytes per token, from what the step keeps al
   path keeps fp32 log-probabilities over the vocabulary and their gradients.
 - working set: the gradients alive while one layer runs backward, one recomputed layer when any is
   checkpointed, and one dequantized weight for 8-bit/4-bit bases.
+- With some layers checkpointed and some kept, activations and working set are those of the larger
+  of two phases of backward (`backward_phases`): the kept (last) layers' backward, with every
+  activation alive and nothing recomputed, or the first recompute, after the kept layers are freed.
 
 The per-token terms are checked against autograd's saved-tensor hooks on CPU (tests/test_memplan.py)
 and the whole peak against torch.cuda.max_memory_allocated on the H200

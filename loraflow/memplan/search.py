@@ -101,7 +101,10 @@ def next_rung_down(plan: Plan) -> str:
     s, arch = plan.chosen.setup, plan.arch
     if not s.embedding_on_cpu and embedding_can_leave_gpu(arch, s):
         return "the input embedding in CPU memory (train.embedding_on_cpu: true)"
-    if s.checkpoint_layers < arch.layers:
+    # more checkpointing helps only where it lowers the estimate: the last kept layer's activations
+    # weigh about what recomputing it does (estimate.backward_phases)
+    if s.checkpoint_layers < arch.layers and \
+            estimate(arch, replace(s, checkpoint_layers=arch.layers))["peak"] < plan.chosen.peak * 0.99:
         return f"checkpoint more layers (train.gradient_checkpointing: {min(arch.layers, s.checkpoint_layers + max(1, arch.layers // 4))})"
     if plan.chosen.micro_batch > 1:
         return f"a smaller micro-batch (train.micro_batch: {plan.chosen.micro_batch // 2})"
