@@ -157,7 +157,8 @@ def projection_groups(model) -> list[list[nn.Linear]]:
 
 
 def _rope(original, q, k, cos, sin, *args, **kwargs):
-    """transformers' apply_rotary_pos_emb, one launch per tensor on the kernels (bit for bit the same)."""
+    """transformers' apply_rotary_pos_emb, one launch per tensor on the kernels, each product and the sum
+    rounded as the eager formula rounds them (tests/triton_interpret_check.py compares them bitwise)."""
     if _on_kernels(q) and not args and not kwargs and cos.shape[-1] == q.shape[-1] and cos.dim() == 3:
         from loraflow import invariant_kernels
         return invariant_kernels.rope(q, cos, sin), invariant_kernels.rope(k, cos, sin)
