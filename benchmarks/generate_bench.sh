@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/new" "$OUT/base"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "from importlib.metadata import version as v; print({p: v(p) for p in ['torch','transformers','triton']})"; } > "$OUT/device_gen.txt" 2>&1
 timeout 120 python3 tests/triton_interpret_check.py > "$OUT/kernel_check.txt" 2>&1
-timeout 240 python3 benchmarks/invariant_kernel_probe.py --decode-m 256 512 --write "$OUT/configs.json" --matmul-only \
+timeout 300 python3 benchmarks/invariant_kernel_probe.py --decode-m 256 512 --write "$OUT/configs.json" --matmul-only --persistent \
   > "$OUT/sweep.jsonl" 2>>"$OUT/gen_log.txt"
 grep '"best"' "$OUT/sweep.jsonl"
 timeout 200 python3 benchmarks/generate_bench.py --rows 512 --batch 256 512 --peer-rows 2 --configs "$OUT/configs.json" --profile \

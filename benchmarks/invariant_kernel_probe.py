@@ -1,7 +1,7 @@
 """Times loraflow.invariant_kernels at the 8B's decode and prefill shapes against cuBLAS / sdpa, and
 sweeps their configurations (H200). Prints one JSON line per measurement and the fastest per shape.
 
-    python3 benchmarks/invariant_kernel_probe.py [--decode-m 256 512] [--write configs.json] [--matmul-only]
+    python3 benchmarks/invariant_kernel_probe.py [--decode-m 256 512] [--write configs.json] [--matmul-only] [--persistent]
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loraflow import invariant_kernels as ik  # noqa: E402
 
 
@@ -75,14 +76,40 @@ def sweep(decode_ms: list[int], prefill_m: int) -> list:
     return best
 
 
+PERSISTENT_CONFIGS = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3), (64, 128, 64, 8, 4, 4),
+                      (256, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4)]
+
+
+def persistent_candidates(decode_ms: list[int], prefill_m: int) -> None:
+    """benchmarks/persistent_matmul.py at the same shapes, beside cuBLAS: a line per configuration."""
+    import persistent_matmul
+    bf = torch.bfloat16
+    for name, (N, K) in SHAPES.items():
+        w = torch.randn(N, K, dtype=bf, device="cuda") / 64
+        for M in decode_ms + ([prefill_m] if name != "lm_head" else []):
+            a = torch.randn(M, K, dtype=bf, device="cuda")
+            t_cublas = ms(lambda: torch.nn.functional.linear(a, w))
+            for cfg in PERSISTENT_CONFIGS:
+                try:
+                    t = ms(lambda: persistent_matmul.matmul(a, w, cfg))
+                except Exception as e:  # shared memory, or this Triton's descriptors
+                    print(json.dumps({"persistent": True, "M": M, "op": name, "cfg": cfg, "error": str(e)[:120]}), flush=True)
+                    continue
+                print(json.dumps({"persistent": True, "M": M, "op": name, "cfg": cfg, "ms": round(t, 4),
+                                  "cublas_ms": round(t_cublas, 4), "tflops": round(2 * M * N * K / t / 1e9, 1)}), flush=True)
+
+
 def main() -> None:
     import argparse
     p = argparse.ArgumentParser()
     p.add_argument("--write", help="write the fastest configuration per shape here (generate_bench.py --configs)")
     p.add_argument("--decode-m", type=int, nargs="+", default=[256])
     p.add_argument("--matmul-only", action="store_true")
+    p.add_argument("--persistent", action="store_true", help="also time benchmarks/persistent_matmul.py's candidate")
     a = p.parse_args()
     best = sweep(a.decode_m, 16384)
+    if a.persistent:
+        persistent_candidates(a.decode_m, 16384)
     if a.write:
         Path(a.write).write_text(json.dumps(best))
     if a.matmul_only:
