@@ -46,12 +46,12 @@ def bound_seconds(config, lengths: list[int], new_tokens: int, batch: int) -> di
     rate (weights x prompt tokens, plus causal attention), then each decode step at the larger of its
     bytes (every weight once, plus each row's K/V so far) over the bandwidth and its FLOPs over the
     matmul rate. Rows go `batch` at a time, sorted by length, as the loop runs them."""
-    h, layers, inter, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
-    head_dim = h // config.num_attention_heads
-    kv_width = config.num_key_value_heads * head_dim
-    matmul_params = layers * (2 * h * h + 2 * h * kv_width + 3 * h * inter) + vocab * h  # lm_head included
-    kv_bytes_per_token = layers * 2 * kv_width * 2
-    attn_flops = lambda q, k: 4 * q * k * h * layers  # QK^T and PV over k keys for q queries  # noqa: E731
+    from loraflow.memplan import Arch
+    arch = Arch.from_config(config)
+    matmul_params = arch.linear_params() + arch.vocab * arch.hidden  # lm_head included
+    kv_bytes_per_token = arch.layers * 2 * arch.kv_heads * arch.head_dim * 2
+    # QK^T and PV over k keys for q queries
+    attn_flops = lambda q, k: 4 * q * k * arch.heads * arch.head_dim * arch.layers  # noqa: E731
     prefill = sum(2 * matmul_params * L + attn_flops(L, L) / 2 for L in lengths) / MATMUL_FLOP_PER_S
     decode, order = 0.0, sorted(lengths)
     for first in range(0, len(order), batch):
