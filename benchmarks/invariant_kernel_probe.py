@@ -45,30 +45,41 @@ SHAPES = {"qkv": (4096 + 2 * 1024, 4096), "o": (4096, 4096), "gate_up": (2 * 143
           "lm_head": (128256, 4096)}
 
 
+def time_configs(name: str, N: int, K: int, Ms: list[int], configs: list, run, **tag) -> dict:
+    """Each configuration's time at each M beside cuBLAS, a JSON line each (tagged with `tag`); returns
+    {config: ms summed over Ms}, infinite for one that fails (shared memory, this Triton's features).
+    run(a, w, config) computes a @ w.T with that configuration."""
+    bf, totals = torch.bfloat16, {}
+    w = torch.randn(N, K, dtype=bf, device="cuda") / 64
+    for M in Ms:
+        a = torch.randn(M, K, dtype=bf, device="cuda")
+        t_cublas = ms(lambda: torch.nn.functional.linear(a, w))
+        for cfg in configs:
+            try:
+                t = ms(lambda: run(a, w, cfg))
+            except Exception as e:
+                print(json.dumps({**tag, "M": M, "op": name, "cfg": cfg, "error": str(e)[:120]}), flush=True)
+                totals[cfg] = float("inf")
+                continue
+            totals[cfg] = totals.get(cfg, 0.0) + t
+            print(json.dumps({**tag, "M": M, "op": name, "cfg": cfg, "ms": round(t, 4), "cublas_ms": round(t_cublas, 4),
+                              "tflops": round(2 * M * N * K / t / 1e9, 1)}), flush=True)
+    return totals
+
+
 def sweep(decode_ms: list[int], prefill_m: int) -> list:
     """Every configuration at every shape; returns the fastest per (phase, N, K), decode summed over
     decode_ms (the batch sizes the loop will run), as [decode, N, K, config] rows."""
-    bf, best = torch.bfloat16, []
+    best = []
     for decode, ms_, configs in ((True, decode_ms, DECODE_CONFIGS), (False, [prefill_m], PREFILL_CONFIGS)):
         for name, (N, K) in SHAPES.items():
             if not decode and name == "lm_head":  # prefill's lm_head sees one row per prompt
                 continue
-            w = torch.randn(N, K, dtype=bf, device="cuda") / 64
-            totals = {}
-            for M in ms_:
-                a = torch.randn(M, K, dtype=bf, device="cuda")
-                t_cublas = ms(lambda: torch.nn.functional.linear(a, w))
-                for cfg in configs:
-                    ik.MM_BY_SHAPE[(decode, N, K)] = cfg
-                    try:
-                        t = ms(lambda: ik.matmul(a, w, decode=decode))
-                    except Exception as e:  # a config that does not fit shared memory
-                        print(json.dumps({"M": M, "op": name, "cfg": cfg, "error": str(e)[:80]}), flush=True)
-                        totals[cfg] = float("inf")
-                        continue
-                    totals[cfg] = totals.get(cfg, 0.0) + t
-                    print(json.dumps({"M": M, "op": name, "cfg": cfg, "ms": round(t, 4), "cublas_ms": round(t_cublas, 4),
-                                      "tflops": round(2 * M * N * K / t / 1e9, 1)}), flush=True)
+
+            def run(a, w, cfg):
+                ik.MM_BY_SHAPE[(decode, N, K)] = cfg
+                return ik.matmul(a, w, decode=decode)
+            totals = time_configs(name, N, K, ms_, configs, run)
             pick = min(totals, key=totals.get)
             ik.MM_BY_SHAPE[(decode, N, K)] = pick
             best.append([decode, N, K, list(pick)])
@@ -83,20 +94,9 @@ PERSISTENT_CONFIGS = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 12
 def persistent_candidates(decode_ms: list[int], prefill_m: int) -> None:
     """benchmarks/persistent_matmul.py at the same shapes, beside cuBLAS: a line per configuration."""
     import persistent_matmul
-    bf = torch.bfloat16
     for name, (N, K) in SHAPES.items():
-        w = torch.randn(N, K, dtype=bf, device="cuda") / 64
-        for M in decode_ms + ([prefill_m] if name != "lm_head" else []):
-            a = torch.randn(M, K, dtype=bf, device="cuda")
-            t_cublas = ms(lambda: torch.nn.functional.linear(a, w))
-            for cfg in PERSISTENT_CONFIGS:
-                try:
-                    t = ms(lambda: persistent_matmul.matmul(a, w, cfg))
-                except Exception as e:  # shared memory, or this Triton's descriptors
-                    print(json.dumps({"persistent": True, "M": M, "op": name, "cfg": cfg, "error": str(e)[:120]}), flush=True)
-                    continue
-                print(json.dumps({"persistent": True, "M": M, "op": name, "cfg": cfg, "ms": round(t, 4),
-                                  "cublas_ms": round(t_cublas, 4), "tflops": round(2 * M * N * K / t / 1e9, 1)}), flush=True)
+        time_configs(name, N, K, decode_ms + ([prefill_m] if name != "lm_head" else []), PERSISTENT_CONFIGS,
+                     persistent_matmul.matmul, persistent=True)
 
 
 def main() -> None:
