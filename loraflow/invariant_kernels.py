@@ -51,6 +51,16 @@ def matmul_config(n: int, k: int, decode: bool) -> tuple[int, ...]:
 
 
 @triton.jit
+def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number `tile`, in grouped order: tiles that share a weight
+    tile run together, so it is read from HBM once."""
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+
+@triton.jit
 def _matmul_kernel(a_ptr, w1_ptr, w2_ptr, w3_ptr, b1_ptr, b2_ptr, b3_ptr, c_ptr, M, N1, N2, N3, K,
                    stride_am, stride_w1, stride_w2, stride_w3, stride_cm,
                    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -61,12 +71,7 @@ def _matmul_kernel(a_ptr, w1_ptr, w2_ptr, w3_ptr, b1_ptr, b2_ptr, b3_ptr, c_ptr,
     pid = tl.program_id(0)
     t1, t2 = tl.cdiv(N1, BLOCK_N), tl.cdiv(N2, BLOCK_N)
     num_m, num_n = tl.cdiv(M, BLOCK_M), t1 + t2 + tl.cdiv(N3, BLOCK_N)
-    # grouped order: programs that share a weight tile run together, so it is read from HBM once
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     if pid_n < t1:
         w_ptr, b_ptr, n_w, stride_wn, tile, col0 = w1_ptr, b1_ptr, N1, stride_w1, pid_n, 0
     elif pid_n < t1 + t2:
