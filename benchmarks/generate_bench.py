@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--bound-only", action="store_true")
     p.add_argument("--profile", action="store_true", help="GPU time per decode step by kernel (eager, at the first batch size)")
-    p.add_argument("--baseline", action="store_true", help="the loop as Run 5 had it: for the A/B in one run")
+    p.add_argument("--baseline", action="store_true", help="the loop as Run 7 had it (pointer-fed matmuls): for the A/B in one run")
     p.add_argument("--configs", help="matmul configurations by shape (invariant_kernel_probe.py --write), tried in place of "
                                      "the table in loraflow/invariant_kernels.py")
     a = p.parse_args()
@@ -91,12 +91,11 @@ def main() -> None:
         for b in a.batch:
             print(json.dumps({"batch": b, **bound_seconds(llama_8b(), list(map(len, prompts(a.rows))), a.new_tokens, b)}))
         return
-    from loraflow import batch_invariant, invariant_kernels as ik
-    if a.baseline:  # as Run 5 measured it: one configuration per phase, every projection its own launch
-        ik.MM_BY_SHAPE.clear()
-        batch_invariant.PROJECTION_GROUPS = ()
+    from loraflow import invariant_kernels as ik
+    if a.baseline:  # as Run 7 measured it: the matmuls' tiles loaded by pointer, a program per tile
+        ik.MATMUL_KERNEL = "pointer"
     if a.configs:
-        ik.MM_BY_SHAPE.update({(d, n, k): tuple(c) for d, n, k, c in json.loads(Path(a.configs).read_text())})
+        ik.MM_BY_SHAPE.update({(kn, d, n, k): tuple(c) for kn, d, n, k, c in json.loads(Path(a.configs).read_text())})
     import transformers
     from transformers import LlamaForCausalLM
 
@@ -111,7 +110,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
                "rows": a.rows, "new_tokens": a.new_tokens, "median_prompt_tokens": sorted(map(len, rows))[len(rows) // 2],
                "build_s": round(time.perf_counter() - t0, 1), "baseline": a.baseline,
-               "configs": sorted(ik.MM_BY_SHAPE.items()), "ours": {}}
+               "matmul_kernel": ik.MATMUL_KERNEL, "configs": sorted(ik.MM_BY_SHAPE.items()), "ours": {}}
     # first call: Triton compiles the kernels (once per machine; cached on disk after)
     _, results["first_call_s"] = timed(lambda: generate_ids_batch_invariant(model, rows[:8], batch_size=8, **{**kw, "max_new_tokens": 4}))
     batched_out, outputs = None, {}

@@ -1,7 +1,8 @@
 """Times loraflow.invariant_kernels at the 8B's decode and prefill shapes against cuBLAS / sdpa, and
 sweeps their configurations (H200). Prints one JSON line per measurement and the fastest per shape.
 
-    python3 benchmarks/invariant_kernel_probe.py [--decode-m 256 512] [--write configs.json] [--matmul-only] [--persistent]
+    python3 benchmarks/invariant_kernel_probe.py [--decode-m 256 512] [--write configs.json] [--matmul-only]
+        [--kernels tma pointer]
 """
 from __future__ import annotations
 
@@ -34,11 +35,11 @@ def ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-DECODE_CONFIGS = [(128, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 3), (64, 128, 64, 8, 4, 4),
+POINTER_DECODE = [(128, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 3), (64, 128, 64, 8, 4, 4),
                   (128, 64, 128, 8, 4, 3), (128, 32, 64, 8, 4, 4), (64, 32, 128, 8, 4, 4), (128, 256, 64, 8, 8, 3),
                   (128, 128, 64, 8, 4, 4), (128, 128, 128, 8, 8, 3), (64, 128, 128, 8, 4, 3), (64, 256, 64, 8, 8, 3),
                   (256, 64, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)]
-PREFILL_CONFIGS = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4),
+POINTER_PREFILL = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4),
                    (128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 8, 3)]
 # the 8B's weights as the generation loop calls them: q/k/v and gate/up as one launch each (matmul_group)
 SHAPES = {"qkv": (4096 + 2 * 1024, 4096), "o": (4096, 4096), "gate_up": (2 * 14336, 4096), "down": (4096, 14336),
@@ -67,36 +68,35 @@ def time_configs(name: str, N: int, K: int, Ms: list[int], configs: list, run, *
     return totals
 
 
-def sweep(decode_ms: list[int], prefill_m: int) -> list:
-    """Every configuration at every shape; returns the fastest per (phase, N, K), decode summed over
-    decode_ms (the batch sizes the loop will run), as [decode, N, K, config] rows."""
+# the persistent TMA kernel's shared memory holds `stages` A and W tiles plus the output tile: 128 x 256 at
+# four stages does not fit
+TMA_CONFIGS = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3), (64, 128, 64, 8, 4, 4),
+               (256, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4), (64, 256, 64, 8, 4, 3), (128, 128, 64, 8, 4, 4)]
+CONFIGS = {("pointer", True): POINTER_DECODE, ("pointer", False): POINTER_PREFILL,
+           ("tma", True): TMA_CONFIGS, ("tma", False): TMA_CONFIGS}
+
+
+def sweep(kernel: str, decode_ms: list[int], prefill_m: int) -> list:
+    """Every configuration of one kernel at every shape; returns the fastest per (phase, N, K), decode
+    summed over decode_ms (the batch sizes the loop will run), as [kernel, decode, N, K, config] rows."""
     best = []
-    for decode, ms_, configs in ((True, decode_ms, DECODE_CONFIGS), (False, [prefill_m], PREFILL_CONFIGS)):
+    ik.MATMUL_KERNEL = kernel
+    for decode, ms_ in ((True, decode_ms), (False, [prefill_m])):
         for name, (N, K) in SHAPES.items():
             if not decode and name == "lm_head":  # prefill's lm_head sees one row per prompt
                 continue
 
             def run(a, w, cfg):
-                ik.MM_BY_SHAPE[(decode, N, K)] = cfg
+                ik.MM_BY_SHAPE[(kernel, decode, N, K)] = cfg
                 return ik.matmul(a, w, decode=decode)
-            totals = time_configs(name, N, K, ms_, configs, run)
+            totals = time_configs(name, N, K, ms_, CONFIGS[kernel, decode], run, kernel=kernel)
             pick = min(totals, key=totals.get)
-            ik.MM_BY_SHAPE[(decode, N, K)] = pick
-            best.append([decode, N, K, list(pick)])
-            print(json.dumps({"best": name, "decode": decode, "cfg": pick, "ms_summed": round(totals[pick], 4)}), flush=True)
+            ik.MM_BY_SHAPE[(kernel, decode, N, K)] = pick
+            best.append([kernel, decode, N, K, list(pick)])
+            print(json.dumps({"best": name, "kernel": kernel, "decode": decode, "cfg": pick,
+                              "ms_summed": round(totals[pick], 4)}), flush=True)
+    ik.MATMUL_KERNEL = "auto"
     return best
-
-
-PERSISTENT_CONFIGS = [(128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3), (64, 128, 64, 8, 4, 4),
-                      (256, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 4)]
-
-
-def persistent_candidates(decode_ms: list[int], prefill_m: int) -> None:
-    """benchmarks/persistent_matmul.py at the same shapes, beside cuBLAS: a line per configuration."""
-    import persistent_matmul
-    for name, (N, K) in SHAPES.items():
-        time_configs(name, N, K, decode_ms + ([prefill_m] if name != "lm_head" else []), PERSISTENT_CONFIGS,
-                     persistent_matmul.matmul, persistent=True)
 
 
 def main() -> None:
@@ -105,11 +105,9 @@ def main() -> None:
     p.add_argument("--write", help="write the fastest configuration per shape here (generate_bench.py --configs)")
     p.add_argument("--decode-m", type=int, nargs="+", default=[256])
     p.add_argument("--matmul-only", action="store_true")
-    p.add_argument("--persistent", action="store_true", help="also time benchmarks/persistent_matmul.py's candidate")
+    p.add_argument("--kernels", nargs="+", default=["tma", "pointer"], choices=["tma", "pointer"])
     a = p.parse_args()
-    best = sweep(a.decode_m, 16384)
-    if a.persistent:
-        persistent_candidates(a.decode_m, 16384)
+    best = [row for kernel in a.kernels for row in sweep(kernel, a.decode_m, 16384)]
     if a.write:
         Path(a.write).write_text(json.dumps(best))
     if a.matmul_only:

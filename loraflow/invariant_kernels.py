@@ -6,7 +6,10 @@ row) from the whole tensor's shape, so the same row rounds differently at batch 
 in bf16 on near-tied logits that flips greedy tokens. Here every kernel has one fixed configuration
 and reduces each row in one fixed order:
 - `matmul` / `matmul_group`: no split-K; each output element sums its K blocks in order, whatever M
-  is, and whichever weights share the launch;
+  is, and whichever weights share the launch. On Hopper (and later) the tiles come through TMA and one
+  program per SM walks them (persistent); elsewhere, or where a weight's rows are not 16-byte aligned,
+  a program per tile loads them by pointer. Which kernel runs is decided by the device and the
+  weights, never by M, so a row alone and in a batch take the same one;
 - `rms_norm`: one program per row;
 - `attention_prefill` / `attention_decode`: one program per (row, head), keys walked from position 0
   in fixed blocks; keys past a query's position are masked to exact zeros, so padding and a longer
@@ -17,37 +20,58 @@ The kernels also run under TRITON_INTERPRET=1 on CPU, which is how CI checks the
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages), chosen by the phase and the weight's shape, never by
-# M: a row alone and in a batch of 256 meet the same weight in the same phase, so they take the same
-# configuration, and a different tile or warp count (which may change the MMA instruction and so the
-# rounding) never comes from the batch. The caller names the phase (prefill or decode). Picked by
-# benchmarks/invariant_kernel_probe.py on the H200 at the 8B's shapes as the generation loop calls them
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages), chosen by the kernel, the phase and the weight's
+# shape, never by M: a row alone and in a batch of 256 meet the same weight in the same phase, so they
+# take the same configuration, and a different tile or warp count (which may change the MMA instruction
+# and so the rounding) never comes from the batch. The caller names the phase (prefill or decode). Picked
+# by benchmarks/invariant_kernel_probe.py on the H200 at the 8B's shapes as the generation loop calls them
 # (q/k/v and gate/up as one launch), decode at M = 256 and 512 together, prefill at M = 16,384
-# (benchmarks/results/generate-h200.md, Run 6); other shapes take the phase's default.
-MM_PREFILL = (128, 128, 64, 8, 8, 3)
-MM_DECODE = (128, 64, 64, 8, 4, 4)
-MM_BY_SHAPE: dict[tuple[bool, int, int], tuple[int, ...]] = {  # (decode, N, K): configuration
-    (True, 6144, 4096): (128, 128, 128, 8, 8, 3),  # decode q/k/v
-    (True, 4096, 4096): (128, 64, 64, 8, 4, 4),  # decode o
-    (True, 28672, 4096): (128, 128, 64, 8, 8, 3),  # decode gate/up
-    (True, 4096, 14336): (128, 64, 64, 8, 4, 4),  # decode down
-    (True, 128256, 4096): (256, 128, 64, 8, 8, 3),  # decode lm_head
-    (False, 6144, 4096): (128, 256, 64, 8, 8, 4),  # prefill q/k/v
-    (False, 4096, 4096): (256, 128, 64, 8, 8, 3),  # prefill o
-    (False, 28672, 4096): (256, 128, 64, 8, 8, 3),  # prefill gate/up
-    (False, 4096, 14336): (256, 128, 64, 8, 8, 3),  # prefill down
+# (benchmarks/results/generate-h200.md: Run 6 for "pointer", Run 7 for "tma"); other shapes take the
+# kernel's and phase's default.
+MM_DEFAULT = {("pointer", False): (128, 128, 64, 8, 8, 3), ("pointer", True): (128, 64, 64, 8, 4, 4),
+              ("tma", False): (128, 256, 64, 8, 8, 3), ("tma", True): (128, 128, 128, 8, 8, 3)}
+MM_BY_SHAPE: dict[tuple[str, bool, int, int], tuple[int, ...]] = {  # (kernel, decode, N, K): configuration
+    ("pointer", True, 6144, 4096): (128, 128, 128, 8, 8, 3),  # decode q/k/v
+    ("pointer", True, 4096, 4096): (128, 64, 64, 8, 4, 4),  # decode o
+    ("pointer", True, 28672, 4096): (128, 128, 64, 8, 8, 3),  # decode gate/up
+    ("pointer", True, 4096, 14336): (128, 64, 64, 8, 4, 4),  # decode down
+    ("pointer", True, 128256, 4096): (256, 128, 64, 8, 8, 3),  # decode lm_head
+    ("pointer", False, 6144, 4096): (128, 256, 64, 8, 8, 4),  # prefill q/k/v
+    ("pointer", False, 4096, 4096): (256, 128, 64, 8, 8, 3),  # prefill o
+    ("pointer", False, 28672, 4096): (256, 128, 64, 8, 8, 3),  # prefill gate/up
+    ("pointer", False, 4096, 14336): (256, 128, 64, 8, 8, 3),  # prefill down
+    ("tma", True, 28672, 4096): (128, 256, 64, 8, 8, 3),  # decode gate/up
+    ("tma", True, 128256, 4096): (128, 256, 64, 8, 8, 3),  # decode lm_head
 }
+# "auto": TMA on Hopper and later where the shapes allow it; "tma" / "pointer" force one (tests, A/Bs)
+MATMUL_KERNEL = "auto"
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 64, 64
 DECODE_BLOCK_N, DECODE_WARPS = 64, 4
 
 
-def matmul_config(n: int, k: int, decode: bool) -> tuple[int, ...]:
+def matmul_config(n: int, k: int, decode: bool, kernel: str = "pointer") -> tuple[int, ...]:
     """The configuration for a weight of N outputs and K inputs (a group's N is its members' sum)."""
-    return MM_BY_SHAPE.get((decode, n, k), MM_DECODE if decode else MM_PREFILL)
+    return MM_BY_SHAPE.get((kernel, decode, n, k), MM_DEFAULT[kernel, decode])
+
+
+def matmul_kernel(x: torch.Tensor, weights: list[torch.Tensor]) -> str:
+    """"tma" or "pointer" for these weights on x's device: from the device and the weights alone, so every
+    batch of rows takes the same kernel. TMA needs 16-byte aligned rows and bases (an input that is not
+    is copied to an aligned one; a weight that is not sends the weights to the pointer kernel)."""
+    widths, K = [w.shape[0] for w in weights], x.shape[-1]
+    aligned = (K % 8 == 0 and all(n % 8 == 0 for n in widths) and all(w.stride(0) % 8 == 0 for w in weights)
+               and all(w.data_ptr() % 16 == 0 for w in weights))
+    if MATMUL_KERNEL != "auto":
+        assert MATMUL_KERNEL == "pointer" or aligned, "the TMA kernel needs 16-byte aligned rows"
+        return MATMUL_KERNEL
+    return "tma" if aligned and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9 else "pointer"
 
 
 @triton.jit
@@ -101,6 +125,71 @@ def _matmul_kernel(a_ptr, w1_ptr, w2_ptr, w3_ptr, b1_ptr, b2_ptr, b3_ptr, c_ptr,
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_w))
 
 
+@triton.jit
+def _weight_tiles(a_desc, w_desc, b_ptr, c_desc, M, N, K, tiles_before, num_programs, HAS_BIAS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # One weight's output tiles, walked by the persistent programs as if they followed the previous
+    # weights' tiles in one list (tile t goes to program t mod programs), so a group has one last
+    # partial wave, not one per weight. A tile sums its K blocks in order whichever program runs it.
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first = (tl.program_id(0) + num_programs - tiles_before % num_programs) % num_programs
+    for tile in tl.range(first, num_m * num_n, num_programs, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):  # rows, columns and K past the end arrive as zeros
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            acc = tl.dot(a, w.T, acc)
+        if HAS_BIAS:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_desc.dtype))  # clipped at M and N
+
+
+@triton.jit
+def _tma_matmul_kernel(a_desc, w1_desc, w2_desc, w3_desc, b1_ptr, b2_ptr, b3_ptr, c1_desc, c2_desc, c3_desc,
+                       M, N1, N2, N3, K, num_programs, WEIGHTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # the persistent, TMA-fed form of _matmul_kernel: each weight has its own descriptors, so a tile never
+    # crosses from one weight's columns into the next, and the store is clipped at each weight's width
+    num_m = tl.cdiv(M, BLOCK_M)
+    _weight_tiles(a_desc, w1_desc, b1_ptr, c1_desc, M, N1, K, 0, num_programs, HAS_BIAS, BLOCK_M, BLOCK_N,
+                  BLOCK_K, GROUP_M)
+    if WEIGHTS > 1:
+        _weight_tiles(a_desc, w2_desc, b2_ptr, c2_desc, M, N2, K, num_m * tl.cdiv(N1, BLOCK_N), num_programs,
+                      HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    if WEIGHTS > 2:
+        _weight_tiles(a_desc, w3_desc, b3_ptr, c3_desc, M, N3, K,
+                      num_m * (tl.cdiv(N1, BLOCK_N) + tl.cdiv(N2, BLOCK_N)), num_programs, HAS_BIAS, BLOCK_M,
+                      BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(device: torch.device) -> int:
+    """Persistent programs: one per SM (3 under the interpreter, so the checks walk wrapped tile lists)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+def _tma_matmul(a: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor], has_bias: bool,
+                outs: list[torch.Tensor], config: tuple[int, ...]) -> None:
+    """outs[i] = a @ ws[i].T (+ bs[i]), each out a column slice of one (M, sum of N) output."""
+    block_m, block_n, block_k, group_m, warps, stages = config
+    M, K = a.shape
+    widths = [w.shape[0] for w in ws]
+    if a.data_ptr() % 16:  # a view starting mid-row: TMA needs an aligned base
+        a = a.clone()
+    cs = [TensorDescriptor.from_tensor(out, [block_m, block_n]) for out in outs]
+    wds = [TensorDescriptor.from_tensor(w, [block_n, block_k]) for w in ws]
+    tiles = triton.cdiv(M, block_m) * sum(triton.cdiv(n, block_n) for n in widths)
+    programs = min(_programs(a.device), tiles)
+    pad = 3 - len(ws)
+    _tma_matmul_kernel[(programs,)](
+        TensorDescriptor.from_tensor(a, [block_m, block_k]), *wds, *[wds[0]] * pad, *bs, *[bs[0]] * pad,
+        *cs, *[cs[0]] * pad, M, *widths, *[0] * pad, K, programs, WEIGHTS=len(ws),
+        HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps,
+        num_stages=stages)
+
+
 def matmul_group(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
                  decode: bool = False) -> list[torch.Tensor]:
     """[x @ w.T + b for each weight], as nn.Linear computes them, in one launch (at most three weights of
@@ -109,19 +198,24 @@ def matmul_group(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torc
     has_bias = biases[0] is not None
     assert all((b is not None) == has_bias for b in biases), "all with a bias or none"
     K, widths = x.shape[-1], [w.shape[0] for w in weights]
-    block_m, block_n, block_k, group_m, warps, stages = matmul_config(sum(widths), K, decode)
     a = x.reshape(-1, K).contiguous()
     ws = [w.contiguous() for w in weights]
     bs = [b if b is not None else w for b, w in zip(biases, ws)]
-    ws, bs, ns = ws + [ws[0]] * (3 - len(ws)), bs + [bs[0]] * (3 - len(bs)), widths + [0] * (3 - len(widths))
     M = a.shape[0]
     c = torch.empty((M, sum(widths)), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(M, block_m) * sum(triton.cdiv(n, block_n) for n in widths),)
-    _matmul_kernel[grid](a, *ws, *bs, c, M, *ns, K, a.stride(0), *(w.stride(0) for w in ws), c.stride(0),
-                         HAS_BIAS=has_bias, EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
-                         BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages)
-    c = c.view(*x.shape[:-1], sum(widths))
     bounds = [0] + [sum(widths[:i + 1]) for i in range(len(widths))]
+    kernel = matmul_kernel(a, ws)
+    config = matmul_config(sum(widths), K, decode, kernel)
+    if kernel == "tma":
+        _tma_matmul(a, ws, bs, has_bias, [c[:, lo:hi] for lo, hi in zip(bounds, bounds[1:])], config)
+    else:
+        block_m, block_n, block_k, group_m, warps, stages = config
+        ws, bs, ns = ws + [ws[0]] * (3 - len(ws)), bs + [bs[0]] * (3 - len(bs)), widths + [0] * (3 - len(widths))
+        grid = (triton.cdiv(M, block_m) * sum(triton.cdiv(n, block_n) for n in widths),)
+        _matmul_kernel[grid](a, *ws, *bs, c, M, *ns, K, a.stride(0), *(w.stride(0) for w in ws), c.stride(0),
+                             HAS_BIAS=has_bias, EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
+                             BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+    c = c.view(*x.shape[:-1], sum(widths))
     return [c[..., lo:hi] for lo, hi in zip(bounds, bounds[1:])]
 
 

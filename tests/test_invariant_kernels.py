@@ -1,5 +1,5 @@
 """The batch-invariant GPU kernels, run on CPU by Triton's interpreter: close to PyTorch, and each row
-bitwise the same alone as in a padded batch (prefill and decode attention, matmul, RMSNorm)."""
+bitwise the same alone as in a padded batch (prefill and decode attention, both matmul kernels, RMSNorm, rope)."""
 import os
 import subprocess
 import sys
@@ -13,11 +13,3 @@ def test_kernels_under_triton_interpreter():
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1].startswith("OK"), done.stdout + done.stderr
 
-
-def test_persistent_matmul_candidate_under_triton_interpreter():
-    """benchmarks/persistent_matmul.py (the probe's candidate): TMA tiles with a ragged last row tile,
-    close to torch, and each row the same alone as in the batch."""
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "persistent_matmul.py"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1].startswith("OK"), done.stdout + done.stderr

@@ -55,29 +55,38 @@ def same(a, b, what):
     assert torch.equal(a, b), f"{what}: not bitwise equal (max diff {(a.float() - b.float()).abs().max()})"
 
 
-# matmul: close to torch, and each row the same whatever rows come with it (K even and odd; bias)
-for K, bias, decode in [(128, False, False), (200, True, False), (200, True, True)]:
-    a, w = torch.randn(70, K, dtype=h), torch.randn(150, K, dtype=h) / K ** 0.5
-    b = torch.randn(150, dtype=h) if bias else None
-    full = ik.matmul(a, w, b, decode)
-    ref = a.float() @ w.float().T + (b.float() if bias else 0)
-    assert (full.float() - ref).abs().max() < TOL, (full.float() - ref).abs().max()
-    same(ik.matmul(a[5:6], w, b, decode), full[5:6], "matmul one row")
-    same(ik.matmul(a[3:40], w, b, decode), full[3:40], "matmul 37 rows")
-    same(ik.matmul(a.view(7, 10, K), w, b, decode).view(70, -1), full, "matmul 3-d input")
+# matmul, by both kernels (the persistent TMA one and the pointer one): close to torch, and each row the
+# same whatever rows come with it (K even and odd; bias; a ragged last row tile; TMA needs widths of 8)
+for ik.MATMUL_KERNEL in ("tma", "pointer"):
+    for K, bias, decode in [(128, False, False), (200, True, False), (200, True, True)]:
+        a, w = torch.randn(70, K, dtype=h), torch.randn(152, K, dtype=h) / K ** 0.5
+        b = torch.randn(152, dtype=h) if bias else None
+        full = ik.matmul(a, w, b, decode)
+        ref = a.float() @ w.float().T + (b.float() if bias else 0)
+        assert (full.float() - ref).abs().max() < TOL, (ik.MATMUL_KERNEL, (full.float() - ref).abs().max())
+        same(ik.matmul(a[5:6], w, b, decode), full[5:6], f"{ik.MATMUL_KERNEL} matmul one row")
+        same(ik.matmul(a[3:40], w, b, decode), full[3:40], f"{ik.MATMUL_KERNEL} matmul 37 rows")
+        same(ik.matmul(a.view(7, 10, K), w, b, decode).view(70, -1), full, f"{ik.MATMUL_KERNEL} matmul 3-d input")
+    shifted = torch.empty(70 * K + 3, dtype=h)[3:].view(70, K)  # starts mid-allocation: TMA takes an aligned copy
+    shifted.copy_(a)
+    same(ik.matmul(shifted, w, b, decode), full, f"{ik.MATMUL_KERNEL} matmul unaligned input")
 
-# matmul_group (q/k/v, gate/up in one launch): each output bitwise what matmul gives that weight alone (same
-# configuration: neither N is in the table), its column tiles split where one weight ends (150 is no multiple
-# of a tile), and each row the same whatever rows come with it
-for widths, bias, decode in [((150, 40, 40), True, True), ((96, 96), False, False)]:
-    a = torch.randn(70, 200, dtype=h)
-    ws = [torch.randn(n, 200, dtype=h) / 200 ** 0.5 for n in widths]
-    bs = [torch.randn(n, dtype=h) if bias else None for n in widths]
-    assert all(ik.matmul_config(n, 200, decode) == ik.matmul_config(sum(widths), 200, decode) for n in widths)
-    group = ik.matmul_group(a, ws, bs, decode)
-    for i, (w, b) in enumerate(zip(ws, bs)):
-        same(group[i], ik.matmul(a, w, b, decode), f"group member {i}")
-        same(ik.matmul_group(a[5:6], ws, bs, decode)[i], group[i][5:6], f"group member {i} one row")
+    # matmul_group (q/k/v, gate/up in one launch): each output bitwise what matmul gives that weight alone
+    # (same configuration: neither N is in the table), its column tiles split where one weight ends (152 is
+    # no multiple of a tile), the persistent programs' tile lists wrapping across weights, and each row the
+    # same whatever rows come with it
+    for widths, bias, decode in [((152, 40, 40), True, True), ((96, 96), False, False)]:
+        a = torch.randn(70, 200, dtype=h)
+        ws = [torch.randn(n, 200, dtype=h) / 200 ** 0.5 for n in widths]
+        bs = [torch.randn(n, dtype=h) if bias else None for n in widths]
+        kernel = ik.MATMUL_KERNEL
+        assert all(ik.matmul_config(n, 200, decode, kernel) == ik.matmul_config(sum(widths), 200, decode, kernel)
+                   for n in widths)
+        group = ik.matmul_group(a, ws, bs, decode)
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            same(group[i], ik.matmul(a, w, b, decode), f"{kernel} group member {i}")
+            same(ik.matmul_group(a[5:6], ws, bs, decode)[i], group[i][5:6], f"{kernel} group member {i} one row")
+ik.MATMUL_KERNEL = "auto"
 
 # rope: HF's apply_rotary_pos_emb bit for bit, on the transposed view the projections give
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
