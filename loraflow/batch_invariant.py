@@ -3,8 +3,8 @@ alone, so batched greedy outputs equal one-row-at-a-time outputs token for token
 
 Inside `with batch_invariant(model, batch, capacity) as cache:`
 - every plain nn.Linear and every Llama-style RMSNorm runs a fixed-configuration kernel
-  (loraflow.invariant_kernels) on CUDA; q/k/v and gate/up run as one launch each, and the rotary
-  embedding one launch per tensor;
+  (loraflow.invariant_kernels) on CUDA; q/k/v and gate/up run as one launch each, SiLU(gate) x up
+  one, and the rotary embedding one launch per tensor;
 - attention reads a `RowKVCache`, where each row's keys start at position 0 of its own slot
   (right padding), so a row's keys sit at the same positions whatever the batch;
 - on CPU the same structure runs on PyTorch ops (float32 there, which the tests compare).
@@ -24,6 +24,8 @@ ATTENTION = "loraflow_rows"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # RMSNorms with LlamaRMSNorm's formula: fp32 variance, cast to the input dtype, then times weight
 NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+# MLPs computing down_proj(act_fn(gate_proj(x)) * up_proj(x)); with act_fn SiLU the middle is one kernel
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
 
 def unsupported_reason(model, on_gpu: bool | None = None) -> str | None:
@@ -165,6 +167,19 @@ def _rope(original, q, k, cos, sin, *args, **kwargs):
     return original(q, k, cos, sin, *args, **kwargs)
 
 
+def _silu_mlp(module, original, x):
+    """The MLP with SiLU(gate) x up in one launch on the kernels (gate and up still one launch, through
+    their projection group); otherwise the module's own forward."""
+    if _on_kernels(x):
+        from loraflow import invariant_kernels
+        return module.down_proj(invariant_kernels.silu_mul(module.gate_proj(x), module.up_proj(x)))
+    return original(x)
+
+
+def _is_silu_mlp(module) -> bool:
+    return type(module).__name__ in MLP_CLASSES and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+
+
 def _rms_norm(module, original, x):
     if _on_kernels(x):
         from loraflow import invariant_kernels
@@ -197,6 +212,9 @@ def batch_invariant(model, batch: int, capacity: int):
             patched.append(m)
         elif type(m).__name__ in NORM_CLASSES:
             m.forward = partial(_rms_norm, m, m.forward)
+            patched.append(m)
+        elif _is_silu_mlp(m):
+            m.forward = partial(_silu_mlp, m, m.forward)
             patched.append(m)
     # the modeling module's own apply_rotary_pos_emb, which its attention looks up when called
     modeling = sys.modules[type(model).__module__]

@@ -10,7 +10,7 @@ and reduces each row in one fixed order:
   program per SM walks them (persistent); elsewhere, or where a weight's rows are not 16-byte aligned,
   a program per tile loads them by pointer. Which kernel runs is decided by the device and the
   weights, never by M, so a row alone and in a batch take the same one;
-- `rms_norm`: one program per row;
+- `rms_norm`: one program per row; `rope`, `silu_mul`: elementwise, rounded as the PyTorch ops round;
 - `attention_prefill` / `attention_decode`: one program per (row, head), keys walked from position 0
   in fixed blocks; keys past a query's position are masked to exact zeros, so padding and a longer
   cache add nothing to any sum.
@@ -253,6 +253,32 @@ def _rounded(x, dt: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
     return x.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, I, stride_g, stride_u, BLOCK: tl.constexpr):
+    # one block of one row: silu(gate) rounded to the dtype as torch's silu rounds it, then times up
+    # (a product of two bf16 values is exact in fp32, so its one rounding is torch's)
+    row, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < I
+    g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+    dt = o_ptr.dtype.element_ty
+    silu = _rounded(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dt)
+    tl.store(o_ptr + row * I + offs, (silu * u).to(dt), mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, as the Llama-style MLP computes it, in one launch (was two elementwise kernels and
+    an intermediate); gate and up (..., I) with a contiguous last dim, e.g. the halves of matmul_group's output."""
+    I = gate.shape[-1]
+    g, u = gate.reshape(-1, I), up.reshape(-1, I)
+    assert g.stride(-1) == 1 and u.stride(-1) == 1
+    out = torch.empty((g.shape[0], I), dtype=gate.dtype, device=gate.device)
+    block = 1024
+    _silu_mul_kernel[(g.shape[0], triton.cdiv(I, block))](g, u, out, I, g.stride(0), u.stride(0), BLOCK=block)
+    return out.view(gate.shape)
 
 
 @triton.jit

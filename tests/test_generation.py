@@ -115,6 +115,25 @@ def test_projection_groups_give_each_linear_its_own_output(model_type):
     assert "forward" not in vars(attn.q_proj)  # restored on exit
 
 
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": None}), ("qwen2", {}),
+                                              ("qwen3", {})])
+def test_silu_mlps_are_taken_and_given_back(model_type, extra):
+    """Each SiLU MLP's forward is ours inside (SiLU x up in one kernel on a GPU, the module's own on CPU:
+    the same output) and the class's again after; an MLP with another activation is left alone."""
+    from loraflow.batch_invariant import batch_invariant
+    model = tiny_causal_lm(model_type, **extra)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 32)
+    expected = mlp(x)
+    with batch_invariant(model, 2, 16):
+        assert all("forward" in vars(layer.mlp) for layer in model.model.layers)
+        assert torch.equal(mlp(x), expected)
+    assert "forward" not in vars(mlp)
+    gelu = tiny_causal_lm(model_type, hidden_act="gelu", **extra)
+    with batch_invariant(gelu, 2, 16):
+        assert "forward" not in vars(gelu.model.layers[0].mlp)
+
+
 def test_batch_invariant_takes_the_rotary_embedding_and_gives_it_back():
     """The modeling module's apply_rotary_pos_emb is ours inside (the kernels' on a GPU, HF's on CPU) and
     HF's again after."""
