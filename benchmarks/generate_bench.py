@@ -155,6 +155,10 @@ def decode_step_profile(model, rows: list[list[int]], batch: int, steps: int = 1
         by_kernel.append({e.key: (e.self_device_time_total, e.count) for e in prof.key_averages()
                           if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0})
     prefill, both = by_kernel
+    # the prefill-only run too: its GPU time by kernel, against its wall time in the main figures
+    top = sorted(prefill.items(), key=lambda kv: -kv[1][0])[:8]
+    print(json.dumps({"prefill_gpu_ms": round(sum(t for t, _ in prefill.values()) / 1e3, 1), "rows": batch,
+                      "top": [{"kernel": k[:90], "ms": round(t / 1e3, 1), "calls": n} for k, (t, n) in top]}), flush=True)
     per_step = [{"kernel": k[:90], "ms_per_step": round((t - prefill.get(k, (0, 0))[0]) / steps / 1e3, 4),
                  "calls_per_step": round((n - prefill.get(k, (0, 0))[1]) / steps, 1)} for k, (t, n) in both.items()]
     per_step = sorted((r for r in per_step if r["ms_per_step"] > 0), key=lambda r: -r["ms_per_step"])
