@@ -35,10 +35,15 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(10, 128000, (int(L),), generator=g).tolist() for L in lengths]
 
 
-# The H200's rates used for the bound: HBM bandwidth (spec) and the bf16 matmul rate the device notes
-# give as reachable (dense spec 989 TFLOP/s)
-HBM_BYTES_PER_S = 4.8e12
-MATMUL_FLOP_PER_S = 790e12
+# The rates used for the bound, by GPU: HBM bandwidth (spec) and the bf16 matmul rate the device notes
+# give as reachable (H100 SXM and H200 share the dense spec of 989 TFLOP/s; they differ in HBM)
+GPU_RATES = {"H200": (4.8e12, 790e12), "H100": (3.35e12, 790e12)}
+
+
+def gpu_rates() -> tuple[float, float]:
+    """(HBM bytes/s, matmul FLOP/s) of this GPU; the H200's where the GPU is neither."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "H200"
+    return next((r for key, r in GPU_RATES.items() if key in name), GPU_RATES["H200"])
 
 
 def bound_seconds(config, lengths: list[int], new_tokens: int, batch: int) -> dict:
@@ -48,11 +53,12 @@ def bound_seconds(config, lengths: list[int], new_tokens: int, batch: int) -> di
     matmul rate. Rows go `batch` at a time, sorted by length, as the loop runs them."""
     from loraflow.memplan import Arch
     arch = Arch.from_config(config)
+    hbm_bytes_per_s, matmul_flop_per_s = gpu_rates()
     matmul_params = arch.linear_params() + arch.vocab * arch.hidden  # lm_head included
     kv_bytes_per_token = arch.layers * 2 * arch.kv_heads * arch.head_dim * 2
     # QK^T and PV over k keys for q queries
     attn_flops = lambda q, k: 4 * q * k * arch.heads * arch.head_dim * arch.layers  # noqa: E731
-    prefill = sum(2 * matmul_params * L + attn_flops(L, L) / 2 for L in lengths) / MATMUL_FLOP_PER_S
+    prefill = sum(2 * matmul_params * L + attn_flops(L, L) / 2 for L in lengths) / matmul_flop_per_s
     decode, order = 0.0, sorted(lengths)
     for first in range(0, len(order), batch):
         rows = order[first:first + batch]
@@ -60,7 +66,7 @@ def bound_seconds(config, lengths: list[int], new_tokens: int, batch: int) -> di
             keys = sum(L + step for L in rows)
             flops = 2 * matmul_params * len(rows) + attn_flops(1, keys)
             bytes_ = 2 * matmul_params + kv_bytes_per_token * keys
-            decode += max(bytes_ / HBM_BYTES_PER_S, flops / MATMUL_FLOP_PER_S)
+            decode += max(bytes_ / hbm_bytes_per_s, flops / matmul_flop_per_s)
     total = prefill + decode
     return {"prefill_s": round(prefill, 2), "decode_s": round(decode, 2), "seconds": round(total, 2),
             "tokens_per_s": round(len(lengths) * new_tokens / total, 1)}
@@ -111,12 +117,14 @@ def main() -> None:
                "rows": a.rows, "new_tokens": a.new_tokens, "median_prompt_tokens": sorted(map(len, rows))[len(rows) // 2],
                "build_s": round(time.perf_counter() - t0, 1), "baseline": a.baseline,
                "matmul_kernel": ik.MATMUL_KERNEL, "configs": sorted(ik.MM_BY_SHAPE.items()), "ours": {}}
-    # first call: Triton compiles the kernels (once per machine; cached on disk after)
-    _, results["first_call_s"] = timed(lambda: generate_ids_batch_invariant(model, rows[:8], batch_size=8, **{**kw, "max_new_tokens": 4}))
-    batched_out, outputs = None, {}
+    batched_out, outputs, results["first_call_s"] = None, {}, {}
     for b in a.batch:
         torch.cuda.reset_peak_memory_stats()
         try:
+            # first call at this batch size: Triton compiles the kernels for its shapes (once per machine;
+            # cached on disk after), kept out of the timed run
+            _, results["first_call_s"][b] = timed(
+                lambda: generate_ids_batch_invariant(model, rows[:b], batch_size=b, **{**kw, "max_new_tokens": 4}))
             out, s = timed(lambda: generate_ids_batch_invariant(model, rows, batch_size=b, **kw))
         except torch.OutOfMemoryError as e:  # batch 512's cache needs an H200; an H100 gets the other sizes
             print(json.dumps({"batch": b, "error": str(e)[:120]}), flush=True)
