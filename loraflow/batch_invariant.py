@@ -4,7 +4,7 @@ alone, so batched greedy outputs equal one-row-at-a-time outputs token for token
 Inside `with batch_invariant(model, batch, capacity) as cache:`
 - every plain nn.Linear and every Llama-style RMSNorm runs a fixed-configuration kernel
   (loraflow.invariant_kernels) on CUDA; q/k/v and gate/up run as one launch each, SiLU(gate) x up
-  one, and the rotary embedding one launch per tensor;
+  one, the rotary embedding one for queries and keys, and the K/V cache writes one;
 - attention reads a `RowKVCache`, where each row's keys start at position 0 of its own slot
   (right padding), so a row's keys sit at the same positions whatever the batch;
 - on CPU the same structure runs on PyTorch ops (float32 there, which the tests compare).
@@ -70,9 +70,13 @@ class RowKVCache:
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         k, v = self.keys[layer_idx][self.rows], self.values[layer_idx][self.rows]
-        index = self.token_positions[:, None, :, None].expand_as(key)
-        k.scatter_(2, index, key)
-        v.scatter_(2, index, value)
+        if _on_kernels(key):
+            from loraflow import invariant_kernels
+            invariant_kernels.write_kv(k, v, key, value, self.token_positions)
+        else:
+            index = self.token_positions[:, None, :, None].expand_as(key)
+            k.scatter_(2, index, key)
+            v.scatter_(2, index, value)
         return k, v
 
 
@@ -95,7 +99,7 @@ def row_attention(module, query, key, value, attention_mask, scaling=None, dropo
     cache: RowKVCache = kwargs["loraflow_cache"]
     positions, decode = cache.positions[cache.rows], cache.decode
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if query.is_cuda:
+    if _on_kernels(query):
         from loraflow import invariant_kernels
         return invariant_kernels.attention(query, key, value, positions, scale, decode), None
     return reference_attention(query, key, value, positions, scale), None
@@ -163,7 +167,7 @@ def _rope(original, q, k, cos, sin, *args, **kwargs):
     rounded as the eager formula rounds them (tests/triton_interpret_check.py compares them bitwise)."""
     if _on_kernels(q) and not args and not kwargs and cos.shape[-1] == q.shape[-1] and cos.dim() == 3:
         from loraflow import invariant_kernels
-        return invariant_kernels.rope(q, cos, sin), invariant_kernels.rope(k, cos, sin)
+        return invariant_kernels.rope(q, k, cos, sin)
     return original(q, k, cos, sin, *args, **kwargs)
 
 

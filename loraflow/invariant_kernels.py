@@ -282,37 +282,71 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, H, L, sx_b, sx_h, sx_l, sc_b, sc_l, so_b, so_h, so_l,
-                 HALF: tl.constexpr):
-    # one (row, position, head): HF's (x * cos) + (rotate_half(x) * sin), each product and the sum
-    # rounded to the input dtype as PyTorch's elementwise ops round them, so the result is HF's bit for bit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, H, L, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sc_b, sc_l,
+                 sqo_b, sqo_h, sqo_l, sko_b, sko_h, sko_l, HALF: tl.constexpr):
+    # one (row, position, head), the query heads then the key heads (one launch for both): HF's
+    # (x * cos) + (rotate_half(x) * sin), each product and the sum rounded to the input dtype as
+    # PyTorch's elementwise ops round them, so the result is HF's bit for bit
     pid, h = tl.program_id(0), tl.program_id(1)
     b, l = pid // L, pid % L
+    if h < H:
+        x, o = q_ptr + b * sq_b + h * sq_h + l * sq_l, qo_ptr + b * sqo_b + h * sqo_h + l * sqo_l
+    else:
+        x, o = k_ptr + b * sk_b + (h - H) * sk_h + l * sk_l, ko_ptr + b * sko_b + (h - H) * sko_h + l * sko_l
     offs = tl.arange(0, HALF)
-    x = x_ptr + b * sx_b + h * sx_h + l * sx_l
     x1, x2 = tl.load(x + offs), tl.load(x + HALF + offs)
     c = cos_ptr + b * sc_b + l * sc_l
     s = sin_ptr + b * sc_b + l * sc_l
     c1, c2, s1, s2 = tl.load(c + offs), tl.load(c + HALF + offs), tl.load(s + offs), tl.load(s + HALF + offs)
-    dt = o_ptr.dtype.element_ty
+    dt = qo_ptr.dtype.element_ty
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     c1, c2, s1, s2 = c1.to(tl.float32), c2.to(tl.float32), s1.to(tl.float32), s2.to(tl.float32)
     out1 = (_rounded(x1 * c1, dt) + _rounded(-x2 * s1, dt)).to(dt)
     out2 = (_rounded(x2 * c2, dt) + _rounded(x1 * s2, dt)).to(dt)
-    o = o_ptr + b * so_b + h * so_h + l * so_l
     tl.store(o + offs, out1)
     tl.store(o + HALF + offs, out2)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' apply_rotary_pos_emb for one tensor, in one launch: x (B, H, L, D), any strides with a
-    contiguous last dim; cos, sin (B, L, D). Returns (B, H, L, D) laid out as (B, L, H, D)."""
-    B, H, L, D = x.shape
-    assert x.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride() == sin.stride() and D % 2 == 0
-    out = torch.empty((B, L, H, D), dtype=x.dtype, device=x.device).transpose(1, 2)
-    _rope_kernel[(B * L, H)](x, cos, sin, out, H, L, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-                             out.stride(0), out.stride(1), out.stride(2), HALF=D // 2)
-    return out
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' apply_rotary_pos_emb, queries and keys in one launch: q (B, H, L, D) and k (B, Hkv, L, D),
+    any strides with a contiguous last dim; cos, sin (B, L, D). Each result is laid out as (B, L, heads, D)."""
+    B, H, L, D = q.shape
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride() == sin.stride()
+    assert D % 2 == 0 and k.dtype == q.dtype and k.shape[0] == B and k.shape[2:] == q.shape[2:]
+    Hkv = k.shape[1]
+    qo = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    ko = torch.empty((B, L, Hkv, D), dtype=k.dtype, device=k.device).transpose(1, 2)
+    _rope_kernel[(B * L, H + Hkv)](q, k, cos, sin, qo, ko, H, L, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+                                   k.stride(1), k.stride(2), cos.stride(0), cos.stride(1), qo.stride(0), qo.stride(1),
+                                   qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2), HALF=D // 2)
+    return qo, ko
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, L, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sc_b, sc_h, sc_l,
+                     D: tl.constexpr):
+    # one (row, position, KV head): its key and value copied to the row's slot at that token's position
+    pid, h = tl.program_id(0), tl.program_id(1)
+    b, l = (pid // L).to(tl.int64), pid % L
+    slot = b * sc_b + h * sc_h + tl.load(pos_ptr + b * L + l) * sc_l
+    offs = tl.arange(0, D)
+    tl.store(kc_ptr + slot + offs, tl.load(k_ptr + b * sk_b + h * sk_h + l * sk_l + offs))
+    tl.store(vc_ptr + slot + offs, tl.load(v_ptr + b * sv_b + h * sv_h + l * sv_l + offs))
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             positions: torch.Tensor) -> None:
+    """k_cache[b, h, positions[b, l]] = key[b, h, l] (and the same for values), in one launch for both (was
+    two scatters): caches (B, Hkv, capacity, D) of one layout, key and value (B, Hkv, L, D) with a
+    contiguous last dim, positions (B, L)."""
+    B, Hkv, L, D = key.shape
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and key.stride(-1) == 1
+    assert value.stride(-1) == 1 and value.shape == key.shape and k_cache.shape[:2] == (B, Hkv)
+    positions = positions.contiguous()
+    assert positions.shape == (B, L)
+    _write_kv_kernel[(B * L, Hkv)](key, value, k_cache, v_cache, positions, L, key.stride(0), key.stride(1),
+                                   key.stride(2), value.stride(0), value.stride(1), value.stride(2),
+                                   k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D=D)
 
 
 @triton.jit

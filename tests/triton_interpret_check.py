@@ -107,8 +107,25 @@ q, k = torch.randn(B, L, H, D, dtype=h).transpose(1, 2), torch.randn(B, L, Hkv, 
 cos, sin = LlamaRotaryEmbedding(LlamaConfig(hidden_size=H * D, num_attention_heads=H))(
     q, torch.arange(L).repeat(B, 1) + torch.tensor([[0], [7]]))
 q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
-same(ik.rope(q, cos, sin), q_ref, "rope q")
-same(ik.rope(k, cos, sin), k_ref, "rope k")
+q_out, k_out = ik.rope(q, k, cos, sin)
+same(q_out, q_ref, "rope q")
+same(k_out, k_ref, "rope k")
+
+# write_kv: what RowKVCache's scatters write, a prefill chunk of rows 1..2 and a decode step
+cap = 12
+for rows, length, start in ((slice(1, 3), 5, torch.tensor([0, 0])), (slice(None), 1, torch.tensor([3, 9, 0, 7]))):
+    kc, vc = torch.randn(4, Hkv, cap, D, dtype=h), torch.randn(4, Hkv, cap, D, dtype=h)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    n = kc[rows].shape[0]
+    key = torch.randn(n, length, Hkv, D, dtype=h).transpose(1, 2)  # the projections' transposed layout
+    value = torch.randn(n, length, Hkv, D, dtype=h).transpose(1, 2)
+    positions = start[:, None] + torch.arange(length)
+    ik.write_kv(kc[rows], vc[rows], key, value, positions)
+    index = positions[:, None, :, None].expand_as(key)
+    kc_ref[rows].scatter_(2, index, key)
+    vc_ref[rows].scatter_(2, index, value)
+    same(kc, kc_ref, f"write_kv keys, {length} positions")
+    same(vc, vc_ref, f"write_kv values, {length} positions")
 
 
 # the rope's bf16 rounding on the bits (the GPU path; the interpreter's fp16 takes the cast): as torch rounds
@@ -156,4 +173,35 @@ for b in range(B):
     alone = ik.attention(q1[b:b + 1], k[b:b + 1, :, :n].contiguous(), v[b:b + 1, :, :n].contiguous(), pos[b:b + 1],
                          D ** -0.5, decode=True)
     same(alone[0], out[b], f"decode row {b}")
+
+# the whole loop on the kernels, through batch_invariant's wiring (q/k/v and gate/up groups, silu_mul, rope,
+# write_kv, attention, norms, lm_head): a tiny Llama's greedy tokens, each row the same alone as in a batch
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from loraflow import batch_invariant as bi  # noqa: E402
+from loraflow.generation import generate_ids_batch_invariant  # noqa: E402
+
+if interpreted:  # the interpreter runs the kernels on CPU tensors
+    bi._on_kernels = lambda x: x.dtype in (torch.bfloat16, torch.float16)
+launches = {}
+for name in ("write_kv", "rope", "silu_mul", "matmul_group", "attention", "rms_norm"):
+    def counted(*args, _f=getattr(ik, name), _name=name, **kwargs):
+        launches[_name] = launches.get(_name, 0) + 1
+        return _f(*args, **kwargs)
+    setattr(ik, name, counted)
+torch.manual_seed(1)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
+prompts = [[5, 9, 3], [7] * 11, [2, 4, 6, 8, 10, 12]]
+kw = dict(pad_id=0, stop_ids=[], max_new_tokens=4, cuda_graph=False)
+in_float32 = generate_ids_batch_invariant(model, prompts, batch_size=3, **kw)  # PyTorch ops, no kernel
+assert not launches, launches
+model = model.to(h)
+batched = generate_ids_batch_invariant(model, prompts, batch_size=3, **kw)
+if interpreted:  # fp16's 11 bits keep this model's greedy choices; bf16's 8 may flip a near tie
+    assert batched == in_float32, f"generation on the kernels: {batched}, in float32 PyTorch: {in_float32}"
+assert set(launches) == {"write_kv", "rope", "silu_mul", "matmul_group", "attention", "rms_norm"}, launches
+for i, p in enumerate(prompts):
+    alone = generate_ids_batch_invariant(model, [p], batch_size=1, **kw)
+    assert alone == [batched[i]], f"generation row {i}: {alone} alone, {batched[i]} in the batch"
 print("OK", h, torch.get_default_device())
