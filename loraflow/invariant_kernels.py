@@ -282,29 +282,37 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, H, L, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sc_b, sc_l,
-                 sqo_b, sqo_h, sqo_l, sko_b, sko_h, sko_l, HALF: tl.constexpr):
-    # one (row, position, head), the query heads then the key heads (one launch for both): HF's
-    # (x * cos) + (rotate_half(x) * sin), each product and the sum rounded to the input dtype as
-    # PyTorch's elementwise ops round them, so the result is HF's bit for bit
-    pid, h = tl.program_id(0), tl.program_id(1)
-    b, l = pid // L, pid % L
-    if h < H:
-        x, o = q_ptr + b * sq_b + h * sq_h + l * sq_l, qo_ptr + b * sqo_b + h * sqo_h + l * sqo_l
-    else:
-        x, o = k_ptr + b * sk_b + (h - H) * sk_h + l * sk_l, ko_ptr + b * sko_b + (h - H) * sko_h + l * sko_l
-    offs = tl.arange(0, HALF)
-    x1, x2 = tl.load(x + offs), tl.load(x + HALF + offs)
-    c = cos_ptr + b * sc_b + l * sc_l
-    s = sin_ptr + b * sc_b + l * sc_l
-    c1, c2, s1, s2 = tl.load(c + offs), tl.load(c + HALF + offs), tl.load(s + offs), tl.load(s + HALF + offs)
-    dt = qo_ptr.dtype.element_ty
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    c1, c2, s1, s2 = c1.to(tl.float32), c2.to(tl.float32), s1.to(tl.float32), s2.to(tl.float32)
+def _rope_heads(x, o, stride_xh, stride_oh, n_heads, c1, c2, s1, s2, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
+    # every head of one token: HF's (x * cos) + (rotate_half(x) * sin), each product and the sum rounded
+    # to the input dtype as PyTorch's elementwise ops round them, so the result is HF's bit for bit
+    heads, offs = tl.arange(0, BLOCK_H)[:, None], tl.arange(0, HALF)[None, :]
+    mask = heads < n_heads
+    x1 = tl.load(x + heads * stride_xh + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x + heads * stride_xh + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    dt = o.dtype.element_ty
     out1 = (_rounded(x1 * c1, dt) + _rounded(-x2 * s1, dt)).to(dt)
     out2 = (_rounded(x2 * c2, dt) + _rounded(x1 * s2, dt)).to(dt)
-    tl.store(o + offs, out1)
-    tl.store(o + HALF + offs, out2)
+    tl.store(o + heads * stride_oh + offs, out1, mask=mask)
+    tl.store(o + heads * stride_oh + HALF + offs, out2, mask=mask)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, H, HKV, L, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sc_b,
+                 sc_l, sqo_b, sqo_h, sqo_l, sko_b, sko_h, sko_l, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                 HALF: tl.constexpr):
+    # one token, all its query and key heads: its cos/sin are loaded once, and a program has whole tiles
+    # of work (a program per head was a grid of 64-element programs)
+    pid = tl.program_id(0)
+    b, l = pid // L, pid % L
+    offs = tl.arange(0, HALF)[None, :]
+    c = cos_ptr + b * sc_b + l * sc_l
+    s = sin_ptr + b * sc_b + l * sc_l
+    c1, c2 = tl.load(c + offs).to(tl.float32), tl.load(c + HALF + offs).to(tl.float32)
+    s1, s2 = tl.load(s + offs).to(tl.float32), tl.load(s + HALF + offs).to(tl.float32)
+    _rope_heads(q_ptr + b * sq_b + l * sq_l, qo_ptr + b * sqo_b + l * sqo_l, sq_h, sqo_h, H, c1, c2, s1, s2,
+                BLOCK_HQ, HALF)
+    _rope_heads(k_ptr + b * sk_b + l * sk_l, ko_ptr + b * sko_b + l * sko_l, sk_h, sko_h, HKV, c1, c2, s1, s2,
+                BLOCK_HK, HALF)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,9 +324,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     Hkv = k.shape[1]
     qo = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     ko = torch.empty((B, L, Hkv, D), dtype=k.dtype, device=k.device).transpose(1, 2)
-    _rope_kernel[(B * L, H + Hkv)](q, k, cos, sin, qo, ko, H, L, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
-                                   k.stride(1), k.stride(2), cos.stride(0), cos.stride(1), qo.stride(0), qo.stride(1),
-                                   qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2), HALF=D // 2)
+    _rope_kernel[(B * L,)](q, k, cos, sin, qo, ko, H, Hkv, L, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+                           k.stride(1), k.stride(2), cos.stride(0), cos.stride(1), qo.stride(0), qo.stride(1),
+                           qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2), BLOCK_HQ=triton.next_power_of_2(H),
+                           BLOCK_HK=triton.next_power_of_2(Hkv), HALF=D // 2)
     return qo, ko
 
 

@@ -102,14 +102,15 @@ same(ik.silu_mul(gate[5:6], up[5:6]), fused[5:6], "silu_mul one row")
 
 # rope: HF's apply_rotary_pos_emb bit for bit, on the transposed view the projections give
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
-B, L, H, Hkv, D = 2, 5, 4, 2, 16
-q, k = torch.randn(B, L, H, D, dtype=h).transpose(1, 2), torch.randn(B, L, Hkv, D, dtype=h).transpose(1, 2)
-cos, sin = LlamaRotaryEmbedding(LlamaConfig(hidden_size=H * D, num_attention_heads=H))(
-    q, torch.arange(L).repeat(B, 1) + torch.tensor([[0], [7]]))
-q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
-q_out, k_out = ik.rope(q, k, cos, sin)
-same(q_out, q_ref, "rope q")
-same(k_out, k_ref, "rope k")
+for H, Hkv in ((6, 3), (4, 2)):  # head counts short of a power of two too (Qwen2.5-7B has 28 and 4)
+    B, L, D = 2, 5, 16
+    q, k = torch.randn(B, L, H, D, dtype=h).transpose(1, 2), torch.randn(B, L, Hkv, D, dtype=h).transpose(1, 2)
+    cos, sin = LlamaRotaryEmbedding(LlamaConfig(hidden_size=H * D, num_attention_heads=H))(
+        q, torch.arange(L).repeat(B, 1) + torch.tensor([[0], [7]]))
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    q_out, k_out = ik.rope(q, k, cos, sin)
+    same(q_out, q_ref, f"rope q, {H} heads")
+    same(k_out, k_ref, f"rope k, {Hkv} heads")
 
 # write_kv: what RowKVCache's scatters write, a prefill chunk of rows 1..2 and a decode step
 cap = 12
