@@ -400,12 +400,15 @@ def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, Lq, H, GROUPS, scale,
 
 
 @triton.jit
-def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, H, GROUPS, scale,
+def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, B, HKV, GROUPS, scale,
                              sq_b, sq_h, sk_b, sk_h, sk_l, so_b, so_h,
                              D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     # one new query per row, at position pos[b]. The query heads that share a KV head are the rows of
     # one tile (padded to BLOCK_G >= 16 for the MMA), so each K/V block is read once for all of them.
-    b, kvh = tl.program_id(0), tl.program_id(1)
+    # Programs start from the last row: the generation loop sorts rows by length, so the longest go
+    # first and the last wave is of short rows, not a few long ones keeping the GPU waiting.
+    pid = tl.program_id(0)
+    b, kvh = B - 1 - pid // HKV, pid % HKV
     pos = tl.load(pos_ptr + b)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
@@ -436,8 +439,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
     assert k.stride(-1) == 1 and v.stride() == k.stride() and q.stride(-1) == 1
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     if decode:
-        _attention_decode_kernel[(B, k.shape[1])](
-            q, k, v, o, positions, H, groups, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        _attention_decode_kernel[(B * k.shape[1],)](
+            q, k, v, o, positions, B, k.shape[1], groups, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
             o.stride(0), o.stride(2), D=D, BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_N=DECODE_BLOCK_N,
             num_warps=DECODE_WARPS)
     else:
