@@ -332,15 +332,16 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, L, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sc_b, sc_h, sc_l,
-                     D: tl.constexpr):
-    # one (row, position, KV head): its key and value copied to the row's slot at that token's position
-    pid, h = tl.program_id(0), tl.program_id(1)
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, L, HKV, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sc_b, sc_h,
+                     sc_l, BLOCK_H: tl.constexpr, D: tl.constexpr):
+    # one (row, position): its keys and values, every KV head, copied to the row's slot at that position
+    pid = tl.program_id(0)
     b, l = (pid // L).to(tl.int64), pid % L
-    slot = b * sc_b + h * sc_h + tl.load(pos_ptr + b * L + l) * sc_l
-    offs = tl.arange(0, D)
-    tl.store(kc_ptr + slot + offs, tl.load(k_ptr + b * sk_b + h * sk_h + l * sk_l + offs))
-    tl.store(vc_ptr + slot + offs, tl.load(v_ptr + b * sv_b + h * sv_h + l * sv_l + offs))
+    heads, offs = tl.arange(0, BLOCK_H)[:, None], tl.arange(0, D)[None, :]
+    mask = heads < HKV
+    slot = b * sc_b + heads * sc_h + tl.load(pos_ptr + b * L + l) * sc_l + offs
+    tl.store(kc_ptr + slot, tl.load(k_ptr + b * sk_b + heads * sk_h + l * sk_l + offs, mask=mask), mask=mask)
+    tl.store(vc_ptr + slot, tl.load(v_ptr + b * sv_b + heads * sv_h + l * sv_l + offs, mask=mask), mask=mask)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -353,9 +354,9 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, va
     assert value.stride(-1) == 1 and value.shape == key.shape and k_cache.shape[:2] == (B, Hkv)
     positions = positions.contiguous()
     assert positions.shape == (B, L)
-    _write_kv_kernel[(B * L, Hkv)](key, value, k_cache, v_cache, positions, L, key.stride(0), key.stride(1),
-                                   key.stride(2), value.stride(0), value.stride(1), value.stride(2),
-                                   k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D=D)
+    _write_kv_kernel[(B * L,)](key, value, k_cache, v_cache, positions, L, Hkv, key.stride(0), key.stride(1),
+                               key.stride(2), value.stride(0), value.stride(1), value.stride(2), k_cache.stride(0),
+                               k_cache.stride(1), k_cache.stride(2), BLOCK_H=triton.next_power_of_2(Hkv), D=D)
 
 
 @triton.jit

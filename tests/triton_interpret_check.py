@@ -4,6 +4,7 @@ imported, so tests/test_invariant_kernels.py runs this file in its own process),
 interpreter mishandles bf16 loads; on a GPU (`python3 tests/triton_interpret_check.py`, see
 benchmarks/results/generate-h200.md) in bf16.
 Prints OK when every check passes."""
+import itertools
 import os
 
 import numpy as np
@@ -114,7 +115,8 @@ for H, Hkv in ((6, 3), (4, 2)):  # head counts short of a power of two too (Qwen
 
 # write_kv: what RowKVCache's scatters write, a prefill chunk of rows 1..2 and a decode step
 cap = 12
-for rows, length, start in ((slice(1, 3), 5, torch.tensor([0, 0])), (slice(None), 1, torch.tensor([3, 9, 0, 7]))):
+for Hkv, (rows, length, start) in itertools.product((3, 2), ((slice(1, 3), 5, torch.tensor([0, 0])),
+                                                            (slice(None), 1, torch.tensor([3, 9, 0, 7])))):
     kc, vc = torch.randn(4, Hkv, cap, D, dtype=h), torch.randn(4, Hkv, cap, D, dtype=h)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     n = kc[rows].shape[0]
@@ -125,8 +127,8 @@ for rows, length, start in ((slice(1, 3), 5, torch.tensor([0, 0])), (slice(None)
     index = positions[:, None, :, None].expand_as(key)
     kc_ref[rows].scatter_(2, index, key)
     vc_ref[rows].scatter_(2, index, value)
-    same(kc, kc_ref, f"write_kv keys, {length} positions")
-    same(vc, vc_ref, f"write_kv values, {length} positions")
+    same(kc, kc_ref, f"write_kv keys, {Hkv} heads, {length} positions")
+    same(vc, vc_ref, f"write_kv values, {Hkv} heads, {length} positions")
 
 
 # the rope's bf16 rounding on the bits (the GPU path; the interpreter's fp16 takes the cast): as torch rounds
