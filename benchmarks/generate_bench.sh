@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# G1 on one GPU, in one run: the kernels' bf16 checks, the matmul configuration sweep at the 8B's shapes
-# (both matmul kernels: persistent TMA-fed and pointer-fed) and the attention kernels' times, generation with the swept configurations
-# (batch 256 and 512), and the loop with the pointer-fed matmuls as Run 7 had it (the A/B). Each
-# generation line carries the workload's bound on this GPU.
+# G1 on one GPU, in one run: the kernels' bf16 checks; the matmul configuration sweep at the 8B's shapes
+# (both matmul kernels: persistent TMA-fed and pointer-fed) and the attention kernels' times; generation
+# with the swept configurations (batch 256 and 512); and the loop with the pointer-fed matmuls as Run 7
+# had it (the A/B). Each generation line carries the workload's bound on this GPU.
 #   bash benchmarks/generate_bench.sh          (results under $OUT)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/new" "$OUT/base"

@@ -56,7 +56,7 @@ PREFILL_BLOCK_M, PREFILL_BLOCK_N = 64, 64
 DECODE_BLOCK_N, DECODE_WARPS = 64, 4
 
 
-def matmul_config(n: int, k: int, decode: bool, kernel: str = "pointer") -> tuple[int, ...]:
+def matmul_config(n: int, k: int, decode: bool, kernel: str) -> tuple[int, ...]:
     """The configuration for a weight of N outputs and K inputs (a group's N is its members' sum)."""
     return MM_BY_SHAPE.get((kernel, decode, n, k), MM_DEFAULT[kernel, decode])
 
