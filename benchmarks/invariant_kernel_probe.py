@@ -124,7 +124,7 @@ def main() -> None:
     for bn in (32, 64, 128):
         for warps in (2, 4, 8):
             ik.DECODE_BLOCK_N, ik.DECODE_WARPS = bn, warps
-            t = ms(lambda: ik.attention(q, k, v, pos, D ** -0.5, decode=True))
+            t = ms(lambda: ik.decode_attention(q, k, v, pos, D ** -0.5))
             kv_bytes = 2 * B * Hkv * float(pos.float().mean() + 1) * D * 2
             print(json.dumps({"op": "decode_attention", "block_n": bn, "warps": warps, "ms": round(t, 4),
                               "sdpa_full_cache_ms": round(t_sdpa, 4), "gbps": round(kv_bytes / t / 1e6, 1)}), flush=True)
@@ -137,17 +137,19 @@ def main() -> None:
         pos = torch.tensor(lengths[-rows:], device="cuda") + 128
         kw, vw = (torch.randn(rows, Hkv, int(pos.max()) + 1, D, dtype=bf, device="cuda") for _ in range(2))
         qw = torch.randn(rows, 1, H, D, dtype=bf, device="cuda").transpose(1, 2)
-        t = ms(lambda: ik.attention(qw, kw, vw, pos, D ** -0.5, decode=True))
+        t = ms(lambda: ik.decode_attention(qw, kw, vw, pos, D ** -0.5))
         kv_bytes = 2 * Hkv * float((pos + 1).sum()) * D * 2
         print(json.dumps({"op": "decode_attention_workload", "rows": rows, "block_n": ik.DECODE_BLOCK_N,
                           "warps": ik.DECODE_WARPS, "ms": round(t, 4), "gbps": round(kv_bytes / t / 1e6, 1)}), flush=True)
     x, g = torch.randn(256, 4096, dtype=bf, device="cuda"), torch.ones(4096, dtype=bf, device="cuda")
     print(json.dumps({"op": "rms_norm", "M": 256, "ms": round(ms(lambda: ik.rms_norm(x, g, 1e-5)), 4)}), flush=True)
-    qp = torch.randn(16, 512, H, D, dtype=bf, device="cuda").transpose(1, 2)
+    # prefill attention: 16 rows of 512 packed into one sequence, against SDPA's causal kernel on the 16 rows
+    qp = torch.randn(1, 16 * 512, H, D, dtype=bf, device="cuda").transpose(1, 2)
     kp, vp = (torch.randn(16, Hkv, 512, D, dtype=bf, device="cuda") for _ in range(2))
-    zero = torch.zeros(16, dtype=torch.long, device="cuda")
-    t = ms(lambda: ik.attention(qp, kp, vp, zero, D ** -0.5, decode=False))
-    t_ref = ms(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True))
+    blocks = ik.prefill_blocks([(r, 512 * r, 512) for r in range(16)], "cuda")
+    t = ms(lambda: ik.prefill_attention(qp, kp, vp, blocks, D ** -0.5))
+    q_rows = qp.reshape(H, 16, 512, D).transpose(0, 1)
+    t_ref = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q_rows, kp, vp, is_causal=True, enable_gqa=True))
     print(json.dumps({"op": "prefill_attention", "B": 16, "L": 512, "ms": round(t, 4), "sdpa_ms": round(t_ref, 4)}), flush=True)
 
 

@@ -5,8 +5,9 @@ Inside `with batch_invariant(model, batch, capacity) as cache:`
 - every plain nn.Linear and every Llama-style RMSNorm runs a fixed-configuration kernel
   (loraflow.invariant_kernels) on CUDA; q/k/v and gate/up run as one launch each, SiLU(gate) x up
   one, the rotary embedding one for queries and keys, and the K/V cache writes one;
-- attention reads a `RowKVCache`, where each row's keys start at position 0 of its own slot
-  (right padding), so a row's keys sit at the same positions whatever the batch;
+- attention reads a `RowKVCache`, where each row's keys start at position 0 of its own slot, so a
+  row's keys sit at the same positions whatever the batch; prefill packs the rows' prompts into one
+  sequence with no padding, and each row's query tiles start at its own first token;
 - on CPU the same structure runs on PyTorch ops (float32 there, which the tests compare).
 Only the model types below are taken; others fall back to HF generate (see loraflow.generation).
 Quantized (bitsandbytes) linears are left as they are, so their rows are not guaranteed invariant.
@@ -46,10 +47,13 @@ def unsupported_reason(model, on_gpu: bool | None = None) -> str | None:
 class RowKVCache:
     """The decode state of one generation loop, as nanochat's KVCache keeps it: K/V buffers
     (batch, kv_heads, capacity, head_dim) per layer, zero-filled so unwritten slots are finite and masked
-    attention adds exact zeros; `positions[b]`, where row b's queries of the current call start (0 in
-    prefill); `rows`, the batch rows a prefill chunk writes; and `decode`, the phase the loop is in.
-    The linears' and attention's kernel configurations follow `decode`: set by the loop, never inferred
-    from shapes, so a row alone and in a batch take the same kernel."""
+    attention adds exact zeros; `positions[b]`, where row b's next query sits. A call is either a decode
+    step (one token for every row) or a prefill of some rows' prompts packed into one sequence, no
+    padding, each from position 0 of its row's slot (`segments`: cache row, first token, length).
+    `token_rows` and `token_positions` say where each token of the call writes its keys and values,
+    worked out once per call, not per layer. The linears' and attention's kernel configurations follow
+    `decode`: set by the loop, never inferred from shapes, so a row alone and in a batch take the same
+    kernel."""
 
     def __init__(self, config, batch: int, capacity: int, dtype: torch.dtype, device):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -57,28 +61,39 @@ class RowKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.rows = slice(None)
-        self.decode = False
-        self.token_positions = self.positions[:, None]
+        self.every_row = torch.arange(batch, device=device)[:, None]
+        self.begin_decode()
 
-    def begin_call(self, decode: bool, length: int) -> torch.Tensor:
-        """Set the phase of the next model call over `rows`, and return its tokens' positions (rows,
-        length): the call's position ids, and where every layer's update writes (worked out once, not per layer)."""
-        self.decode = decode
-        self.token_positions = self.positions[self.rows, None] + torch.arange(length, device=self.positions.device)
+    def begin_decode(self) -> torch.Tensor:
+        """The next call is a decode step: one token per row, at the row's position. Returns the
+        call's position ids (batch, 1)."""
+        self.decode, self.segments, self.blocks = True, [], None
+        self.token_rows, self.token_positions = self.every_row, self.positions[:, None]
+        return self.token_positions
+
+    def begin_prefill(self, first_row: int, lengths: list[int]) -> torch.Tensor:
+        """The next call is the prefill of rows first_row.. (prompts of `lengths` tokens), packed into one
+        sequence. Returns the call's position ids (1, total)."""
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        self.decode, self.blocks = False, None
+        self.segments = [(first_row + i, start, n) for i, (start, n) in enumerate(zip(starts, lengths))]
+        device = self.positions.device
+        self.token_rows = torch.tensor([row for row, _, n in self.segments for _ in range(n)])[None].to(device)
+        self.token_positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
         return self.token_positions
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        k, v = self.keys[layer_idx][self.rows], self.values[layer_idx][self.rows]
+        """Write the call's keys and values (B, Hkv, L, D) to their rows and positions; returns the whole
+        caches, which attention reads by row."""
+        k, v = self.keys[layer_idx], self.values[layer_idx]
         if _on_kernels(key):
             from loraflow import invariant_kernels
-            invariant_kernels.write_kv(k, v, key, value, self.token_positions)
+            invariant_kernels.write_kv(k, v, key, value, self.token_rows, self.token_positions)
         else:
-            index = self.token_positions[:, None, :, None].expand_as(key)
-            k.scatter_(2, index, key)
-            v.scatter_(2, index, value)
+            rows, positions = self.token_rows.reshape(-1), self.token_positions.reshape(-1)
+            k[rows, :, positions] = key.transpose(1, 2).reshape(-1, *key.shape[1:2], key.shape[-1])
+            v[rows, :, positions] = value.transpose(1, 2).reshape(-1, *value.shape[1:2], value.shape[-1])
         return k, v
-
 
 
 def reference_attention(q, k, v, positions, scale):
@@ -93,16 +108,30 @@ def reference_attention(q, k, v, positions, scale):
     return (probs @ v.float()).to(q.dtype).transpose(1, 2)
 
 
+def reference_prefill_attention(q, k, v, segments, scale):
+    """reference_attention over packed rows: q (1, H, T, D), segments (cache row, first token, length)."""
+    start = torch.zeros(1, dtype=torch.long, device=q.device)
+    return torch.cat([reference_attention(q[:, :, first:first + n], k[row:row + 1, :, :n], v[row:row + 1, :, :n], start,
+                                          scale) for row, first, n in segments], dim=1)
+
+
 def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function over a RowKVCache, which the loop passes as the model call's
-    `loraflow_cache` keyword: its positions place the queries, its phase picks the kernel."""
+    `loraflow_cache` keyword: its phase picks the kernel, its positions or segments place the queries."""
     cache: RowKVCache = kwargs["loraflow_cache"]
-    positions, decode = cache.positions[cache.rows], cache.decode
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if _on_kernels(query):
+    on_kernels = _on_kernels(query)
+    if on_kernels:
         from loraflow import invariant_kernels
-        return invariant_kernels.attention(query, key, value, positions, scale, decode), None
-    return reference_attention(query, key, value, positions, scale), None
+    if cache.decode:
+        if on_kernels:
+            return invariant_kernels.decode_attention(query, key, value, cache.positions, scale), None
+        return reference_attention(query, key, value, cache.positions, scale), None
+    if on_kernels:
+        if cache.blocks is None:  # once per call, not per layer
+            cache.blocks = invariant_kernels.prefill_blocks(cache.segments, query.device)
+        return invariant_kernels.prefill_attention(query, key, value, cache.blocks, scale), None
+    return reference_prefill_attention(query, key, value, cache.segments, scale), None
 
 
 def _on_kernels(x) -> bool:

@@ -6,7 +6,7 @@ Names say what comes back and which path made it:
 - `generate_ids`: new token ids from token-id prompts, on the batch-invariant path where the model
   type allows it, else on HF generate;
 - `generate_ids_batch_invariant`: each row's tokens exactly those it gets alone (in bf16 on a GPU
-  too), right-padded, decode step in a CUDA graph on a GPU;
+  too), prompts packed with no padding in prefill, decode step in a CUDA graph on a GPU;
 - `generate_ids_hf`: HF `generate`, left-padded; for model types the batch-invariant loop does not
   take, and the one-row peer in benchmarks/generate_bench.py.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from typing import Sequence
 
 import torch
@@ -83,8 +82,9 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
     """generate_ids_hf's result, batch-invariant and fast: each row is computed exactly as it would be alone
     (loraflow.batch_invariant), so the result does not depend on batch_size.
 
-    Rows are sorted by length and right-padded; each row's KV cache starts at position 0 of its own
-    slot. Prefill runs in chunks of at most `prefill_tokens` tokens. The decode step has one shape
+    Rows are sorted by length; each row's KV cache starts at position 0 of its own slot. Prefill packs
+    the rows' prompts into one sequence, no padding, in chunks of at most `prefill_tokens` tokens
+    (a longer prompt goes alone). The decode step has one shape
     for every batch (a short last batch is filled with copies of its last row, dropped after), so on
     CUDA it is captured once into a CUDA graph and replayed: no Python or launch cost per token.
     The loop stops early once every row has emitted one of stop_ids (checked every `check_every` tokens)."""
@@ -102,9 +102,9 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
 
     cache_kwarg = cache_argument(decoder)
 
-    def forward(cache, ids, decode: bool):
-        return decoder(input_ids=ids, position_ids=cache.begin_call(decode, ids.shape[1]),
-                       use_cache=True, loraflow_cache=cache, **{cache_kwarg: cache}).last_hidden_state
+    def forward(ids, position_ids):
+        return decoder(input_ids=ids, position_ids=position_ids, use_cache=True, loraflow_cache=cache,
+                       **{cache_kwarg: cache}).last_hidden_state
 
     def record(logits):
         nxt = torch.where(done, pad_id, logits.argmax(-1))
@@ -114,8 +114,8 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
         token.copy_(nxt)
         k.add_(1).clamp_(max=max_new_tokens)
 
-    def decode_step(cache):  # everything on the device, so a CUDA graph can hold it
-        hidden = forward(cache, token[:, None], decode=True)[:, -1]
+    def decode_step():  # everything on the device, so a CUDA graph can hold it
+        hidden = forward(token[:, None], cache.begin_decode())[:, -1]
         record(head(hidden))  # lm_head with the decode configuration too
         cache.positions.add_(1)
 
@@ -123,27 +123,22 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
     progress = BatchProgress(len(prompts))
     capacity = max(map(len, prompts)) + max_new_tokens
     with batch_invariant(model, batch_size, capacity) as cache:
-        step = partial(decode_step, cache)
-        step = capture(step) if cuda_graph and max_new_tokens > 1 else step
+        step = capture(decode_step) if cuda_graph and max_new_tokens > 1 else decode_step
         for first in range(0, len(order), batch_size):
             idx = order[first:first + batch_size]
             rows = idx + [idx[-1]] * (batch_size - len(idx))
-            lengths = torch.tensor([len(prompts[i]) for i in rows], device=dev)
             done.zero_()
             k.zero_()
             new.fill_(pad_id)  # an early stop leaves later columns unwritten
             cache.positions.zero_()
-            logits = []
-            for lo, hi in prefill_chunks([len(prompts[i]) for i in rows], prefill_tokens):
-                ids = torch.full((hi - lo, len(prompts[rows[hi - 1]])), pad_id, dtype=torch.long)
-                for r in range(lo, hi):
-                    ids[r - lo, :len(prompts[rows[r]])] = torch.as_tensor(prompts[rows[r]])
-                cache.rows = slice(lo, hi)
-                hidden = forward(cache, ids.to(dev), decode=False)
-                logits.append(head(hidden[torch.arange(hi - lo, device=dev), lengths[lo:hi] - 1]))
-            cache.rows = slice(None)
+            logits, row_lengths = [], [len(prompts[i]) for i in rows]
+            for lo, hi in prefill_chunks(row_lengths, prefill_tokens):
+                ids = torch.tensor([t for r in rows[lo:hi] for t in prompts[r]])[None].to(dev)
+                hidden = forward(ids, cache.begin_prefill(lo, row_lengths[lo:hi]))[0]
+                last = torch.tensor(row_lengths[lo:hi]).cumsum(0).to(dev) - 1  # each row's last prompt token
+                logits.append(head(hidden[last]))
             record(torch.cat(logits))
-            cache.positions.copy_(lengths)
+            cache.positions.copy_(torch.tensor(row_lengths))
             for n in range(1, max_new_tokens):
                 if stop_ids and n % check_every == 0 and bool(done.all()):
                     break
@@ -155,13 +150,14 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
 
 
 def prefill_chunks(lengths: list[int], max_tokens: int) -> list[tuple[int, int]]:
-    """Split rows sorted by length into [lo, hi) runs whose padded size (rows x longest) stays within
-    max_tokens; a row longer than that goes alone."""
-    chunks, lo = [], 0
-    for hi in range(1, len(lengths) + 1):
-        if hi - lo > 1 and (hi - lo) * lengths[hi - 1] > max_tokens:
-            chunks.append((lo, hi - 1))
-            lo = hi - 1
+    """Split rows into [lo, hi) runs of at most max_tokens prompt tokens together (a prefill call packs a
+    run's prompts with no padding); a row longer than that goes alone."""
+    chunks, lo, tokens = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > lo and tokens + n > max_tokens:
+            chunks.append((lo, i))
+            lo, tokens = i, 0
+        tokens += n
     chunks.append((lo, len(lengths)))
     return chunks
 

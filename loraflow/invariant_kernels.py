@@ -11,9 +11,10 @@ and reduces each row in one fixed order:
   a program per tile loads them by pointer. Which kernel runs is decided by the device and the
   weights, never by M, so a row alone and in a batch take the same one;
 - `rms_norm`: one program per row; `rope`, `silu_mul`: elementwise, rounded as the PyTorch ops round;
-- `attention_prefill` / `attention_decode`: one program per (row, head), keys walked from position 0
-  in fixed blocks; keys past a query's position are masked to exact zeros, so padding and a longer
-  cache add nothing to any sum.
+- `prefill_attention`: rows packed into one sequence with no padding, one program per block of a row's
+  queries and head; `decode_attention`: one program per (row, KV head). Keys are walked from position 0
+  of the row's cache slot in fixed blocks; keys past a query's position are masked to exact zeros, so
+  a longer cache adds nothing to any sum.
 Prefill and decode use different attention kernels, chosen by the phase the caller names, never by
 the shapes, so a one-row run and a batched run take the same kernel for the same token.
 The kernels also run under TRITON_INTERPRET=1 on CPU, which is how CI checks them.
@@ -332,29 +333,30 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, L, HKV, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sc_b, sc_h,
-                     sc_l, BLOCK_H: tl.constexpr, D: tl.constexpr):
-    # one (row, position): its keys and values, every KV head, copied to the row's slot at that position
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, row_ptr, pos_ptr, L, HKV, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sc_b,
+                     sc_h, sc_l, BLOCK_H: tl.constexpr, D: tl.constexpr):
+    # one token: its keys and values, every KV head, copied to its row's slot at its position
     pid = tl.program_id(0)
-    b, l = (pid // L).to(tl.int64), pid % L
+    b, l = pid // L, pid % L
     heads, offs = tl.arange(0, BLOCK_H)[:, None], tl.arange(0, D)[None, :]
     mask = heads < HKV
-    slot = b * sc_b + heads * sc_h + tl.load(pos_ptr + b * L + l) * sc_l + offs
+    slot = tl.load(row_ptr + pid).to(tl.int64) * sc_b + heads * sc_h + tl.load(pos_ptr + pid) * sc_l + offs
     tl.store(kc_ptr + slot, tl.load(k_ptr + b * sk_b + heads * sk_h + l * sk_l + offs, mask=mask), mask=mask)
     tl.store(vc_ptr + slot, tl.load(v_ptr + b * sv_b + heads * sv_h + l * sv_l + offs, mask=mask), mask=mask)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             positions: torch.Tensor) -> None:
-    """k_cache[b, h, positions[b, l]] = key[b, h, l] (and the same for values), in one launch for both (was
-    two scatters): caches (B, Hkv, capacity, D) of one layout, key and value (B, Hkv, L, D) with a
-    contiguous last dim, positions (B, L)."""
+             rows: torch.Tensor, positions: torch.Tensor) -> None:
+    """k_cache[rows[b, l], h, positions[b, l]] = key[b, h, l] (and the same for values), in one launch for
+    both (was two scatters): caches (batch, Hkv, capacity, D) of one layout; key and value (B, Hkv, L, D)
+    with a contiguous last dim, a decode step's (B = batch, L = 1) or a packed prefill's (B = 1); rows and
+    positions (B, L), each token's cache row and position."""
     B, Hkv, L, D = key.shape
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and key.stride(-1) == 1
-    assert value.stride(-1) == 1 and value.shape == key.shape and k_cache.shape[:2] == (B, Hkv)
-    positions = positions.contiguous()
-    assert positions.shape == (B, L)
-    _write_kv_kernel[(B * L,)](key, value, k_cache, v_cache, positions, L, Hkv, key.stride(0), key.stride(1),
+    assert value.stride(-1) == 1 and value.shape == key.shape and k_cache.shape[1] == Hkv
+    rows, positions = rows.contiguous(), positions.contiguous()
+    assert rows.shape == positions.shape == (B, L)
+    _write_kv_kernel[(B * L,)](key, value, k_cache, v_cache, rows, positions, L, Hkv, key.stride(0), key.stride(1),
                                key.stride(2), value.stride(0), value.stride(1), value.stride(2), k_cache.stride(0),
                                k_cache.stride(1), k_cache.stride(2), BLOCK_H=triton.next_power_of_2(Hkv), D=D)
 
@@ -375,29 +377,33 @@ def _online_softmax_block(q, k, v, visible, scale, m_i, l_i, acc):
 
 
 @triton.jit
-def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, Lq, H, GROUPS, scale,
-                              sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, so_b, so_l, so_h,
-                              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # queries sit at positions 0..Lq-1 of their row (right padding): key n is visible to query m iff n <= m
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, blocks_ptr, GROUPS, scale, sq_h, sq_l, sk_b, sk_h, sk_l,
+                              so_l, so_h, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # BLOCK_M queries of one row (blocks_ptr: the row, its first token in the packed queries, its length,
+    # the block's first position). The row's queries sit at positions 0..length-1 and its keys in its
+    # cache slot from position 0: key n is visible to query m iff n <= m. Blocks start at position 0 of
+    # each row, so a row's tiles are the same whichever rows are packed beside it.
+    blk, h = tl.program_id(0), tl.program_id(1)
+    row, start = tl.load(blocks_ptr + blk * 4), tl.load(blocks_ptr + blk * 4 + 1)
+    length, m0 = tl.load(blocks_ptr + blk * 4 + 2), tl.load(blocks_ptr + blk * 4 + 3)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
-    k_base = k_ptr + b * sk_b + (h // GROUPS) * sk_h
-    v_base = v_ptr + b * sk_b + (h // GROUPS) * sk_h
+    q = tl.load(q_ptr + h * sq_h + (start + offs_m)[:, None] * sq_l + offs_d[None, :], mask=offs_m[:, None] < length,
+                other=0.0)
+    k_base = k_ptr + row * sk_b + (h // GROUPS) * sk_h
+    v_base = v_ptr + row * sk_b + (h // GROUPS) * sk_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, Lq)
-    for start in range(0, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
+    hi = tl.minimum(m0 + BLOCK_M, length)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + offs_n[None, :] * sk_l + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
         m_i, l_i, acc = _online_softmax_block(q, k, v, offs_n[None, :] <= offs_m[:, None], scale, m_i, l_i, acc)
     out = acc / l_i[:, None]
-    tl.store(o_ptr + b * so_b + offs_m[:, None] * so_l + h * so_h + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=offs_m[:, None] < Lq)
+    tl.store(o_ptr + (start + offs_m)[:, None] * so_l + h * so_h + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=offs_m[:, None] < length)
 
 
 @triton.jit
@@ -431,21 +437,37 @@ def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, B, HKV, GROUPS
              mask=offs_g[:, None] < GROUPS)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float,
-              decode: bool) -> torch.Tensor:
-    """q (B, H, Lq, D); k, v (B, Hkv, cache, D), each row's keys from position 0. Prefill: queries at
-    0..Lq-1. Decode: Lq == 1, the query at positions[b]. Returns (B, Lq, H, D)."""
+def prefill_blocks(segments: list[tuple[int, int, int]], device) -> torch.Tensor:
+    """The prefill kernel's work list for packed rows, segments of (cache row, first token, length): one
+    (row, first token, length, first position) per PREFILL_BLOCK_M queries of a row."""
+    blocks = [(row, start, n, m0) for row, start, n in segments for m0 in range(0, n, PREFILL_BLOCK_M)]
+    return torch.tensor(blocks, dtype=torch.long).to(device)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Causal attention of packed rows: q (1, H, T, D), each row's tokens in a run of T from its position 0;
+    k, v the caches (batch, Hkv, capacity, D), which hold each row's keys from position 0 of its slot;
+    blocks from `prefill_blocks`. Returns (1, T, H, D)."""
+    _, H, T, D = q.shape
+    assert q.shape[0] == 1 and k.stride(-1) == 1 and v.stride() == k.stride() and q.stride(-1) == 1
+    o = torch.empty((1, T, H, D), dtype=q.dtype, device=q.device)
+    _attention_prefill_kernel[(blocks.shape[0], H)](
+        q, k, v, o, blocks, H // k.shape[1], scale, q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        o.stride(1), o.stride(2), D=D, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N)
+    return o
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query per row: q (B, H, 1, D) at positions[b]; k, v (B, Hkv, capacity, D), each row's keys from
+    position 0. Returns (B, 1, H, D)."""
     B, H, Lq, D = q.shape
-    groups = H // k.shape[1]
-    assert k.stride(-1) == 1 and v.stride() == k.stride() and q.stride(-1) == 1
-    o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
-    if decode:
-        _attention_decode_kernel[(B * k.shape[1],)](
-            q, k, v, o, positions, B, k.shape[1], groups, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-            o.stride(0), o.stride(2), D=D, BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_N=DECODE_BLOCK_N,
-            num_warps=DECODE_WARPS)
-    else:
-        _attention_prefill_kernel[(triton.cdiv(Lq, PREFILL_BLOCK_M), B * H)](
-            q, k, v, o, Lq, H, groups, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-            k.stride(2), o.stride(0), o.stride(1), o.stride(2), D=D, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N)
+    Hkv = k.shape[1]
+    assert Lq == 1 and k.stride(-1) == 1 and v.stride() == k.stride() and q.stride(-1) == 1
+    o = torch.empty((B, 1, H, D), dtype=q.dtype, device=q.device)
+    _attention_decode_kernel[(B * Hkv,)](
+        q, k, v, o, positions, B, Hkv, H // Hkv, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        o.stride(0), o.stride(2), D=D, BLOCK_G=max(16, triton.next_power_of_2(H // Hkv)), BLOCK_N=DECODE_BLOCK_N,
+        num_warps=DECODE_WARPS)
     return o

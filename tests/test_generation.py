@@ -149,9 +149,10 @@ def test_batch_invariant_takes_the_rotary_embedding_and_gives_it_back():
     assert modeling.apply_rotary_pos_emb is original
 
 
-def test_prefill_chunks_bound_padded_tokens():
+def test_prefill_chunks_bound_packed_tokens():
     from loraflow.generation import prefill_chunks
-    assert prefill_chunks([2, 3, 5, 5, 9], 10) == [(0, 2), (2, 4), (4, 5)]
+    assert prefill_chunks([2, 3, 5, 5, 9], 10) == [(0, 3), (3, 4), (4, 5)]
+    assert prefill_chunks([9, 5, 5, 3, 2], 10) == [(0, 1), (1, 3), (3, 5)]
     assert prefill_chunks([40], 10) == [(0, 1)]  # a row longer than the bound goes alone
     assert prefill_chunks([1, 1, 1], 100) == [(0, 3)]
 

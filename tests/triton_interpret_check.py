@@ -13,7 +13,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from loraflow import invariant_kernels as ik  # noqa: E402
-from loraflow.batch_invariant import reference_attention  # noqa: E402
+from loraflow.batch_invariant import reference_attention, reference_prefill_attention  # noqa: E402
 
 torch.manual_seed(0)
 interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -113,22 +113,23 @@ for H, Hkv in ((6, 3), (4, 2)):  # head counts short of a power of two too (Qwen
     same(q_out, q_ref, f"rope q, {H} heads")
     same(k_out, k_ref, f"rope k, {Hkv} heads")
 
-# write_kv: what RowKVCache's scatters write, a prefill chunk of rows 1..2 and a decode step
+# write_kv: each token's keys and values to its cache row and position: a packed prefill of rows 1 and 2
+# (one sequence) and a decode step (a token per row)
 cap = 12
-for Hkv, (rows, length, start) in itertools.product((3, 2), ((slice(1, 3), 5, torch.tensor([0, 0])),
-                                                            (slice(None), 1, torch.tensor([3, 9, 0, 7])))):
+for Hkv, (rows, positions) in itertools.product((3, 2), (
+        (torch.tensor([[1, 1, 1, 2, 2]]), torch.tensor([[0, 1, 2, 0, 1]])),
+        (torch.arange(4)[:, None], torch.tensor([[3], [9], [0], [7]])))):
     kc, vc = torch.randn(4, Hkv, cap, D, dtype=h), torch.randn(4, Hkv, cap, D, dtype=h)
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    n = kc[rows].shape[0]
-    key = torch.randn(n, length, Hkv, D, dtype=h).transpose(1, 2)  # the projections' transposed layout
-    value = torch.randn(n, length, Hkv, D, dtype=h).transpose(1, 2)
-    positions = start[:, None] + torch.arange(length)
-    ik.write_kv(kc[rows], vc[rows], key, value, positions)
-    index = positions[:, None, :, None].expand_as(key)
-    kc_ref[rows].scatter_(2, index, key)
-    vc_ref[rows].scatter_(2, index, value)
-    same(kc, kc_ref, f"write_kv keys, {Hkv} heads, {length} positions")
-    same(vc, vc_ref, f"write_kv values, {Hkv} heads, {length} positions")
+    B, L = rows.shape
+    key = torch.randn(B, L, Hkv, D, dtype=h).transpose(1, 2)  # the projections' transposed layout
+    value = torch.randn(B, L, Hkv, D, dtype=h).transpose(1, 2)
+    ik.write_kv(kc, vc, key, value, rows, positions)
+    for b, l in itertools.product(range(B), range(L)):
+        kc_ref[rows[b, l], :, positions[b, l]] = key[b, :, l]
+        vc_ref[rows[b, l], :, positions[b, l]] = value[b, :, l]
+    same(kc, kc_ref, f"write_kv keys, {Hkv} heads, {B} x {L} tokens")
+    same(vc, vc_ref, f"write_kv values, {Hkv} heads, {B} x {L} tokens")
 
 
 # the rope's bf16 rounding on the bits (the GPU path; the interpreter's fp16 takes the cast): as torch rounds
@@ -151,30 +152,33 @@ ref = weight.float() * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdi
 assert (y.float() - ref).abs().max() < TOL
 same(ik.rms_norm(x[4:5], weight, 1e-6), y[4:5], "rms_norm one row")
 
-# attention: rows right-padded to the longest in a batch of 3 vs each row alone, in a cache of another size
-B, H, Hkv, D, lengths = 3, 4, 2, 32, [5, 70, 19]
+# prefill attention: three rows packed into one sequence (their cache slots in another order) vs each row
+# alone, in a cache of another size
+B, H, Hkv, D, lengths, slots = 3, 4, 2, 32, [5, 70, 19], [2, 0, 1]
+starts = [sum(lengths[:i]) for i in range(B)]
+segments = list(zip(slots, starts, lengths))
 L = max(lengths)
-q = torch.randn(B, L, H, D, dtype=h).transpose(1, 2)  # transformers' layout: (B, H, L, D), not contiguous
+q = torch.randn(1, sum(lengths), H, D, dtype=h).transpose(1, 2)  # transformers' layout: (1, H, T, D), not contiguous
 k, v = torch.randn(B, Hkv, L + 30, D, dtype=h), torch.randn(B, Hkv, L + 30, D, dtype=h)
-zero = torch.zeros(B, dtype=torch.long)
-out = ik.attention(q, k, v, zero, D ** -0.5, decode=False)
-ref = reference_attention(q, k, v, zero, D ** -0.5)
-for b, n in enumerate(lengths):
-    assert (out[b, :n].float() - ref[b, :n].float()).abs().max() < TOL
-    alone = ik.attention(q[b:b + 1, :, :n], k[b:b + 1, :, :n + 7].contiguous(), v[b:b + 1, :, :n + 7].contiguous(),
-                         zero[:1], D ** -0.5, decode=False)
-    same(alone[0], out[b, :n], f"prefill row {b}")
+out = ik.prefill_attention(q, k, v, ik.prefill_blocks(segments, q.device), D ** -0.5)
+ref = reference_prefill_attention(q, k, v, segments, D ** -0.5)
+assert (out.float() - ref.float()).abs().max() < TOL
+for row, first, n in segments:
+    alone = ik.prefill_attention(q[:, :, first:first + n], k[row:row + 1, :, :n + 7].contiguous(),
+                                 v[row:row + 1, :, :n + 7].contiguous(), ik.prefill_blocks([(0, 0, n)], q.device),
+                                 D ** -0.5)
+    same(alone[0], out[0, first:first + n], f"prefill row {row}")
 
 # decode: one query per row at its own position
 pos = torch.tensor([4, 69, 18])
 q1 = torch.randn(B, 1, H, D, dtype=h).transpose(1, 2)
-out = ik.attention(q1, k, v, pos, D ** -0.5, decode=True)
+out = ik.decode_attention(q1, k, v, pos, D ** -0.5)
 ref = reference_attention(q1, k, v, pos, D ** -0.5)
 assert (out.float() - ref.float()).abs().max() < TOL
 for b in range(B):
     n = int(pos[b]) + 1
-    alone = ik.attention(q1[b:b + 1], k[b:b + 1, :, :n].contiguous(), v[b:b + 1, :, :n].contiguous(), pos[b:b + 1],
-                         D ** -0.5, decode=True)
+    alone = ik.decode_attention(q1[b:b + 1], k[b:b + 1, :, :n].contiguous(), v[b:b + 1, :, :n].contiguous(),
+                                pos[b:b + 1], D ** -0.5)
     same(alone[0], out[b], f"decode row {b}")
 
 # the whole loop on the kernels, through batch_invariant's wiring (q/k/v and gate/up groups, silu_mul, rope,
@@ -186,7 +190,8 @@ from loraflow.generation import generate_ids_batch_invariant  # noqa: E402
 
 if interpreted:  # the interpreter runs the kernels on CPU tensors
     bi._on_kernels = lambda x: x.dtype in (torch.bfloat16, torch.float16)
-launches, entry_points = {}, ("write_kv", "rope", "silu_mul", "matmul_group", "attention", "rms_norm")
+launches, entry_points = {}, ("write_kv", "rope", "silu_mul", "matmul_group", "prefill_attention", "decode_attention",
+                               "rms_norm")
 for name in entry_points:
     def counted(*args, _f=getattr(ik, name), _name=name, **kwargs):
         launches[_name] = launches.get(_name, 0) + 1

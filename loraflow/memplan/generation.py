@@ -5,7 +5,8 @@ from __future__ import annotations
 from .costs import SAFETY_MARGIN
 from .estimate import Arch
 
-# loraflow.generation prefills a batch in chunks of at most this many (padded) tokens
+# loraflow.generation prefills a batch in chunks of at most this many tokens (packed, no padding;
+# a longer prompt goes alone)
 PREFILL_CHUNK_TOKENS = 16384
 
 
