@@ -78,7 +78,8 @@ class RowKVCache:
         self.decode, self.blocks = False, None
         self.segments = [(first_row + i, start, n) for i, (start, n) in enumerate(zip(starts, lengths))]
         device = self.positions.device
-        self.token_rows = torch.tensor([row for row, _, n in self.segments for _ in range(n)])[None].to(device)
+        rows = torch.arange(first_row, first_row + len(lengths))
+        self.token_rows = rows.repeat_interleave(torch.tensor(lengths))[None].to(device)
         self.token_positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
         return self.token_positions
 
