@@ -54,7 +54,7 @@ MM_BY_SHAPE: dict[tuple[str, bool, int, int], tuple[int, ...]] = {  # (kernel, d
 # "auto": TMA on Hopper and later where the shapes allow it; "tma" / "pointer" force one (tests, A/Bs)
 MATMUL_KERNEL = "auto"
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 64, 64
-DECODE_BLOCK_N, DECODE_WARPS = 64, 4
+DECODE_BLOCK_N, DECODE_WARPS, DECODE_STAGES = 64, 4, 3  # stages: pipelining depth only, no effect on the sums
 
 
 def matmul_config(n: int, k: int, decode: bool, kernel: str) -> tuple[int, ...]:
@@ -469,5 +469,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     _attention_decode_kernel[(B * Hkv,)](
         q, k, v, o, positions, B, Hkv, H // Hkv, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         o.stride(0), o.stride(2), D=D, BLOCK_G=max(16, triton.next_power_of_2(H // Hkv)), BLOCK_N=DECODE_BLOCK_N,
-        num_warps=DECODE_WARPS)
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
     return o
