@@ -1,7 +1,7 @@
 """Times loraflow.invariant_kernels at the 8B's decode and prefill shapes against cuBLAS / sdpa, and
 sweeps their configurations (H200). Prints one JSON line per measurement and the fastest per shape.
 
-    python3 benchmarks/invariant_kernel_probe.py [--decode-m 256 512] [--write configs.json] [--matmul-only]
+    python3 benchmarks/invariant_kernel_probe.py [--decode-m 256 512] [--write configs.json] [--matmul-only | --attention-only]
         [--kernels tma pointer]
 """
 from __future__ import annotations
@@ -106,9 +106,10 @@ def main() -> None:
     p.add_argument("--write", help="write the fastest configuration per shape here (generate_bench.py --configs)")
     p.add_argument("--decode-m", type=int, nargs="+", default=[256])
     p.add_argument("--matmul-only", action="store_true")
+    p.add_argument("--attention-only", action="store_true", help="no matmul sweep")
     p.add_argument("--kernels", nargs="+", default=["tma", "pointer"], choices=["tma", "pointer"])
     a = p.parse_args()
-    best = [row for kernel in a.kernels for row in sweep(kernel, a.decode_m, 16384)]
+    best = [] if a.attention_only else [row for kernel in a.kernels for row in sweep(kernel, a.decode_m, 16384)]
     if a.write:
         Path(a.write).write_text(json.dumps(best))
     if a.matmul_only:
