@@ -48,9 +48,9 @@ def gpu_rates() -> tuple[float, float]:
 
 def bound_seconds(config, lengths: list[int], new_tokens: int, batch: int) -> dict:
     """The least time the workload can take on this GPU, whatever the software: prefill at the matmul
-    rate (weights x prompt tokens, the lm_head at each prompt's last token, plus causal attention), then each decode step at the larger of its
-    bytes (every weight once, plus each row's K/V so far) over the bandwidth and its FLOPs over the
-    matmul rate. Rows go `batch` at a time, sorted by length, as the loop runs them."""
+    rate (weights x prompt tokens, the lm_head at each prompt's last token, plus causal attention), then
+    each decode step at the larger of its bytes (every weight once, plus each row's K/V so far) over the
+    bandwidth and its FLOPs over the matmul rate. Rows go `batch` at a time, sorted by length, as the loop runs them."""
     from loraflow.memplan import Arch
     arch = Arch.from_config(config)
     hbm_bytes_per_s, matmul_flop_per_s = gpu_rates()
@@ -60,7 +60,8 @@ def bound_seconds(config, lengths: list[int], new_tokens: int, batch: int) -> di
     # QK^T and PV over k keys for q queries
     attn_flops = lambda q, k: 4 * q * k * arch.heads * arch.head_dim * arch.layers  # noqa: E731
     # a prompt's logits are needed at its last token only
-    prefill = sum(2 * arch.linear_params() * L + 2 * head_params + attn_flops(L, L) / 2 for L in lengths) / matmul_flop_per_s
+    prefill = sum(2 * arch.linear_params() * L + 2 * head_params + attn_flops(L, L) / 2
+                  for L in lengths) / matmul_flop_per_s
     decode, order = 0.0, sorted(lengths)
     for first in range(0, len(order), batch):
         rows = order[first:first + batch]

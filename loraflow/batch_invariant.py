@@ -14,6 +14,7 @@ Quantized (bitsandbytes) linears are left as they are, so their rows are not gua
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from contextlib import contextmanager
 from functools import partial
@@ -74,7 +75,7 @@ class RowKVCache:
     def begin_prefill(self, first_row: int, lengths: list[int]) -> torch.Tensor:
         """The next call is the prefill of rows first_row.. (prompts of `lengths` tokens), packed into one
         sequence. Returns the call's position ids (1, total)."""
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        starts = [0, *itertools.accumulate(lengths)][:-1]
         self.decode, self.blocks = False, None
         self.segments = [(first_row + i, start, n) for i, (start, n) in enumerate(zip(starts, lengths))]
         device = self.positions.device
@@ -92,8 +93,8 @@ class RowKVCache:
             invariant_kernels.write_kv(k, v, key, value, self.token_rows, self.token_positions)
         else:
             rows, positions = self.token_rows.reshape(-1), self.token_positions.reshape(-1)
-            k[rows, :, positions] = key.transpose(1, 2).reshape(-1, *key.shape[1:2], key.shape[-1])
-            v[rows, :, positions] = value.transpose(1, 2).reshape(-1, *value.shape[1:2], value.shape[-1])
+            k[rows, :, positions] = key.transpose(1, 2).flatten(0, 1)  # (tokens, Hkv, D)
+            v[rows, :, positions] = value.transpose(1, 2).flatten(0, 1)
         return k, v
 
 

@@ -135,8 +135,8 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
             for lo, hi in prefill_chunks(row_lengths, prefill_tokens):
                 ids = torch.tensor([t for r in rows[lo:hi] for t in prompts[r]])[None].to(dev)
                 hidden = forward(ids, cache.begin_prefill(lo, row_lengths[lo:hi]))[0]
-                last = torch.tensor(row_lengths[lo:hi]).cumsum(0).to(dev) - 1  # each row's last prompt token
-                logits.append(head(hidden[last]))
+                last = [start + n - 1 for _, start, n in cache.segments]  # each row's last prompt token
+                logits.append(head(hidden[torch.tensor(last, device=dev)]))
             record(torch.cat(logits))
             cache.positions.copy_(torch.tensor(row_lengths))
             for n in range(1, max_new_tokens):

@@ -464,10 +464,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     position 0. Returns (B, 1, H, D)."""
     B, H, Lq, D = q.shape
     Hkv = k.shape[1]
+    groups = H // Hkv
     assert Lq == 1 and k.stride(-1) == 1 and v.stride() == k.stride() and q.stride(-1) == 1
     o = torch.empty((B, 1, H, D), dtype=q.dtype, device=q.device)
     _attention_decode_kernel[(B * Hkv,)](
-        q, k, v, o, positions, B, Hkv, H // Hkv, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        o.stride(0), o.stride(2), D=D, BLOCK_G=max(16, triton.next_power_of_2(H // Hkv)), BLOCK_N=DECODE_BLOCK_N,
+        q, k, v, o, positions, B, Hkv, groups, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        o.stride(0), o.stride(2), D=D, BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_N=DECODE_BLOCK_N,
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
     return o
