@@ -101,6 +101,7 @@ def main() -> None:
             print(json.dumps({"batch": b, **bound_seconds(llama_8b(), list(map(len, prompts(a.rows))), a.new_tokens, b)}))
         return
     from loraflow import invariant_kernels as ik
+    from loraflow.memplan import Arch, generation_bytes
     if a.baseline:  # as Run 7 measured it: the matmuls' tiles loaded by pointer, a program per tile
         ik.MATMUL_KERNEL = "pointer"
     if a.configs:
@@ -121,6 +122,7 @@ def main() -> None:
                "build_s": round(time.perf_counter() - t0, 1), "baseline": a.baseline,
                "matmul_kernel": ik.MATMUL_KERNEL, "configs": sorted(ik.MM_BY_SHAPE.items()), "ours": {}}
     batched_out, outputs, results["first_call_s"] = None, {}, {}
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
     for b in a.batch:
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -129,16 +131,19 @@ def main() -> None:
             _, results["first_call_s"][b] = timed(
                 lambda: generate_ids_batch_invariant(model, rows[:b], batch_size=b, **{**kw, "max_new_tokens": 4}))
             out, s = timed(lambda: generate_ids_batch_invariant(model, rows, batch_size=b, **kw))
-        except torch.OutOfMemoryError as e:  # batch 512's cache needs an H200; an H100 gets the other sizes
+        except torch.OutOfMemoryError as e:
             print(json.dumps({"batch": b, "error": str(e)[:120]}), flush=True)
             torch.cuda.empty_cache()
             continue
         _, prefill_s = timed(lambda: generate_ids_batch_invariant(model, rows, batch_size=b, **{**kw, "max_new_tokens": 1}))
         batched_out = outputs[b] = out
         bound = bound_seconds(model.config, list(map(len, rows)), a.new_tokens, b)
+        # the memory plan's figure for this batch (what evaluate sizes its batch by), beside the peak
+        planned = weights + generation_bytes(Arch.from_config(model.config), b, list(map(len, rows)), a.new_tokens)
         results["ours"][b] = {"seconds": round(s, 2), "prefill_seconds": round(prefill_s, 2),
                               "tokens_per_s": round(a.rows * a.new_tokens / s, 1),
                               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                              "planned_gib": round(planned / 2**30, 2),
                               "bound": bound, "share_of_bound": round(bound["seconds"] / s, 3)}
         print(json.dumps({"batch": b, **results["ours"][b]}), flush=True)
     # every row, at every batch size: batch invariance means the same tokens

@@ -115,32 +115,37 @@ def main() -> None:
     if a.matmul_only:
         return
     bf = torch.bfloat16
-    # decode attention: batch 256, 8B heads, positions 150..450 in a cache of 1,300
+    # decode attention: batch 256, 8B heads, positions 150..450, each row given 1,300 slots (so SDPA can
+    # read the pool as a padded batch)
     B, H, Hkv, D, cap = 256, 32, 8, 128, 1300
     q = torch.randn(B, 1, H, D, dtype=bf, device="cuda").transpose(1, 2)
-    k, v = (torch.randn(B, Hkv, cap, D, dtype=bf, device="cuda") for _ in range(2))
+    k, v = (torch.randn(Hkv, B * cap, D, dtype=bf, device="cuda") for _ in range(2))
+    starts = torch.arange(B, device="cuda") * cap
     pos = torch.randint(150, 450, (B,), device="cuda")
     mask = torch.arange(cap, device="cuda")[None, None, None, :] <= pos[:, None, None, None]
-    t_sdpa = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+    k_rows, v_rows = (t.view(Hkv, B, cap, D).transpose(0, 1) for t in (k, v))
+    t_sdpa = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k_rows, v_rows, attn_mask=mask,
+                                                                         enable_gqa=True))
     chosen = ik.DECODE_BLOCK_N, ik.DECODE_WARPS, ik.DECODE_STAGES
-    t = ms(lambda: ik.decode_attention(q, k, v, pos, D ** -0.5))
+    t = ms(lambda: ik.decode_attention(q, k, v, starts, pos, D ** -0.5))
     kv_bytes = 2 * B * Hkv * float(pos.float().mean() + 1) * D * 2
     print(json.dumps({"op": "decode_attention", "chosen": chosen, "ms": round(t, 4), "sdpa_full_cache_ms": round(t_sdpa, 4),
                       "gbps": round(kv_bytes / t / 1e6, 1)}), flush=True)
     # decode attention at the workload's own lengths (generate_bench's prompts, sorted as the loop sorts
-    # them, halfway through the 256 new tokens), every configuration: the spread of lengths is what leaves
-    # a tail of long rows
+    # them, halfway through the 256 new tokens, each row's slots as the loop places them), every
+    # configuration: the spread of lengths is what leaves a tail of long rows
     from generate_bench import prompts
     lengths = sorted(map(len, prompts(512)))
     for rows in (256, 512):
-        pos = torch.tensor(lengths[-rows:], device="cuda") + 128
-        kw, vw = (torch.randn(rows, Hkv, int(pos.max()) + 1, D, dtype=bf, device="cuda") for _ in range(2))
+        row_lengths = torch.tensor(lengths[-rows:], device="cuda")
+        pos, starts = row_lengths + 128, torch.cumsum(row_lengths + 256, 0) - (row_lengths + 256)
+        kw, vw = (torch.randn(Hkv, int((row_lengths + 256).sum()), D, dtype=bf, device="cuda") for _ in range(2))
         qw = torch.randn(rows, 1, H, D, dtype=bf, device="cuda").transpose(1, 2)
         kv_bytes = 2 * Hkv * float((pos + 1).sum()) * D * 2
         timings = []
         for bn, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
             ik.DECODE_BLOCK_N, ik.DECODE_WARPS, ik.DECODE_STAGES = bn, warps, stages
-            timings.append((ms(lambda: ik.decode_attention(qw, kw, vw, pos, D ** -0.5)), bn, warps, stages))
+            timings.append((ms(lambda: ik.decode_attention(qw, kw, vw, starts, pos, D ** -0.5)), bn, warps, stages))
         ik.DECODE_BLOCK_N, ik.DECODE_WARPS, ik.DECODE_STAGES = chosen
         t_chosen = next(t for t, *cfg in timings if tuple(cfg) == chosen)
         t_best, *best = min(timings)
@@ -151,11 +156,13 @@ def main() -> None:
     print(json.dumps({"op": "rms_norm", "M": 256, "ms": round(ms(lambda: ik.rms_norm(x, g, 1e-5)), 4)}), flush=True)
     # prefill attention: 16 rows of 512 packed into one sequence, against SDPA's causal kernel on the 16 rows
     qp = torch.randn(1, 16 * 512, H, D, dtype=bf, device="cuda").transpose(1, 2)
-    kp, vp = (torch.randn(16, Hkv, 512, D, dtype=bf, device="cuda") for _ in range(2))
-    blocks = ik.prefill_blocks([(r, 512 * r, 512) for r in range(16)], "cuda")
+    kp, vp = (torch.randn(Hkv, 16 * 512, D, dtype=bf, device="cuda") for _ in range(2))
+    blocks = ik.prefill_blocks([(512 * r, 512 * r, 512) for r in range(16)], "cuda")
     t = ms(lambda: ik.prefill_attention(qp, kp, vp, blocks, D ** -0.5))
     q_rows = qp.reshape(H, 16, 512, D).transpose(0, 1)
-    t_ref = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q_rows, kp, vp, is_causal=True, enable_gqa=True))
+    k_rows, v_rows = (t.view(Hkv, 16, 512, D).transpose(0, 1) for t in (kp, vp))
+    t_ref = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q_rows, k_rows, v_rows, is_causal=True,
+                                                                        enable_gqa=True))
     print(json.dumps({"op": "prefill_attention", "B": 16, "L": 512, "ms": round(t, 4), "sdpa_ms": round(t_ref, 4)}), flush=True)
 
 

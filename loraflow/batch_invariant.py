@@ -1,12 +1,12 @@
 """Batch-invariant forward passes for generation: each row of a batch is computed exactly as it would be
 alone, so batched greedy outputs equal one-row-at-a-time outputs token for token, in bf16 on a GPU too.
 
-Inside `with batch_invariant(model, batch, capacity) as cache:`
+Inside `with batch_invariant(model, batch, slots) as cache:`
 - every plain nn.Linear and every Llama-style RMSNorm runs a fixed-configuration kernel
   (loraflow.invariant_kernels) on CUDA; q/k/v and gate/up run as one launch each, SiLU(gate) x up
   one, the rotary embedding one for queries and keys, and the K/V cache writes one;
-- attention reads a `RowKVCache`, where each row's keys start at position 0 of its own slot, so a
-  row's keys sit at the same positions whatever the batch; prefill packs the rows' prompts into one
+- attention reads a `RowKVCache`, where each row's keys start at position 0 of its own run of slots,
+  sized by its own length, so a row's keys sit at the same positions whatever the batch; prefill packs the rows' prompts into one
   sequence with no padding, and each row's query tiles start at its own first token;
 - on CPU the same structure runs on PyTorch ops (float32 there, which the tests compare).
 Only the model types below are taken; others fall back to HF generate (see loraflow.generation).
@@ -46,75 +46,92 @@ def unsupported_reason(model, on_gpu: bool | None = None) -> str | None:
 
 
 class RowKVCache:
-    """The decode state of one generation loop, as nanochat's KVCache keeps it: K/V buffers
-    (batch, kv_heads, capacity, head_dim) per layer, zero-filled so unwritten slots are finite and masked
-    attention adds exact zeros; `positions[b]`, where row b's next query sits. A call is either a decode
-    step (one token for every row) or a prefill of some rows' prompts packed into one sequence, no
-    padding, each from position 0 of its row's slot (`segments`: cache row, first token, length).
-    `token_rows` and `token_positions` say where each token of the call writes its keys and values,
-    worked out once per call, not per layer. The linears' and attention's kernel configurations follow
-    `decode`: set by the loop, never inferred from shapes, so a row alone and in a batch take the same
-    kernel."""
+    """The decode state of one generation loop. Per layer, K/V buffers (kv_heads, slots, head_dim): one
+    pool of token slots, zero-filled so unwritten slots are finite and masked attention adds exact zeros.
+    Each row of a batch holds a run of slots from `starts[b]` (`place_rows`), as many as its own prompt
+    and new tokens need, so a batch of short prompts beside one long one does not reserve the long one's
+    length for every row (`loraflow.memplan.cache_slots` sizes the pool). `positions[b]`: where row b's
+    next query sits. A call is either a decode step (one token for every row) or a prefill of some rows'
+    prompts packed into one sequence, no padding, each from position 0 of its row (`segments`: the row's
+    first slot, first token, length). `token_slots` says where each token of the call writes its keys and
+    values, worked out once per call, not per layer. The linears' and attention's kernel configurations
+    follow `decode`: set by the loop, never inferred from shapes, so a row alone and in a batch take the
+    same kernel."""
 
-    def __init__(self, config, batch: int, capacity: int, dtype: torch.dtype, device):
+    def __init__(self, config, batch: int, slots: int, dtype: torch.dtype, device):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (batch, config.num_key_value_heads, capacity, head_dim)
+        shape = (config.num_key_value_heads, slots, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.slots = slots
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.every_row = torch.arange(batch, device=device)[:, None]
+        self.starts = torch.zeros(batch, dtype=torch.long, device=device)  # read by the decode graph: update in place
+        self.first_slots = [0] * batch
         self.begin_decode()
+
+    def place_rows(self, capacities: list[int]) -> None:
+        """Give row b of the next batch capacities[b] slots, one run after another."""
+        first = [0, *itertools.accumulate(capacities)]
+        if len(capacities) != len(self.first_slots) or first[-1] > self.slots:
+            raise ValueError(f"{len(capacities)} rows needing {first[-1]} cache slots; the cache has "
+                             f"{len(self.first_slots)} rows and {self.slots} slots")
+        self.first_slots = first[:-1]
+        self.starts.copy_(torch.tensor(self.first_slots))
 
     def begin_decode(self) -> torch.Tensor:
         """The next call is a decode step: one token per row, at the row's position. Returns the
         call's position ids (batch, 1)."""
         self.decode, self.segments, self.blocks = True, [], None
-        self.token_rows, self.token_positions = self.every_row, self.positions[:, None]
-        return self.token_positions
+        self.token_slots = (self.starts + self.positions)[:, None]
+        return self.positions[:, None]
 
     def begin_prefill(self, first_row: int, lengths: list[int]) -> torch.Tensor:
         """The next call is the prefill of rows first_row.. (prompts of `lengths` tokens), packed into one
         sequence. Returns the call's position ids (1, total)."""
         starts = [0, *itertools.accumulate(lengths)][:-1]
+        slots = self.first_slots[first_row:first_row + len(lengths)]
         self.decode, self.blocks = False, None
-        self.segments = [(first_row + i, start, n) for i, (start, n) in enumerate(zip(starts, lengths))]
+        self.segments = list(zip(slots, starts, lengths))
         device = self.positions.device
-        rows = torch.arange(first_row, first_row + len(lengths))
-        self.token_rows = rows.repeat_interleave(torch.tensor(lengths))[None].to(device)
-        self.token_positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
-        return self.token_positions
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        self.token_slots = (torch.tensor(slots).repeat_interleave(torch.tensor(lengths)) + positions)[None].to(device)
+        return positions[None].to(device)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        """Write the call's keys and values (B, Hkv, L, D) to their rows and positions; returns the whole
-        caches, which attention reads by row."""
+        """Write the call's keys and values (B, Hkv, L, D) to their slots; returns the whole caches, which
+        attention reads by row."""
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if _on_kernels(key):
             from loraflow import invariant_kernels
-            invariant_kernels.write_kv(k, v, key, value, self.token_rows, self.token_positions)
+            invariant_kernels.write_kv(k, v, key, value, self.token_slots)
         else:
-            rows, positions = self.token_rows.reshape(-1), self.token_positions.reshape(-1)
-            k[rows, :, positions] = key.transpose(1, 2).flatten(0, 1)  # (tokens, Hkv, D)
-            v[rows, :, positions] = value.transpose(1, 2).flatten(0, 1)
+            slots = self.token_slots.reshape(-1)
+            k[:, slots] = key.transpose(0, 1).flatten(1, 2)  # (Hkv, tokens, D)
+            v[:, slots] = value.transpose(0, 1).flatten(1, 2)
         return k, v
 
 
-def reference_attention(q, k, v, positions, scale):
+def reference_attention(q, k, v, starts, positions, scale):
     """PyTorch version of the kernels' attention: query i of row b sits at positions[b] + i and sees
-    keys 0..that position. q (B, H, Lq, D); k, v (B, Hkv, capacity, D); returns (B, Lq, H, D)."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    query_pos = positions[:, None] + torch.arange(q.shape[2], device=q.device)
-    visible = torch.arange(k.shape[2], device=q.device)[None, None, :] <= query_pos[:, :, None]
+    keys 0..that position, which sit in the slots from starts[b]. q (B, H, Lq, D); k, v (Hkv, slots, D);
+    returns (B, Lq, H, D)."""
+    groups = q.shape[1] // k.shape[0]
+    query_pos = positions[:, None] + torch.arange(q.shape[2], device=q.device)  # (B, Lq)
+    span = torch.arange(int(query_pos.max()) + 1, device=q.device)
+    # each row's keys 0..its last query's position, gathered to (B, Hkv, span, D); later slots masked
+    slots = (starts[:, None] + span).clamp(max=k.shape[1] - 1)
+    k, v = (t[:, slots].transpose(0, 1).repeat_interleave(groups, 1) for t in (k, v))
+    visible = span[None, None, :] <= query_pos[:, :, None]
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
     return (probs @ v.float()).to(q.dtype).transpose(1, 2)
 
 
 def reference_prefill_attention(q, k, v, segments, scale):
-    """reference_attention over packed rows: q (1, H, T, D), segments (cache row, first token, length)."""
-    start = torch.zeros(1, dtype=torch.long, device=q.device)
-    return torch.cat([reference_attention(q[:, :, first:first + n], k[row:row + 1, :, :n], v[row:row + 1, :, :n], start,
-                                          scale) for row, first, n in segments], dim=1)
+    """reference_attention over packed rows: q (1, H, T, D), segments (first cache slot, first token, length)."""
+    zero = torch.zeros(1, dtype=torch.long, device=q.device)
+    return torch.cat([reference_attention(q[:, :, first:first + n], k, v, zero + slot, zero, scale)
+                      for slot, first, n in segments], dim=1)
 
 
 def row_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -127,8 +144,8 @@ def row_attention(module, query, key, value, attention_mask, scaling=None, dropo
         from loraflow import invariant_kernels
     if cache.decode:
         if on_kernels:
-            return invariant_kernels.decode_attention(query, key, value, cache.positions, scale), None
-        return reference_attention(query, key, value, cache.positions, scale), None
+            return invariant_kernels.decode_attention(query, key, value, cache.starts, cache.positions, scale), None
+        return reference_attention(query, key, value, cache.starts, cache.positions, scale), None
     if on_kernels:
         if cache.blocks is None:  # once per call, not per layer
             cache.blocks = invariant_kernels.prefill_blocks(cache.segments, query.device)
@@ -223,15 +240,15 @@ def _rms_norm(module, original, x):
 
 
 @contextmanager
-def batch_invariant(model, batch: int, capacity: int):
+def batch_invariant(model, batch: int, slots: int):
     """Run `model` with the batch-invariant linears, norms and row attention, over a RowKVCache of
-    `batch` rows and `capacity` positions, which it yields; the model is restored on exit."""
+    `batch` rows and `slots` token slots, which it yields; the model is restored on exit."""
     from transformers import AttentionInterface
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"batch-invariant generation does not support {reason}")
     AttentionInterface.register(ATTENTION, row_attention)  # no mask function: the kernels mask by position
-    cache = RowKVCache(model.config, batch, capacity, model.dtype, model.device)
+    cache = RowKVCache(model.config, batch, slots, model.dtype, model.device)
     patched, grouped = [], set()
     for members in projection_groups(model):
         group = _ProjectionGroup(members, cache)

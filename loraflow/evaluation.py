@@ -17,6 +17,7 @@ import torch
 
 import loraflow
 from loraflow import memplan
+from loraflow.batch_invariant import unsupported_reason
 from loraflow.chat_format import ChatFormat, strip_reasoning
 from loraflow.generation import generate_texts
 from loraflow.modeling import BaseRef, compute_dtype, device, fit_vocab, load_model, release_memory
@@ -84,9 +85,10 @@ def generation_batch_size(model, tokenizer, prompts: list[str], settings: Genera
         return settings.batch_size
     if not torch.cuda.is_available():
         return 32
-    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    return memplan.generation_batch(memplan.Arch.from_config(model.config), longest, settings.max_new_tokens,
-                                    torch.cuda.mem_get_info()[0], len(prompts), act_bytes=model.dtype.itemsize)
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    return memplan.generation_batch(memplan.Arch.from_config(model.config), lengths, settings.max_new_tokens,
+                                    torch.cuda.mem_get_info()[0], act_bytes=model.dtype.itemsize,
+                                    ragged=unsupported_reason(model) is None)  # else HF generate pads each batch
 
 
 def score_rows(outputs: list[str], references: list[str], checkable: list[bool], rouge, exact) -> dict[str, list]:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from loraflow.memplan import PREFILL_CHUNK_TOKENS
+from loraflow.memplan import PREFILL_CHUNK_TOKENS, cache_slots
 
 log = logging.getLogger("loraflow.generation")
 
@@ -82,7 +82,8 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
     """generate_ids_hf's result, batch-invariant and fast: each row is computed exactly as it would be alone
     (loraflow.batch_invariant), so the result does not depend on batch_size.
 
-    Rows are sorted by length; each row's KV cache starts at position 0 of its own slot. Prefill packs
+    Rows are sorted by length; each row's KV cache is a run of slots sized by its own prompt and the new
+    tokens, from its position 0 (memplan.cache_slots sizes the pool). Prefill packs
     the rows' prompts into one sequence, no padding, in chunks of at most `prefill_tokens` tokens
     (a longer prompt goes alone). The decode step has one shape
     for every batch (a short last batch is filled with copies of its last row, dropped after), so on
@@ -121,8 +122,8 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
 
     results: list[dict | None] = [None] * len(prompts)
     progress = BatchProgress(len(prompts))
-    capacity = max(map(len, prompts)) + max_new_tokens
-    with batch_invariant(model, batch_size, capacity) as cache:
+    slots = cache_slots([len(p) for p in prompts], batch_size, max_new_tokens)
+    with batch_invariant(model, batch_size, slots) as cache:
         step = capture(decode_step) if cuda_graph and max_new_tokens > 1 else decode_step
         for first in range(0, len(order), batch_size):
             idx = order[first:first + batch_size]
@@ -132,6 +133,7 @@ def generate_ids_batch_invariant(model, prompts: list[list[int]], *, pad_id: int
             new.fill_(pad_id)  # an early stop leaves later columns unwritten
             cache.positions.zero_()
             logits, row_lengths = [], [len(prompts[i]) for i in rows]
+            cache.place_rows([n + max_new_tokens for n in row_lengths])
             for lo, hi in prefill_chunks(row_lengths, prefill_tokens):
                 ids = torch.tensor([t for r in rows[lo:hi] for t in prompts[r]])[None].to(dev)
                 hidden = forward(ids, cache.begin_prefill(lo, row_lengths[lo:hi]))[0]

@@ -12,9 +12,10 @@ and reduces each row in one fixed order:
   weights, never by M, so a row alone and in a batch take the same one;
 - `rms_norm`: one program per row; `rope`, `silu_mul`: elementwise, rounded as the PyTorch ops round;
 - `prefill_attention`: rows packed into one sequence with no padding, one program per block of a row's
-  queries and head; `decode_attention`: one program per (row, KV head). Keys are walked from position 0
-  of the row's cache slot in fixed blocks; keys past a query's position are masked to exact zeros, so
-  a longer cache adds nothing to any sum.
+  queries and head; `decode_attention`: one program per (row, KV head). The caches are one pool of
+  token slots per layer, each row holding as many as its own prompt and new tokens need (no row is
+  sized by the longest); keys are walked from the row's first slot in fixed blocks, and keys past a
+  query's position are masked to exact zeros, so where a row sits and what lies past it add nothing.
 Prefill and decode use different attention kernels, chosen by the phase the caller names, never by
 the shapes, so a one-row run and a batched run take the same kernel for the same token.
 The kernels also run under TRITON_INTERPRET=1 on CPU, which is how CI checks them.
@@ -333,32 +334,31 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, row_ptr, pos_ptr, L, HKV, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sc_b,
-                     sc_h, sc_l, BLOCK_H: tl.constexpr, D: tl.constexpr):
-    # one token: its keys and values, every KV head, copied to its row's slot at its position
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, L, HKV, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sc_h, sc_s,
+                     BLOCK_H: tl.constexpr, D: tl.constexpr):
+    # one token: its keys and values, every KV head, copied to its cache slot
     pid = tl.program_id(0)
     b, l = pid // L, pid % L
     heads, offs = tl.arange(0, BLOCK_H)[:, None], tl.arange(0, D)[None, :]
     mask = heads < HKV
-    slot = tl.load(row_ptr + pid).to(tl.int64) * sc_b + heads * sc_h + tl.load(pos_ptr + pid) * sc_l + offs
+    slot = heads * sc_h + tl.load(slot_ptr + pid).to(tl.int64) * sc_s + offs
     tl.store(kc_ptr + slot, tl.load(k_ptr + b * sk_b + heads * sk_h + l * sk_l + offs, mask=mask), mask=mask)
     tl.store(vc_ptr + slot, tl.load(v_ptr + b * sv_b + heads * sv_h + l * sv_l + offs, mask=mask), mask=mask)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             rows: torch.Tensor, positions: torch.Tensor) -> None:
-    """k_cache[rows[b, l], h, positions[b, l]] = key[b, h, l] (and the same for values), in one launch for
-    both (was two scatters): caches (batch, Hkv, capacity, D) of one layout; key and value (B, Hkv, L, D)
-    with a contiguous last dim, a decode step's (B = batch, L = 1) or a packed prefill's (B = 1); rows and
-    positions (B, L), each token's cache row and position."""
+             slots: torch.Tensor) -> None:
+    """k_cache[h, slots[b, l]] = key[b, h, l] (and the same for values), in one launch for both: caches
+    (Hkv, slots, D) of one layout; key and value (B, Hkv, L, D) with a contiguous last dim, a decode step's
+    (B = batch, L = 1) or a packed prefill's (B = 1); slots (B, L), each token's cache slot."""
     B, Hkv, L, D = key.shape
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and key.stride(-1) == 1
-    assert value.stride(-1) == 1 and value.shape == key.shape and k_cache.shape[1] == Hkv
-    rows, positions = rows.contiguous(), positions.contiguous()
-    assert rows.shape == positions.shape == (B, L)
-    _write_kv_kernel[(B * L,)](key, value, k_cache, v_cache, rows, positions, L, Hkv, key.stride(0), key.stride(1),
+    assert value.stride(-1) == 1 and value.shape == key.shape and k_cache.shape[0] == Hkv
+    slots = slots.contiguous()
+    assert slots.shape == (B, L)
+    _write_kv_kernel[(B * L,)](key, value, k_cache, v_cache, slots, L, Hkv, key.stride(0), key.stride(1),
                                key.stride(2), value.stride(0), value.stride(1), value.stride(2), k_cache.stride(0),
-                               k_cache.stride(1), k_cache.stride(2), BLOCK_H=triton.next_power_of_2(Hkv), D=D)
+                               k_cache.stride(1), BLOCK_H=triton.next_power_of_2(Hkv), D=D)
 
 
 @triton.jit
@@ -377,29 +377,29 @@ def _online_softmax_block(q, k, v, visible, scale, m_i, l_i, acc):
 
 
 @triton.jit
-def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, blocks_ptr, GROUPS, scale, sq_h, sq_l, sk_b, sk_h, sk_l,
+def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, blocks_ptr, GROUPS, scale, sq_h, sq_l, sk_h, sk_s,
                               so_l, so_h, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # BLOCK_M queries of one row (blocks_ptr: the row, its first token in the packed queries, its length,
-    # the block's first position). The row's queries sit at positions 0..length-1 and its keys in its
-    # cache slot from position 0: key n is visible to query m iff n <= m. Blocks start at position 0 of
-    # each row, so a row's tiles are the same whichever rows are packed beside it.
+    # BLOCK_M queries of one row (blocks_ptr: the row's first cache slot, its first token in the packed
+    # queries, its length, the block's first position). The row's queries sit at positions 0..length-1 and
+    # its keys in the slots from its first: key n is visible to query m iff n <= m. Blocks start at
+    # position 0 of each row, so a row's tiles are the same whichever rows are packed beside it.
     blk, h = tl.program_id(0), tl.program_id(1)
-    row, start = tl.load(blocks_ptr + blk * 4), tl.load(blocks_ptr + blk * 4 + 1)
+    slot0, start = tl.load(blocks_ptr + blk * 4), tl.load(blocks_ptr + blk * 4 + 1)
     length, m0 = tl.load(blocks_ptr + blk * 4 + 2), tl.load(blocks_ptr + blk * 4 + 3)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + h * sq_h + (start + offs_m)[:, None] * sq_l + offs_d[None, :], mask=offs_m[:, None] < length,
                 other=0.0)
-    k_base = k_ptr + row * sk_b + (h // GROUPS) * sk_h
-    v_base = v_ptr + row * sk_b + (h // GROUPS) * sk_h
+    k_base = k_ptr + slot0 * sk_s + (h // GROUPS) * sk_h
+    v_base = v_ptr + slot0 * sk_s + (h // GROUPS) * sk_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     hi = tl.minimum(m0 + BLOCK_M, length)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[None, :] * sk_l + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
+        k = tl.load(k_base + offs_n[None, :] * sk_s + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
         m_i, l_i, acc = _online_softmax_block(q, k, v, offs_n[None, :] <= offs_m[:, None], scale, m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(o_ptr + (start + offs_m)[:, None] * so_l + h * so_h + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -407,10 +407,10 @@ def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, blocks_ptr, GROUPS, sc
 
 
 @triton.jit
-def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, B, HKV, GROUPS, scale,
-                             sq_b, sq_h, sk_b, sk_h, sk_l, so_b, so_h,
+def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, pos_ptr, B, HKV, GROUPS, scale,
+                             sq_b, sq_h, sk_h, sk_s, so_b, so_h,
                              D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    # one new query per row, at position pos[b]. The query heads that share a KV head are the rows of
+    # one new query per row, at position pos[b]; the row's keys sit in the slots from start[b]. The query heads that share a KV head are the rows of
     # one tile (padded to BLOCK_G >= 16 for the MMA), so each K/V block is read once for all of them.
     # Programs start from the last row: the generation loop sorts rows by length, so the longest go
     # first and the last wave is of short rows, not a few long ones keeping the GPU waiting.
@@ -421,16 +421,17 @@ def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, B, HKV, GROUPS
     offs_d = tl.arange(0, D)
     heads = kvh * GROUPS + offs_g
     q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=offs_g[:, None] < GROUPS, other=0.0)
-    k_base = k_ptr + b * sk_b + kvh * sk_h
-    v_base = v_ptr + b * sk_b + kvh * sk_h
+    slot0 = tl.load(start_ptr + b).to(tl.int64)
+    k_base = k_ptr + slot0 * sk_s + kvh * sk_h
+    v_base = v_ptr + slot0 * sk_s + kvh * sk_h
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     for start in range(0, pos + 1, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         visible = offs_n <= pos
-        k = tl.load(k_base + offs_n[None, :] * sk_l + offs_d[:, None], mask=visible[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * sk_l + offs_d[None, :], mask=visible[:, None], other=0.0)
+        k = tl.load(k_base + offs_n[None, :] * sk_s + offs_d[:, None], mask=visible[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=visible[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_block(q, k, v, visible[None, :], scale, m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * so_b + heads[:, None] * so_h + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -438,37 +439,37 @@ def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, B, HKV, GROUPS
 
 
 def prefill_blocks(segments: list[tuple[int, int, int]], device) -> torch.Tensor:
-    """The prefill kernel's work list for packed rows, segments of (cache row, first token, length): one
-    (row, first token, length, first position) per PREFILL_BLOCK_M queries of a row."""
-    blocks = [(row, start, n, m0) for row, start, n in segments for m0 in range(0, n, PREFILL_BLOCK_M)]
+    """The prefill kernel's work list for packed rows, segments of (first cache slot, first token, length):
+    one (first slot, first token, length, first position) per PREFILL_BLOCK_M queries of a row."""
+    blocks = [(slot, start, n, m0) for slot, start, n in segments for m0 in range(0, n, PREFILL_BLOCK_M)]
     return torch.tensor(blocks, dtype=torch.long).to(device)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """Causal attention of packed rows: q (1, H, T, D), each row's tokens in a run of T from its position 0;
-    k, v the caches (batch, Hkv, capacity, D), which hold each row's keys from position 0 of its slot;
-    blocks from `prefill_blocks`. Returns (1, T, H, D)."""
+    k, v the caches (Hkv, slots, D), which hold each row's keys in the slots from its first; blocks from
+    `prefill_blocks`. Returns (1, T, H, D)."""
     _, H, T, D = q.shape
     assert q.shape[0] == 1 and k.stride(-1) == 1 and v.stride() == k.stride() and q.stride(-1) == 1
     o = torch.empty((1, T, H, D), dtype=q.dtype, device=q.device)
     _attention_prefill_kernel[(blocks.shape[0], H)](
-        q, k, v, o, blocks, H // k.shape[1], scale, q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q, k, v, o, blocks, H // k.shape[0], scale, q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         o.stride(1), o.stride(2), D=D, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N)
     return o
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """One query per row: q (B, H, 1, D) at positions[b]; k, v (B, Hkv, capacity, D), each row's keys from
-    position 0. Returns (B, 1, H, D)."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+                     positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row: q (B, H, 1, D) at positions[b]; k, v (Hkv, slots, D), row b's keys in the slots
+    from starts[b]. Returns (B, 1, H, D)."""
     B, H, Lq, D = q.shape
-    Hkv = k.shape[1]
+    Hkv = k.shape[0]
     groups = H // Hkv
     assert Lq == 1 and k.stride(-1) == 1 and v.stride() == k.stride() and q.stride(-1) == 1
     o = torch.empty((B, 1, H, D), dtype=q.dtype, device=q.device)
     _attention_decode_kernel[(B * Hkv,)](
-        q, k, v, o, positions, B, Hkv, groups, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        q, k, v, o, starts, positions, B, Hkv, groups, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         o.stride(0), o.stride(2), D=D, BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_N=DECODE_BLOCK_N,
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
     return o

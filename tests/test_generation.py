@@ -193,3 +193,26 @@ def test_generation_logs_its_progress_with_the_time_left(tiny_model_dir, caplog)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generated ")]
     assert [l.split()[1] for l in lines] == ["2/5", "4/5", "5/5"], lines
     assert "s left" in lines[0] and "s left" not in lines[-1]
+
+
+
+def test_row_loop_cache_holds_each_row_by_its_own_length(monkeypatch):
+    """One long prompt among short ones: the loop's KV pool holds each row's own prompt and new tokens
+    (what memplan.cache_slots says), not every row at the longest, and the rows still equal HF generate
+    one at a time. A batch that needs more slots than the pool has is refused, naming both."""
+    from loraflow import batch_invariant as bi
+    from loraflow.generation import generate_ids_batch_invariant, generate_ids_hf
+    from loraflow.memplan import cache_slots
+    model = tiny_causal_lm("llama")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 40, 4, 5)]
+    kw = dict(pad_id=0, stop_ids=[], max_new_tokens=6)
+    made, original = [], bi.RowKVCache
+    monkeypatch.setattr(bi, "RowKVCache", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    ours = generate_ids_batch_invariant(model, prompts, batch_size=2, **kw)
+    assert ours == [generate_ids_hf(model, [p], batch_size=1, **kw)[0] for p in prompts]
+    # batches [3, 4] and [5, 40]: the larger needs 45 + 2 * 6 slots; padded to its longest, 2 * (40 + 6)
+    assert made[0].slots == cache_slots([len(p) for p in prompts], 2, 6) == 57
+    assert made[0].keys[0].shape[1] == 57
+    with pytest.raises(ValueError, match="2 rows needing 58 cache slots; the cache has 2 rows and 57 slots"):
+        made[0].place_rows([11, 47])

@@ -236,12 +236,29 @@ def test_loraflow_plan_command_prints_writes_and_refuses(tmp_path):
 def test_generation_batch_by_hand():
     # KV cache: 2 layers * (k, v) * 1 kv head * 4 dims * (20 + 12) positions * 2 bytes = 1024 bytes a row
     # prefill: 20 tokens * (3*16 + 4*8) * 2 = 3200 a row; last-position logits: 10 * 4 * 2 = 80 a row
-    assert memplan.generation_bytes(TINY, 1, 20, 12) == 1024 + 3200 + 80
+    assert memplan.generation_bytes(TINY, 1, [20], 12) == 1024 + 3200 + 80
     per_row = 1024 + 3200 + 80
     free = 8 * per_row / (1 - memplan.SAFETY_MARGIN)
-    assert memplan.generation_batch(TINY, 20, 12, free, rows=100) == 8
-    assert memplan.generation_batch(TINY, 20, 12, free, rows=5) == 4   # no bigger than the rows need
-    assert memplan.generation_batch(TINY, 20, 12, free * 1000, rows=10**6) == 512  # capped
+    assert memplan.generation_batch(TINY, [20] * 100, 12, free) == 8
+    assert memplan.generation_batch(TINY, [20] * 5, 12, free) == 4   # no bigger than the rows need
+    assert memplan.generation_batch(TINY, [20] * 2000, 12, free * 1000) == 512  # capped
+
+
+def test_ragged_cache_holds_each_row_by_its_own_length():
+    # the batch-invariant loop's cache: each row its own prompt plus the new tokens; HF generate pads
+    # each batch to its longest. Rows 4 and 20 long, 12 new tokens, batch 2: 16 + 32 against 2 * 32
+    assert memplan.cache_slots([20, 4], 2, 12) == 48
+    assert memplan.cache_slots([20, 4], 2, 12, ragged=False) == 64
+    per_position = 2 * 2 * 1 * 4 * 2
+    prefill, logits = 24 * (3 * 16 + 4 * 8) * 2, 2 * 10 * 4 * 2
+    assert memplan.generation_bytes(TINY, 2, [20, 4], 12) == 48 * per_position + prefill + logits
+    assert memplan.generation_bytes(TINY, 2, [20, 4], 12, ragged=False) == 64 * per_position + prefill + logits
+    # batches run sorted, a short last batch filled with copies of its last row: [3, 5], [9, 9 (copy)]
+    assert memplan.cache_slots([9, 3, 5], 2, 1) == 18 + 2
+    # one long prompt among short ones: the largest batch's sum, not every row at the longest
+    lengths = [100] * 511 + [4000]
+    assert memplan.cache_slots(lengths, 512, 256) == 511 * 100 + 4000 + 512 * 256
+    assert memplan.cache_slots(lengths, 512, 256, ragged=False) == 512 * (4000 + 256)
 
 
 def test_running_out_of_memory_anyway_names_the_next_rung():

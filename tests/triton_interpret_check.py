@@ -113,21 +113,19 @@ for H, Hkv in ((6, 3), (4, 2)):  # head counts short of a power of two too (Qwen
     same(q_out, q_ref, f"rope q, {H} heads")
     same(k_out, k_ref, f"rope k, {Hkv} heads")
 
-# write_kv: each token's keys and values to its cache row and position: a packed prefill of rows 1 and 2
-# (one sequence) and a decode step (a token per row)
-cap = 12
-for Hkv, (rows, positions) in itertools.product((3, 2), (
-        (torch.tensor([[1, 1, 1, 2, 2]]), torch.tensor([[0, 1, 2, 0, 1]])),
-        (torch.arange(4)[:, None], torch.tensor([[3], [9], [0], [7]])))):
-    kc, vc = torch.randn(4, Hkv, cap, D, dtype=h), torch.randn(4, Hkv, cap, D, dtype=h)
+# write_kv: each token's keys and values to its cache slot: a packed prefill of two rows (one sequence) and
+# a decode step (a token per row)
+n_slots = 40
+for Hkv, slots in itertools.product((3, 2), (torch.tensor([[12, 13, 14, 3, 4]]), torch.tensor([[3], [21], [0], [39]]))):
+    kc, vc = torch.randn(Hkv, n_slots, D, dtype=h), torch.randn(Hkv, n_slots, D, dtype=h)
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    B, L = rows.shape
+    B, L = slots.shape
     key = torch.randn(B, L, Hkv, D, dtype=h).transpose(1, 2)  # the projections' transposed layout
     value = torch.randn(B, L, Hkv, D, dtype=h).transpose(1, 2)
-    ik.write_kv(kc, vc, key, value, rows, positions)
+    ik.write_kv(kc, vc, key, value, slots)
     for b, l in itertools.product(range(B), range(L)):
-        kc_ref[rows[b, l], :, positions[b, l]] = key[b, :, l]
-        vc_ref[rows[b, l], :, positions[b, l]] = value[b, :, l]
+        kc_ref[:, slots[b, l]] = key[b, :, l]
+        vc_ref[:, slots[b, l]] = value[b, :, l]
     same(kc, kc_ref, f"write_kv keys, {Hkv} heads, {B} x {L} tokens")
     same(vc, vc_ref, f"write_kv values, {Hkv} heads, {B} x {L} tokens")
 
@@ -152,33 +150,34 @@ ref = weight.float() * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdi
 assert (y.float() - ref).abs().max() < TOL
 same(ik.rms_norm(x[4:5], weight, 1e-6), y[4:5], "rms_norm one row")
 
-# prefill attention: three rows packed into one sequence (their cache slots in another order) vs each row
-# alone, in a cache of another size
-B, H, Hkv, D, lengths, slots = 3, 4, 2, 32, [5, 70, 19], [2, 0, 1]
+# prefill attention: three rows packed into one sequence, their runs of cache slots in another order and
+# with room left after each, against each row alone at the start of a cache of another size
+B, H, Hkv, D, lengths = 3, 4, 2, 32, [5, 70, 19]
+first_slots = [150, 0, 100]  # row 0 last, room after each
 starts = [sum(lengths[:i]) for i in range(B)]
-segments = list(zip(slots, starts, lengths))
-L = max(lengths)
+segments = list(zip(first_slots, starts, lengths))
 q = torch.randn(1, sum(lengths), H, D, dtype=h).transpose(1, 2)  # transformers' layout: (1, H, T, D), not contiguous
-k, v = torch.randn(B, Hkv, L + 30, D, dtype=h), torch.randn(B, Hkv, L + 30, D, dtype=h)
+k, v = torch.randn(Hkv, 160, D, dtype=h), torch.randn(Hkv, 160, D, dtype=h)
 out = ik.prefill_attention(q, k, v, ik.prefill_blocks(segments, q.device), D ** -0.5)
 ref = reference_prefill_attention(q, k, v, segments, D ** -0.5)
 assert (out.float() - ref.float()).abs().max() < TOL
-for row, first, n in segments:
-    alone = ik.prefill_attention(q[:, :, first:first + n], k[row:row + 1, :, :n + 7].contiguous(),
-                                 v[row:row + 1, :, :n + 7].contiguous(), ik.prefill_blocks([(0, 0, n)], q.device),
+for slot, first, n in segments:
+    alone = ik.prefill_attention(q[:, :, first:first + n], k[:, slot:slot + n + 7].contiguous(),
+                                 v[:, slot:slot + n + 7].contiguous(), ik.prefill_blocks([(0, 0, n)], q.device),
                                  D ** -0.5)
-    same(alone[0], out[0, first:first + n], f"prefill row {row}")
+    same(alone[0], out[0, first:first + n], f"prefill row at slot {slot}")
 
-# decode: one query per row at its own position
-pos = torch.tensor([4, 69, 18])
+# decode: one query per row at its own position, its keys from its first slot
+pos, first = torch.tensor([4, 69, 18]), torch.tensor(first_slots)
 q1 = torch.randn(B, 1, H, D, dtype=h).transpose(1, 2)
-out = ik.decode_attention(q1, k, v, pos, D ** -0.5)
-ref = reference_attention(q1, k, v, pos, D ** -0.5)
+out = ik.decode_attention(q1, k, v, first, pos, D ** -0.5)
+ref = reference_attention(q1, k, v, first, pos, D ** -0.5)
 assert (out.float() - ref.float()).abs().max() < TOL
+zero = torch.zeros(1, dtype=torch.long)
 for b in range(B):
-    n = int(pos[b]) + 1
-    alone = ik.decode_attention(q1[b:b + 1], k[b:b + 1, :, :n].contiguous(), v[b:b + 1, :, :n].contiguous(),
-                                pos[b:b + 1], D ** -0.5)
+    n, slot = int(pos[b]) + 1, first_slots[b]
+    alone = ik.decode_attention(q1[b:b + 1], k[:, slot:slot + n].contiguous(), v[:, slot:slot + n].contiguous(),
+                                zero, pos[b:b + 1], D ** -0.5)
     same(alone[0], out[b], f"decode row {b}")
 
 # the whole loop on the kernels, through batch_invariant's wiring (q/k/v and gate/up groups, silu_mul, rope,

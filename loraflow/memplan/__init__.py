@@ -38,7 +38,7 @@ from .estimate import (GIB, LINEAR_NAMES, Arch, Setup, activation_bytes_per_toke
                        embedding_can_leave_gpu, estimate, fsdp_gather_bytes, layer_saved_bytes, linear_weight_bytes,
                        loss_bytes_per_token, norm_saved_bytes, saved_module_params, token_rows_working_bytes,
                        trains_embedding, trains_head, weight_bytes, working_bytes)
-from .generation import PREFILL_CHUNK_TOKENS, generation_batch, generation_bytes
+from .generation import PREFILL_CHUNK_TOKENS, cache_slots, generation_batch, generation_bytes
 from .render import render
 from .search import METHODS_FASTEST_FIRST, Choice, Plan, candidates, gib, make_plan, next_rung_down
 
@@ -48,7 +48,7 @@ __all__ = [
     "adapter_bytes", "adapter_params", "embedding_can_leave_gpu", "estimate", "fsdp_gather_bytes",
     "layer_saved_bytes", "linear_weight_bytes", "loss_bytes_per_token", "norm_saved_bytes",
     "saved_module_params", "token_rows_working_bytes", "trains_embedding", "trains_head", "weight_bytes",
-    "working_bytes", "PREFILL_CHUNK_TOKENS", "generation_batch",
+    "working_bytes", "PREFILL_CHUNK_TOKENS", "cache_slots", "generation_batch",
     "generation_bytes", "render", "METHODS_FASTEST_FIRST", "Choice", "Plan", "candidates", "gib", "make_plan",
     "next_rung_down",
 ]
