@@ -216,3 +216,27 @@ def test_row_loop_cache_holds_each_row_by_its_own_length(monkeypatch):
     assert made[0].keys[0].shape[1] == 57
     with pytest.raises(ValueError, match="2 rows needing 58 cache slots; the cache has 2 rows and 57 slots"):
         made[0].place_rows([11, 47])
+
+
+@pytest.mark.parametrize("model_type,ragged", [("llama", True), ("phi3", False)])
+def test_evaluate_batch_plan_follows_the_loop_that_will_run(model_type, ragged, monkeypatch, tiny_model_dir):
+    """On a GPU (its free memory stood in for: none here), evaluate's auto batch is planned with the
+    ragged cache where the batch-invariant loop runs, and with HF generate's padded one where it does
+    not (phi3 here): one long prompt among short ones makes the two differ."""
+    from loraflow import memplan
+    from loraflow.batch_invariant import unsupported_reason
+    from loraflow.evaluation import GenerationSettings, generation_batch_size
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ["a b"] * 63 + ["a " * 400]
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    model = tiny_causal_lm(model_type, pad_token_id=0, eos_token_id=1, bos_token_id=2, head_dim=16)
+    assert (unsupported_reason(model, on_gpu=True) is None) == ragged
+    arch = memplan.Arch.from_config(model.config)
+    # free memory for 32 rows of the ragged plan: the padded plan fits fewer
+    free = memplan.generation_bytes(arch, 32, lengths, 16, act_bytes=4) / (1 - memplan.SAFETY_MARGIN)
+    assert memplan.generation_batch(arch, lengths, 16, free, act_bytes=4, ragged=False) < 32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free, 2 * free))
+    batch = generation_batch_size(model, tok, prompts, GenerationSettings(16, "auto", False))
+    assert batch == memplan.generation_batch(arch, lengths, 16, free, act_bytes=4, ragged=ragged)
+    assert (batch == 32) == ragged
