@@ -10,7 +10,8 @@ Prompts are random token ids with lengths drawn from a log-normal (median 150 to
 reliably), so every row makes exactly --new-tokens tokens. Memory and speed do not depend on the
 weight values. Prints tokens/s for each batch size (and the prefill's share), the peer's, their
 ratio, how many rows our loop run one row at a time reproduces token for token in the batch, and the
-workload's bound on this GPU (bound_seconds) with the share of it reached.
+workload's bound on this GPU (bound_seconds) with the share of it reached, and the peak GPU memory beside
+the memory plan's figure for it (planned_gib).
 """
 from __future__ import annotations
 
