@@ -6,8 +6,9 @@ Inside `with batch_invariant(model, batch, slots) as cache:`
   (loraflow.invariant_kernels) on CUDA; q/k/v and gate/up run as one launch each, SiLU(gate) x up
   one, the rotary embedding one for queries and keys, and the K/V cache writes one;
 - attention reads a `RowKVCache`, where each row's keys start at position 0 of its own run of slots,
-  sized by its own length, so a row's keys sit at the same positions whatever the batch; prefill packs the rows' prompts into one
-  sequence with no padding, and each row's query tiles start at its own first token;
+  sized by its own length, so a row's keys sit at the same positions whatever the batch; prefill packs
+  the rows' prompts into one sequence with no padding, and each row's query tiles start at its own
+  first token;
 - on CPU the same structure runs on PyTorch ops (float32 there, which the tests compare).
 Only the model types below are taken; others fall back to HF generate (see loraflow.generation).
 Quantized (bitsandbytes) linears are left as they are, so their rows are not guaranteed invariant.
@@ -88,10 +89,10 @@ class RowKVCache:
     def begin_prefill(self, first_row: int, lengths: list[int]) -> torch.Tensor:
         """The next call is the prefill of rows first_row.. (prompts of `lengths` tokens), packed into one
         sequence. Returns the call's position ids (1, total)."""
-        starts = [0, *itertools.accumulate(lengths)][:-1]
+        first_tokens = [0, *itertools.accumulate(lengths)][:-1]  # in the packed sequence, not the cache
         slots = self.first_slots[first_row:first_row + len(lengths)]
         self.decode, self.blocks = False, None
-        self.segments = list(zip(slots, starts, lengths))
+        self.segments = list(zip(slots, first_tokens, lengths))
         device = self.positions.device
         positions = torch.cat([torch.arange(n) for n in lengths])
         self.token_slots = (torch.tensor(slots).repeat_interleave(torch.tensor(lengths)) + positions)[None].to(device)

@@ -410,8 +410,9 @@ def _attention_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, blocks_ptr, GROUPS, sc
 def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, pos_ptr, B, HKV, GROUPS, scale,
                              sq_b, sq_h, sk_h, sk_s, so_b, so_h,
                              D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    # one new query per row, at position pos[b]; the row's keys sit in the slots from start[b]. The query heads that share a KV head are the rows of
-    # one tile (padded to BLOCK_G >= 16 for the MMA), so each K/V block is read once for all of them.
+    # one new query per row, at position pos[b]; the row's keys sit in the slots from start[b]. The query
+    # heads that share a KV head are the rows of one tile (padded to BLOCK_G >= 16 for the MMA), so each
+    # K/V block is read once for all of them.
     # Programs start from the last row: the generation loop sorts rows by length, so the longest go
     # first and the last wave is of short rows, not a few long ones keeping the GPU waiting.
     pid = tl.program_id(0)

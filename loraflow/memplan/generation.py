@@ -23,7 +23,11 @@ def cache_slots(lengths: list[int], batch: int, new_tokens: int, ragged: bool = 
     """KV cache positions a loop over these prompts needs at once: the largest batch's. Ragged (the
     batch-invariant loop's RowKVCache), each row holds its own prompt plus the new tokens; otherwise (HF
     generate, left-padded) each row holds its batch's longest prompt plus the new tokens."""
-    need = (sum(run) if ragged else len(run) * max(run) for run in batches(lengths, batch))
+    return _largest_batch_slots(batches(lengths, batch), batch, new_tokens, ragged)
+
+
+def _largest_batch_slots(runs: list[list[int]], batch: int, new_tokens: int, ragged: bool) -> int:
+    need = (sum(run) if ragged else len(run) * max(run) for run in runs)
     return max(need, default=0) + batch * new_tokens
 
 
@@ -32,8 +36,10 @@ def generation_bytes(arch: Arch, batch: int, lengths: list[int], new_tokens: int
     """GPU memory greedy decoding of prompts of these lengths needs beside the weights: the KV cache
     (`cache_slots`), one layer's working tensors for a prefill chunk, and last-position logits (prefill
     keeps only those)."""
-    cache = arch.layers * 2 * arch.kv_heads * arch.head_dim * cache_slots(lengths, batch, new_tokens, ragged) * act_bytes
-    most_prompt_tokens = max((sum(run) for run in batches(lengths, batch)), default=0)
+    runs = batches(lengths, batch)
+    slots = _largest_batch_slots(runs, batch, new_tokens, ragged)
+    cache = arch.layers * 2 * arch.kv_heads * arch.head_dim * slots * act_bytes
+    most_prompt_tokens = max((sum(run) for run in runs), default=0)
     chunk_tokens = min(most_prompt_tokens, max(PREFILL_CHUNK_TOKENS, max(lengths, default=0)))
     prefill = chunk_tokens * (3 * arch.intermediate + 4 * arch.hidden) * act_bytes
     logits = batch * arch.vocab * 4 * 2
