@@ -272,7 +272,8 @@ def summary(args) -> None:
     for workload, ours_lines, peer_lines in pairs:
         for ours in ours_lines:
             for peer in peer_lines:
-                print(f"{workload}: ours ({ours.get('lora_projections', 'peft')} LoRA) {ours['tok_s']} tok/s, "
+                tree = f" [{ours['tree']}]" if "tree" in ours else ""
+                print(f"{workload}: ours{tree} ({ours.get('lora_projections', 'peft')} LoRA) {ours['tok_s']} tok/s, "
                       f"peak {ours['measured_peak_gib']} GiB (plan {ours.get('error_pct')}% off), MFU {ours['mfu']:.1%} | "
                       f"{peer.get('peer', '?')} {peer['tok_s']} tok/s, peak {peer['peak_alloc_gib']} GiB | "
                       f"ratio {ours['tok_s'] / peer['tok_s']:.2f}x")
