@@ -207,7 +207,7 @@ def ours(args) -> None:
         setup = plan.chosen.setup
         # a new setting that changes how the model is built needs a fresh one
         built_as = (setup.method, setup.checkpoint_layers, setup.fused_layers, setup.embedding_on_cpu,
-                    setup.offload_checkpoints)
+                    setup.offload_checkpoints, setup.stashed_outputs)
         if model is None or built_as != model_setup:
             model = None
             gc.collect(); torch.cuda.empty_cache()
@@ -238,11 +238,12 @@ def ours(args) -> None:
         tok_s = tokens / step
         flops = 4 * param_count(config) + 12 * config.num_hidden_layers * config.hidden_size * seq
         print(json.dumps({
-            "bench": "ours", "method": setup.method, "seq": seq, "rows_per_step": args.rows,
+            "bench": "ours", "method": setup.method, "optimizer": setup.optimizer, "seq": seq, "rows_per_step": args.rows,
             "micro_batch": plan.chosen.micro_batch, "checkpoint_layers": setup.checkpoint_layers,
             "fused": setup.fused, "fused_layers": setup.fused and setup.fused_layers,
             "lora_projections": "peft" if args.peft_projections else "fused", "attention": args.attention,
-            "embedding_on_cpu": setup.embedding_on_cpu, "offload_checkpoints": setup.offload_checkpoints, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
+            "embedding_on_cpu": setup.embedding_on_cpu, "offload_checkpoints": setup.offload_checkpoints,
+            "stashed_outputs": setup.stashed_outputs, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
             "predicted_gib": {k: memplan.gib(v) for k, v in plan.chosen.parts.items()},
             "measured_peak_gib": memplan.gib(peak), "loaded_gib": memplan.gib(weights),
             "error_pct": round(100 * (plan.chosen.peak - peak) / peak, 1),

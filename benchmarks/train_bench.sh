@@ -17,7 +17,8 @@
 # ab5:   ab3's first part: T3 and T2 (with and without offloaded checkpoints) with Unsloth
 # t5:    variable-length SFT: ours, Unsloth (TRL padding-free, its patches), TRL padding-free + Liger
 # goals: T4, T2, T3 (and T1 where the GPU holds 84 GiB), ours and Unsloth; with OLD=<dir> (a copy of an earlier
-#        tree's loraflow/ and benchmarks/) that tree's ours beside, for the A/B; then the host copy rates
+#        tree's loraflow/ and benchmarks/) that tree's ours beside, for the A/B (on the workloads in AB, default
+#        all); then the host copy rates
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CKPT=/dev/shm/llama31-8b-random
@@ -70,9 +71,9 @@ if [ "$what" = goals ]; then  # every goal that fits this GPU: ours (this tree, 
   unsloth_site
   QW=/dev/shm/qwen25-7b-random
   [ -d $QW ] || $B make-qwen $QW 2>&1 | tail -1
-  trees="$PWD ${OLD:-}"
   both() {  # workload tag, then the arguments of train_bench.py ours
-    local tag=$1; shift
+    local tag=$1 trees=$PWD; shift
+    case " ${AB:-T1 T2 T3 T4} " in *" $tag "*) trees="$PWD ${OLD:-}";; esac
     for tree in $trees; do
       (cd $tree && PYTHONPATH=$tree:/tmp/site timeout 200 python3 benchmarks/train_bench.py ours "$@" 2>>"$OUT/err.txt") \
         | keep "$tag" | sed "s|^{|{\"tree\": \"$(basename $tree)\", |" >> "$OUT/results.jsonl"

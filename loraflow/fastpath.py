@@ -157,10 +157,11 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def checkpoint_layers(model, count: int, offload: bool = False) -> int:
+def checkpoint_layers(model, count: int, offload: bool = False, stashed_outputs: int = 0) -> int:
     """Recompute the first `count` decoder layers in backward (non-reentrant); keep the rest's
     activations. offload: those layers' inputs wait in CPU memory (loraflow/offload.py) instead of
-    GPU memory. Returns how many layers are checkpointed."""
+    GPU memory, and `stashed_outputs` of them, spread evenly, keep their up projection's output there
+    too (memplan.stashed_output_layers). Returns how many layers are checkpointed."""
     layers = decoder_layers(model)
     if count <= 0 or not layers:
         return 0
@@ -172,7 +173,8 @@ def checkpoint_layers(model, count: int, offload: bool = False) -> int:
     offloader = None
     if offload:
         from loraflow.offload import Offloader
-        offloader = Offloader()
+        n = min(stashed_outputs, count)
+        offloader = Offloader({i for i in range(count) if (i + 1) * n // count > i * n // count})
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < count
         if offloader is not None and i < count:

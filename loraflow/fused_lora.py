@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from loraflow import offload
+
 # sibling projections that every supported architecture (Llama, Qwen, Mistral, Gemma, Phi-3's
 # unfused forms) calls on one input tensor
 SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
@@ -43,6 +45,12 @@ def base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
         weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
     return weight.to(dtype)
+
+
+def _project(flat, update, base, b_scaled, dtype):
+    """x W^T + bias + update (s B)^T, the base GEMM accumulating onto the low-rank term."""
+    y = update @ b_scaled.t() if base.bias is None else torch.addmm(base.bias.to(dtype), update, b_scaled.t())
+    return y.addmm_(flat, base_weight(base, dtype).t())
 
 
 # optimizer steps so far, in this process: a cast cache from before a step is stale even where the
@@ -77,11 +85,12 @@ class _CastWeights:
 
 class _LoraGroup(torch.autograd.Function):
     """y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T for every projection i of a group.
-    Inputs: x, the bases, scales and the group's _CastWeights (not differentiated), then every A,
-    then every B."""
+    Inputs: x, the bases, scales, the projections' module names and the group's _CastWeights (not
+    differentiated), then every A, then every B. An offloaded checkpointed layer may hand a projection's
+    output over from its forward to its recompute (offload.projection_output)."""
 
     @staticmethod
-    def forward(ctx, x, bases, scales, cast, *lora):
+    def forward(ctx, x, bases, scales, names, cast, *lora):
         n = len(bases)
         a_list, b_list = lora[:n], lora[n:]
         dtype = x.dtype
@@ -90,10 +99,9 @@ class _LoraGroup(torch.autograd.Function):
         a_all, b_scaled = cast.get(a_list, b_list, scales, dtype)
         xa = flat @ a_all.t()
         outputs, start = [], 0
-        for base, b, r in zip(bases, b_scaled, ranks):
+        for base, b, r, name in zip(bases, b_scaled, ranks, names):
             update = xa[:, start:start + r]
-            y = update @ b.t() if base.bias is None else torch.addmm(base.bias.to(dtype), update, b.t())
-            y.addmm_(flat, base_weight(base, dtype).t())
+            y = offload.projection_output(name, lambda: _project(flat, update, base, b, dtype))
             outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
             start += r
         ctx.save_for_backward(flat, xa, *lora)
@@ -127,15 +135,15 @@ class _LoraGroup(torch.autograd.Function):
             grad_x.addmm_(dy_b_all, a_all)
         grad_a_all = dy_b_all.t() @ flat
         grad_a = [g.to(a.dtype) for g, a in zip(grad_a_all.split(ctx.ranks), a_list)]
-        return (grad_x.view(ctx.x_shape), None, None, None, *grad_a, *grad_b)
+        return (grad_x.view(ctx.x_shape), None, None, None, None, *grad_a, *grad_b)
 
 
 class _Group:
     """Projections that share an input. The first member called with a tensor computes every member's
     output; the others take theirs when they are called with that same tensor."""
 
-    def __init__(self, members: list):
-        self.members = members
+    def __init__(self, members: list, names: list[str]):
+        self.members, self.names = members, tuple(names)
         self.input, self.pending = None, {}
         self.cast = _CastWeights()
 
@@ -146,7 +154,7 @@ class _Group:
                 self.input = None
             return y
         outputs = _LoraGroup.apply(x, tuple(m.get_base_layer() for m in self.members),
-                                   tuple(m.scaling["default"] for m in self.members), self.cast,
+                                   tuple(m.scaling["default"] for m in self.members), self.names, self.cast,
                                    *(m.lora_A["default"].weight for m in self.members),
                                    *(m.lora_B["default"].weight for m in self.members))
         self.pending = {i: y for i, y in enumerate(outputs) if i != index}
@@ -182,13 +190,13 @@ def fuse_lora_projections(model) -> int:
         children = dict(parent.named_children())
         taken = set()
         for names in SHARED_INPUT:
-            members = [children[n] for n in sorted(names) if n in children and fusable(children[n])]
-            if members:
-                _install(_Group(members))
-                taken.update(id(m) for m in members)
-        for m in children.values():
+            present = [n for n in sorted(names) if n in children and fusable(children[n])]
+            if present:
+                _install(_Group([children[n] for n in present], present))
+                taken.update(id(children[n]) for n in present)
+        for name, m in children.items():
             if id(m) not in taken and fusable(m):
-                _install(_Group([m]))
+                _install(_Group([m], [name]))
                 taken.add(id(m))
         fused += len(taken)
     return fused

@@ -10,6 +10,16 @@ micro-batch in the same budget (fewer launches per token, the bound of a QLoRA s
 offloads the same way; the recompute and the math are those of torch's checkpoint, so the loss
 and gradients are unchanged (tests/test_offload.py).
 
+Stashed outputs: the MLP's up projection output of some of those layers goes to CPU memory too, and
+the recompute takes it from there instead of running the projection again (with the same input the
+recompute would compute the same values, so gradients are bit for bit those of plain recomputation).
+The PCIe link does each way about 50 GB/s beside GEMMs that keep their rate (H100, run 16,
+benchmarks/host_copy_probe.py), while recomputing makes a layer's activations about 3x faster; so the
+link only pays where it would idle. The memory plan (memplan.stashed_output_layers) picks how many
+layers stash, as many as the forward pass's copies keep pace with, spread over the checkpointed ones;
+up_proj's output is the largest one a fused LoRA group computes (intermediate width, a quarter of
+the layer's FLOPs at 8B).
+
 The layer runs as a reentrant checkpoint (one autograd node whose backward recomputes the layer and
 backpropagates through it), so the input hidden state must be the layer's only input that needs
 a gradient: true of the decoder layers transformers calls with the hidden state as the positional
@@ -17,7 +27,32 @@ argument. A layer given another such tensor is refused, not silently given no gr
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+# projections whose output a stashing layer keeps in CPU memory (fused_lora asks by module name)
+STASHED_PROJECTIONS = frozenset({"up_proj"})
+# the offloaded layer running now and how: (offloader, layer index, "record" | "replay"), or None
+_running: list = [None]
+
+
+def projection_output(name: str, compute):
+    """The output of projection `name` of the layer running now: compute()'d, and stashed if the layer
+    is an offloaded one that stashes it (its forward); the stashed copy where it is there (its
+    recompute); plain compute() everywhere else."""
+    if _running[0] is None or name not in STASHED_PROJECTIONS:
+        return compute()
+    offloader, index, mode = _running[0]
+    if mode == "replay":
+        stash = offloader.outputs.get(index, {}).pop(name, None)
+        if stash is not None:
+            return stash.take()
+        return compute()
+    y = compute()
+    if index in offloader.stash_output_layers:
+        offloader.outputs.setdefault(index, {})[name] = _Stash(y, offloader.stream(y.device))
+    return y
 
 
 class _Stash:
@@ -59,8 +94,10 @@ class Offloader:
     """The offloaded inputs of one model's checkpointed layers, by layer index: forward stores layer
     i's, backward takes it and starts fetching layer i-1's."""
 
-    def __init__(self):
+    def __init__(self, stash_output_layers=frozenset()):
         self.stashes: dict[int, _Stash] = {}
+        self.outputs: dict[int, dict[str, _Stash]] = {}  # stashed projection outputs, by layer and name
+        self.stash_output_layers = frozenset(stash_output_layers)
         self._stream = None
 
     def stream(self, device: torch.device):
@@ -74,12 +111,22 @@ class Offloader:
         self.stashes[index] = _Stash(tensor, self.stream(tensor.device))
 
     def take(self, index: int) -> torch.Tensor:
+        """Layer `index`'s input; its stashed outputs and layer index-1's start their way back."""
         stash = self.stashes.pop(index)
-        stash.fetch()
-        below = self.stashes.get(index - 1)
-        if below is not None:
-            below.fetch()  # overlaps this layer's recompute and backward
+        for i in (index, index - 1):  # index - 1's copies overlap this layer's recompute and backward
+            for s in (self.stashes.get(i), *self.outputs.get(i, {}).values()):
+                if s is not None:
+                    s.fetch()
         return stash.take()
+
+    @contextlib.contextmanager
+    def running(self, index: int, mode: str):
+        """Layer `index` runs its forward ("record") or its recompute ("replay")."""
+        before, _running[0] = _running[0], (self, index, mode)
+        try:
+            yield
+        finally:
+            _running[0] = before
 
     def checkpoint_function(self, index: int):
         """A stand-in for transformers' _gradient_checkpointing_func(function, *args) of layer `index`."""
@@ -106,7 +153,7 @@ class _OffloadedLayer(torch.autograd.Function):
     def forward(ctx, function, offloader, index, hidden, *args):
         ctx.function, ctx.offloader, ctx.index, ctx.args = function, offloader, index, args
         ctx.autocast = _autocast_state(hidden.device.type)
-        with torch.no_grad():
+        with torch.no_grad(), offloader.running(index, "record"):
             out = function(hidden, *args)
         offloader.store(index, hidden)
         return out
@@ -114,8 +161,9 @@ class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         hidden = ctx.offloader.take(ctx.index).requires_grad_(True)
-        with torch.enable_grad(), torch.autocast(**ctx.autocast):
+        with torch.enable_grad(), torch.autocast(**ctx.autocast), ctx.offloader.running(ctx.index, "replay"):
             out = ctx.function(hidden, *ctx.args)
+        ctx.offloader.outputs.pop(ctx.index, None)  # what the recompute did not ask for
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])

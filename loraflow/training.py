@@ -166,7 +166,8 @@ def build_peft_model(params: TrainParams, ref, dtype: torch.dtype, setup: mempla
     if setup.embedding_on_cpu:
         freed = fastpath.keep_input_embedding_on_cpu(model)
         log.info("input embedding kept in CPU memory: %.2f GiB of GPU memory freed", freed / memplan.GIB)
-    fastpath.checkpoint_layers(model, setup.checkpoint_layers, offload=setup.offload_checkpoints)
+    fastpath.checkpoint_layers(model, setup.checkpoint_layers, offload=setup.offload_checkpoints,
+                               stashed_outputs=setup.stashed_outputs)
     return model
 
 

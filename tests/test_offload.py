@@ -46,3 +46,53 @@ def test_a_second_input_that_needs_a_gradient_is_refused():
     x, y = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
     with pytest.raises(ValueError, match="offload_checkpoints"):
         keeper.checkpoint_function(0)(lambda a, b: a * b, x, y)
+
+
+def test_stashed_up_outputs_skip_the_projection_in_the_recompute_and_change_no_gradient(tiny_model_dir, monkeypatch):
+    """Fused LoRA projections, both layers checkpointed and offloaded, one of them stashing its up
+    projection's output: gradients bit for bit those of plain offloaded recomputation, and in the stashing layer
+    up_proj's base weight serves the forward and the backward only (the recompute took the stash)."""
+    from loraflow import fused_lora
+    batch = fastpath.packed_collator(0)(ROWS)
+    runs = []
+    for stashed in (0, 1):
+        model = lora_model(tiny_model_dir, fastpath.register_packed_attention())
+        fused_lora.fuse_lora_projections(model)
+        fastpath.checkpoint_layers(model, 2, offload=True, stashed_outputs=stashed)
+        ups = [m.get_base_layer() for n, m in model.named_modules() if n.endswith("mlp.up_proj")]
+        uses = {id(u): 0 for u in ups}
+        original = fused_lora.base_weight
+
+        def counting(base, dtype):
+            if id(base) in uses:
+                uses[id(base)] += 1
+            return original(base, dtype)
+        monkeypatch.setattr(fused_lora, "base_weight", counting)
+        runs.append((loss_and_grads(model, batch), [uses[id(u)] for u in ups]))
+        monkeypatch.setattr(fused_lora, "base_weight", original)
+    (plain, plain_uses), (stashed_run, stashed_uses) = runs
+    assert plain_uses == [3, 3]  # forward, recompute, backward
+    assert stashed_uses == [3, 2]  # one of two spread over the layers is the second; the first recomputes
+    assert stashed_run[0] == plain[0]
+    for name in plain[1]:
+        assert torch.equal(stashed_run[1][name], plain[1][name]), name
+
+
+def test_a_stashed_output_is_copied_away_and_handed_back_once():
+    """Outside an offloaded layer nothing is stashed; in its forward the stashing layer's up_proj output
+    goes to the offloader (a copy), other projections and other layers' do not; its recompute takes
+    the stash instead of computing, once; a layer whose stash is missing computes."""
+    keeper = offload.Offloader({0})
+    y = torch.arange(4.0)
+    assert offload.projection_output("up_proj", lambda: y) is y and keeper.outputs == {}
+    with keeper.running(0, "record"):
+        assert offload.projection_output("up_proj", lambda: y) is y
+        assert offload.projection_output("gate_proj", lambda: y * 2) is not None
+    with keeper.running(1, "record"):
+        offload.projection_output("up_proj", lambda: y * 3)
+    assert list(keeper.outputs) == [0] and list(keeper.outputs[0]) == ["up_proj"]
+    y.add_(100)  # the stash is a copy
+    with keeper.running(0, "replay"):
+        assert torch.equal(offload.projection_output("up_proj", lambda: None), torch.arange(4.0))
+        assert torch.equal(offload.projection_output("up_proj", lambda: torch.zeros(4)), torch.zeros(4))
+    assert keeper.outputs == {0: {}}

@@ -17,7 +17,9 @@ Each term is bytes per parameter or bytes per token, from what the step keeps al
 - activations: the tensors autograd saves per token in a LLaMA-style decoder layer (listed in
   `layer_saved_bytes`); a checkpointed layer keeps only its input, and not even that on the GPU
   when the inputs are offloaded to CPU memory (offload_checkpoints; two of them then join the
-  working set: the one being recomputed and the one fetched ahead).
+  working set: the one being recomputed and the one fetched ahead). Some of those layers stash their
+  up_proj output there as well (stashed_output_layers); the next one's, fetched ahead, joins the
+  working set, and the recompute skips that projection.
 - logits/loss: a fused linear cross-entropy keeps one hidden-sized gradient per token; the plain
   path keeps fp32 log-probabilities over the vocabulary and their gradients.
 - working set: the gradients alive while one layer runs backward, one recomputed layer when any is
@@ -32,8 +34,9 @@ and the whole peak against torch.cuda.max_memory_allocated on the H200
 """
 from __future__ import annotations
 
-from .costs import (EMBEDDING_ON_CPU_COST, FUSED_LAYERS_MIN_TOKENS, OCCUPANCY_TOKENS, OFFLOAD_CHECKPOINTS_COST,
-                    SAFETY_MARGIN, relative_step_cost)
+from .costs import (EMBEDDING_ON_CPU_COST, FUSED_LAYERS_MIN_TOKENS, HOST_COPY_BYTES_PER_S, MATMUL_FLOP_PER_S,
+                    OCCUPANCY_TOKENS, OFFLOAD_CHECKPOINTS_COST, SAFETY_MARGIN, relative_step_cost,
+                    stashed_output_layers, up_proj_share)
 from .estimate import (GIB, LINEAR_NAMES, Arch, Setup, activation_bytes_per_token, adapter_bytes, adapter_params,
                        embedding_can_leave_gpu, estimate, fsdp_gather_bytes, layer_saved_bytes, linear_weight_bytes,
                        loss_bytes_per_token, norm_saved_bytes, saved_module_params, token_rows_working_bytes,
@@ -44,7 +47,8 @@ from .search import METHODS_FASTEST_FIRST, Choice, Plan, candidates, gib, make_p
 
 __all__ = [
     "EMBEDDING_ON_CPU_COST", "FUSED_LAYERS_MIN_TOKENS", "OCCUPANCY_TOKENS", "OFFLOAD_CHECKPOINTS_COST", "SAFETY_MARGIN",
-    "relative_step_cost", "GIB", "LINEAR_NAMES", "Arch", "Setup", "activation_bytes_per_token",
+    "HOST_COPY_BYTES_PER_S", "MATMUL_FLOP_PER_S", "relative_step_cost", "stashed_output_layers", "up_proj_share",
+    "GIB", "LINEAR_NAMES", "Arch", "Setup", "activation_bytes_per_token",
     "adapter_bytes", "adapter_params", "embedding_can_leave_gpu", "estimate", "fsdp_gather_bytes",
     "layer_saved_bytes", "linear_weight_bytes", "loss_bytes_per_token", "norm_saved_bytes",
     "saved_module_params", "token_rows_working_bytes", "trains_embedding", "trains_head", "weight_bytes",

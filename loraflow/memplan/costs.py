@@ -29,6 +29,14 @@ by relative_step_cost that puts offloading's own cost at 1.7%. (On T3, QLoRA at 
 let micro-batch 4 fit: 10,211 tok/s against 8,112 at micro-batch 2, a gain the occupancy term
 underrates for 4-bit weights, so T3 cannot calibrate it.)"""
 
+HOST_COPY_BYTES_PER_S = 50e9
+"""Host <-> GPU copy rate each way with both ways running and GEMMs running beside them, which kept
+their rate (H100, PCIe 5 x16, benchmarks/host_copy_probe.py in benchmarks/results/train-h100-run16.jsonl:
+50.9 GB/s out and 50.0 in, the GEMM at 723 TFLOP/s against 731 alone)."""
+
+MATMUL_FLOP_PER_S = 730e12
+"""bf16 GEMM rate at a decoder layer's projection shapes (16384 x 4096 x 14336: 724-731 TFLOP/s on
+the H100 in the same file; the H200's MLP GEMMs ran 745 in its profile, train-h200-unsloth.md)."""
 
 FUSED_LAYERS_MIN_TOKENS = 4096
 """Below this many tokens per micro-batch the fused layer kernels are left off: each Liger call costs
@@ -37,11 +45,35 @@ the GPU was busy 34% of an 8B QLoRA step at 2048 tokens), more than the plain op
 The fused cross-entropy is one call a step and stays on."""
 
 
+def up_proj_share(arch: Arch) -> float:
+    """up_proj's share of a decoder layer's projection FLOPs."""
+    shapes = arch.linear_shapes()
+    return shapes["up_proj"][0] * shapes["up_proj"][1] / sum(a * b for a, b in shapes.values())
+
+
+def stashed_output_layers(arch: Arch, s: Setup) -> int:
+    """How many offloaded checkpointed layers also stash their up_proj output in CPU memory
+    (loraflow/offload.py): as many as the forward pass's device-to-host copies keep pace with. Per
+    token, a layer's forward takes at least its projections' FLOPs at MATMUL_FLOP_PER_S, and its input
+    and up_proj output take their bytes at HOST_COPY_BYTES_PER_S; the layers left over recompute it.
+    Only fused LoRA groups stash (loraflow/fused_lora.py), so only with up_proj adapted and the fused
+    path on one GPU."""
+    if not (s.offload_checkpoints and s.checkpoint_layers and s.fused and s.shards == 1
+            and s.method != "lora8" and "up_proj" in s.targets):
+        return 0
+    forward = 2 * sum(a * b for a, b in arch.linear_shapes().values()) / MATMUL_FLOP_PER_S
+    copy_input = s.act_bytes * arch.hidden / HOST_COPY_BYTES_PER_S
+    copy_up = s.act_bytes * arch.intermediate / HOST_COPY_BYTES_PER_S
+    share = min(1.0, max(0.0, (forward - copy_input) / copy_up))
+    return int(share * s.checkpoint_layers)
+
+
 def relative_step_cost(arch: Arch, s: Setup) -> float:
     """Time per token relative to no recomputation at full occupancy: a frozen base costs ~2 units
-    forward and ~2 backward, each checkpointed layer adds its forward again, small micro-batches
-    leave the GPU partly idle, and the embedding in CPU memory adds its copy."""
-    recompute = (4 + 2 * s.checkpoint_layers / arch.layers) / 4
+    forward and ~2 backward, each checkpointed layer adds its forward again (less its up_proj where
+    that output is stashed), small micro-batches leave the GPU partly idle, and the embedding in CPU
+    memory adds its copy."""
+    recompute = (4 + 2 * (s.checkpoint_layers - s.stashed_outputs * up_proj_share(arch)) / arch.layers) / 4
     offload = 1 + EMBEDDING_ON_CPU_COST if s.embedding_on_cpu else 1
     if s.offload_checkpoints and s.checkpoint_layers:
         offload *= 1 + OFFLOAD_CHECKPOINTS_COST

@@ -64,6 +64,7 @@ class Setup:
     shards: int = 1                      # FSDP processes (FULL_SHARD); 1: one GPU
     embedding_on_cpu: bool = False       # the frozen input embedding is looked up in CPU memory
     offload_checkpoints: bool = False    # checkpointed layers' inputs wait in CPU memory (loraflow/offload.py)
+    stashed_outputs: int = 0             # of those layers, how many keep their up_proj output there too
     embedding_frozen: bool = True        # no adapter on the input embedding, and not trained in full
     trainable_tokens: int = 0            # token rows of the embedding and the head trained (PEFT trainable tokens)
 
@@ -198,6 +199,8 @@ def working_bytes(arch: Arch, s: Setup) -> float:
         per_token += layer_saved_bytes(arch, s)
     if s.offload_checkpoints and s.checkpoint_layers:
         per_token += 2 * a * arch.hidden  # the input being recomputed and the one fetched ahead
+    if s.stashed_outputs:
+        per_token += a * arch.intermediate  # the next layer's stashed up_proj output, fetched ahead
     dequant = 0
     if s.method in ("lora8", "qlora"):
         dequant = max(x * y for x, y in arch.linear_shapes().values()) * 2

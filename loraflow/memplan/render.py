@@ -30,6 +30,7 @@ def render(plan: Plan, on_cpu: bool = False) -> str:
               f"{'on' if c.setup.fused and c.setup.fused_layers else 'off'}"
               + ("" if on_cpu else f", input embedding {'in CPU memory' if c.setup.embedding_on_cpu else 'on the GPU'}")
               + (", checkpointed inputs in CPU memory" if c.setup.offload_checkpoints else "")
+              + (f" ({c.setup.stashed_outputs} of those layers' up_proj outputs too)" if c.setup.stashed_outputs else "")
               + f": {verdict}; "
               f"relative step cost {relative_step_cost(arch, c.setup):.2f}"]
     return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .costs import FUSED_LAYERS_MIN_TOKENS, SAFETY_MARGIN, relative_step_cost
+from .costs import FUSED_LAYERS_MIN_TOKENS, SAFETY_MARGIN, relative_step_cost, stashed_output_layers
 from .estimate import GIB, Arch, Setup, embedding_can_leave_gpu, estimate
 
 METHODS_FASTEST_FIRST = ("lora", "lora8", "qlora")
@@ -48,6 +48,7 @@ class Plan:
                 "fused": c.setup.fused, "fused_layers": c.setup.fused and c.setup.fused_layers,
                 "tokens_per_micro_batch": c.setup.tokens, "gpus_sharing_weights": c.setup.shards,
                 "embedding_on_cpu": c.setup.embedding_on_cpu, "offload_checkpoints": c.setup.offload_checkpoints,
+                "stashed_outputs": c.setup.stashed_outputs,
                 "predicted_gib": {k: gib(v) for k, v in c.parts.items()},
                 "relative_step_cost": round(relative_step_cost(self.arch, c.setup), 3),
                 "considered": len(self.considered)}
@@ -94,7 +95,18 @@ def make_plan(arch: Arch, base: Setup, max_length: int, rows_per_step: int, budg
     marked = [replace(c, fits=usable is None or c.peak <= usable) for c in considered]
     fitting = [c for c in marked if c.fits]
     chosen = fitting[0] if fitting else min(marked, key=lambda c: c.peak)
-    return Plan(arch, chosen, budget_bytes, max_length, rows_per_step, marked)
+    return Plan(arch, with_stashed_outputs(arch, chosen, usable), budget_bytes, max_length, rows_per_step, marked)
+
+
+def with_stashed_outputs(arch: Arch, chosen: Choice, usable: float | None) -> Choice:
+    """The chosen setting with up_proj outputs stashed (costs.stashed_output_layers) where it offloads
+    and the fetched-ahead output still fits. An add-on to the choice, never a reason for another one:
+    the occupancy term that would trade a smaller micro-batch for it underrates 4-bit bases (costs.py)."""
+    s = replace(chosen.setup, stashed_outputs=stashed_output_layers(arch, chosen.setup))
+    if not s.stashed_outputs or not chosen.fits:
+        return chosen
+    parts = estimate(arch, s)
+    return replace(chosen, setup=s, parts=parts) if usable is None or parts["peak"] <= usable else chosen
 
 def next_rung_down(plan: Plan) -> str:
     """What to try after running out of memory with this plan's setting."""
