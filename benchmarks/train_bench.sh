@@ -18,7 +18,7 @@
 # t5:    variable-length SFT: ours, Unsloth (TRL padding-free, its patches), TRL padding-free + Liger
 # goals: T4, T2, T3 (and T1 where the GPU holds 84 GiB), ours and Unsloth; with OLD=<dir> (a copy of an earlier
 #        tree's loraflow/ and benchmarks/) that tree's ours beside, for the A/B (on the workloads in AB, default
-#        all); then the host copy rates
+#        all); then the host copy rates. GOALS="T4 T1" runs those only
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CKPT=/dev/shm/llama31-8b-random
@@ -70,7 +70,8 @@ fi
 if [ "$what" = goals ]; then  # every goal that fits this GPU: ours (this tree, OLD's if given) and Unsloth
   unsloth_site
   QW=/dev/shm/qwen25-7b-random
-  [ -d $QW ] || $B make-qwen $QW 2>&1 | tail -1
+  goal() { case " ${GOALS:-T4 T2 T3 T1 copy} " in *" $1 "*) return 0;; esac; return 1; }
+  goal T4 && { [ -d $QW ] || $B make-qwen $QW 2>&1 | tail -1; }
   both() {  # workload tag, then the arguments of train_bench.py ours
     local tag=$1 trees=$PWD; shift
     case " ${AB:-T1 T2 T3 T4} " in *" $tag "*) trees="$PWD ${OLD:-}";; esac
@@ -79,17 +80,23 @@ if [ "$what" = goals ]; then  # every goal that fits this GPU: ours (this tree, 
         | keep "$tag" | sed "s|^{|{\"tree\": \"$(basename $tree)\", |" >> "$OUT/results.jsonl"
     done
   }
-  both T4 $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24
-  U $QW 4096 4 lora unsloth | keep T4 >> "$OUT/results.jsonl"
-  both T2 $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24
-  U $CKPT 2048 8 lora unsloth | keep T2 >> "$OUT/results.jsonl"
-  both T3 $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit
-  U $CKPT 2048 2 qlora unsloth | keep T3 >> "$OUT/results.jsonl"
-  if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits)" -gt 100000 ]; then
+  if goal T4; then
+    both T4 $QW --method lora --seqs 4096 --rows 4 --steps 6 --budget-gib 24
+    U $QW 4096 4 lora unsloth | keep T4 >> "$OUT/results.jsonl"
+  fi
+  if goal T2; then
+    both T2 $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24
+    U $CKPT 2048 8 lora unsloth | keep T2 >> "$OUT/results.jsonl"
+  fi
+  if goal T3; then
+    both T3 $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit
+    U $CKPT 2048 2 qlora unsloth | keep T3 >> "$OUT/results.jsonl"
+  fi
+  if goal T1 && [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits)" -gt 100000 ]; then
     both T1 $CKPT --method lora --seqs 2048 --rows 8 --steps 6
     U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"
   fi
-  timeout 60 python3 benchmarks/host_copy_probe.py 2>>"$OUT/err.txt" | keep copy >> "$OUT/results.jsonl"
+  goal copy && timeout 60 python3 benchmarks/host_copy_probe.py 2>>"$OUT/err.txt" | keep copy >> "$OUT/results.jsonl"
 fi
 if [ "$what" = t4 ] || [ "$what" = t3profile ] || [ "$what" = ab1 ] || [ "$what" = ab2 ] || [ "$what" = ab3 ] || [ "$what" = ab5 ]; then
   unsloth_site
