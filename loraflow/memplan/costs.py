@@ -57,7 +57,10 @@ def stashed_output_layers(arch: Arch, s: Setup) -> int:
     token, a layer's forward takes at least its projections' FLOPs at MATMUL_FLOP_PER_S, and its input
     and up_proj output take their bytes at HOST_COPY_BYTES_PER_S; the layers left over recompute it.
     Only fused LoRA groups stash (loraflow/fused_lora.py), so only with up_proj adapted and the fused
-    path on one GPU."""
+    path on one GPU. Measured on the H100 (benchmarks/results/train-h100-run17.jsonl): T2 +2.9% (23 of
+    31 layers stash), T4 +3.0% (17 of 27), where relative_step_cost says 7.0% and 6.3%: it counts a
+    layer's forward as its projections alone. The plan adds stashing to its choice rather than ranking
+    choices by it (search.with_stashed_outputs), so the overstatement moves no choice."""
     if not (s.offload_checkpoints and s.checkpoint_layers and s.fused and s.shards == 1
             and s.method != "lora8" and "up_proj" in s.targets):
         return 0
