@@ -16,9 +16,9 @@ recompute would compute the same values, so gradients are bit for bit those of p
 The PCIe link does each way about 50 GB/s beside GEMMs that keep their rate (H100, run 16,
 benchmarks/host_copy_probe.py), while recomputing makes a layer's activations about 3x faster; so the
 link only pays where it would idle. The memory plan (memplan.stashed_output_layers) picks how many
-layers stash, as many as the forward pass's copies keep pace with, spread over the checkpointed ones;
-up_proj's output is the largest one a fused LoRA group computes (intermediate width, a quarter of
-the layer's FLOPs at 8B).
+layers stash, as many as the forward pass's copies keep pace with, spread over the checkpointed ones.
+One output a layer: up_proj's (gate_proj's is as large; the link has no room for both), intermediate
+width, a quarter of the layer's projection FLOPs at 8B.
 
 The layer runs as a reentrant checkpoint (one autograd node whose backward recomputes the layer and
 backpropagates through it), so the input hidden state must be the layer's only input that needs
@@ -56,7 +56,8 @@ def projection_output(name: str, compute):
 
 
 class _Stash:
-    """One layer input: in pinned CPU memory after forward, back on its device on request."""
+    """One tensor (a layer's input or a stashed output): in pinned CPU memory after forward, back on its
+    device on request."""
 
     def __init__(self, tensor: torch.Tensor, stream):
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
@@ -91,8 +92,8 @@ class _Stash:
 
 
 class Offloader:
-    """The offloaded inputs of one model's checkpointed layers, by layer index: forward stores layer
-    i's, backward takes it and starts fetching layer i-1's."""
+    """The offloaded inputs (and stashed outputs) of one model's checkpointed layers, by layer index:
+    forward stores layer i's, backward takes them and starts fetching layer i-1's."""
 
     def __init__(self, stash_output_layers=frozenset()):
         self.stashes: dict[int, _Stash] = {}
