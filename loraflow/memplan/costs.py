@@ -47,8 +47,8 @@ The fused cross-entropy is one call a step and stays on."""
 
 def up_proj_share(arch: Arch) -> float:
     """up_proj's share of a decoder layer's projection FLOPs."""
-    shapes = arch.linear_shapes()
-    return shapes["up_proj"][0] * shapes["up_proj"][1] / sum(a * b for a, b in shapes.values())
+    rows, cols = arch.linear_shapes()["up_proj"]
+    return rows * cols * arch.layers / arch.linear_params()
 
 
 def stashed_output_layers(arch: Arch, s: Setup) -> int:
@@ -64,7 +64,7 @@ def stashed_output_layers(arch: Arch, s: Setup) -> int:
     if not (s.offload_checkpoints and s.checkpoint_layers and s.fused and s.shards == 1
             and s.method != "lora8" and "up_proj" in s.targets):
         return 0
-    forward = 2 * sum(a * b for a, b in arch.linear_shapes().values()) / MATMUL_FLOP_PER_S
+    forward = 2 * arch.linear_params() / arch.layers / MATMUL_FLOP_PER_S
     copy_input = s.act_bytes * arch.hidden / HOST_COPY_BYTES_PER_S
     copy_up = s.act_bytes * arch.intermediate / HOST_COPY_BYTES_PER_S
     share = min(1.0, max(0.0, (forward - copy_input) / copy_up))
