@@ -150,14 +150,14 @@ def sync_sites(trainer, steps: int) -> None:
                       "syncs_per_step": round(sum(sites.values()) / steps, 1)}), flush=True)
 
 
-def profile(trainer, tag: str) -> None:
-    """Where a step's time goes: the GPU's busy time against the wall clock, busy time by kind of kernel,
-    and the top kernels and host-side ops ($OUT/profile-TAG.txt and .json)."""
+def profile(run, tag: str) -> None:
+    """Where a step's time goes while `run()` trains: the GPU's busy time against the wall clock, busy time by
+    kind of kernel, the top kernels and host-side ops ($OUT/profile-TAG.txt), with PROFILE_TRACE=1 the timeline."""
     import os
     from torch.profiler import ProfilerActivity, profile as torch_profile
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        trainer.train()
+        run()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     events = prof.key_averages()
@@ -173,6 +173,13 @@ def profile(trainer, tag: str) -> None:
             events.table(sort_by="self_cpu_time_total", row_limit=15)]
     out = Path(os.environ.get("OUT", "/tmp"))
     (out / f"profile-{tag}.txt").write_text("\n".join(text))
+    if os.environ.get("PROFILE_TRACE"):  # the timeline, for the GPU's idle gaps (chrome://tracing or Perfetto)
+        import gzip, shutil
+        trace = out / f"trace-{tag}.json"
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb", compresslevel=6) as packed:
+            shutil.copyfileobj(raw, packed)
+        trace.unlink()
     print(json.dumps({"profile": breakdown}), flush=True)
 
 
@@ -226,7 +233,7 @@ def ours(args) -> None:
             if args.sync_debug:
                 sync_sites(trainer, args.steps)
             elif args.profile:
-                profile(trainer, f"{setup.method}-{seq}x{args.rows}-{'peft' if args.peft_projections else 'fused'}")
+                profile(trainer.train, f"{setup.method}-{seq}x{args.rows}-{'peft' if args.peft_projections else 'fused'}")
             else:
                 trainer.train()
         except torch.OutOfMemoryError as e:

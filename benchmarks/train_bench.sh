@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training speed and memory on one H200: loraflow's train path and the peers in one run; JSON lines into $OUT.
-#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|attention|ab1|ab2|ab3|ab5|t5] [methods for plan, default "lora qlora lora8"]
+#   bash benchmarks/train_bench.sh [plan|speed|all|p3|t|t4|t3profile|profiles|attention|ab1|ab2|ab3|ab5|t5|goals] [methods for plan, default "lora qlora lora8"]
 # plan:  predicted vs measured peak, 8B LoRA / 8-bit / QLoRA x 512, 2048, 8192 tokens, no checkpointing
 # speed: workloads P1 (LoRA 2048, no cap), P2 (24 GiB budget), P3 (QLoRA, 8 GiB budget: 7.2 usable after the
 #        plan's margin; 8-bit AdamW as the peer), the plain-HF peers, and P4 (variable-length SFT: ours, TRL defaults, TRL
@@ -15,6 +15,7 @@
 # ab2:   T4 (both attentions) and T2 (with and without offloaded checkpoints), with Unsloth
 # ab3:   T3, T4, T2 with Unsloth; then T2 and T3 without offloaded checkpoints, T4 on its old path; the GPU equivalence check
 # ab5:   ab3's first part: T3 and T2 (with and without offloaded checkpoints) with Unsloth
+# profiles: T2 and T3 under torch.profiler, ours (PROFILE_TRACE=1: with the timeline) and Unsloth
 # t5:    variable-length SFT: ours, Unsloth (TRL padding-free, its patches), TRL padding-free + Liger
 # goals: T4, T2, T3 (and T1 where the GPU holds 84 GiB), ours and Unsloth; with OLD=<dir> (a copy of an earlier
 #        tree's loraflow/ and benchmarks/) that tree's ours beside, for the A/B (on the workloads in AB, default
@@ -163,6 +164,15 @@ fi
 if [ "$what" = t3profile ]; then
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 2 --budget-gib 8 --optimizer adamw_8bit --sync-debug | keep T3-syncs >> "$OUT/results.jsonl"
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 3 --budget-gib 8 --optimizer adamw_8bit --profile | keep profile >> "$OUT/results.jsonl"
+fi
+if [ "$what" = profiles ]; then  # T2 and T3 under the profiler: ours (with the timeline) and Unsloth, same kernel kinds
+  unsloth_site
+  PROFILE_TRACE=1 O $CKPT --method lora --seqs 2048 --rows 8 --steps 3 --budget-gib 24 --profile | keep T2-profile >> "$OUT/results.jsonl"
+  PROFILE_TRACE=1 O $CKPT --method qlora --seqs 2048 --rows 8 --steps 2 --budget-gib 8 --optimizer adamw_8bit --profile | keep T3-profile >> "$OUT/results.jsonl"
+  for w in "2048 8 lora" "2048 2 qlora"; do
+    env PYTHONPATH=/tmp/site_u:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 240 \
+      python3 benchmarks/peers/profile_unsloth.py $CKPT $w unsloth 2>>"$OUT/err.txt" | keep unsloth-profile >> "$OUT/results.jsonl"
+  done
 fi
 if [ "$what" = attention ]; then
   for shape in "2048 8" "4096 4"; do

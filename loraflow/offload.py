@@ -111,14 +111,30 @@ class Offloader:
     def store(self, index: int, tensor: torch.Tensor) -> None:
         self.stashes[index] = _Stash(tensor, self.stream(tensor.device))
 
+    def prefetch(self, index: int) -> None:
+        """Start layer `index`'s input and stashed outputs on their way back."""
+        for s in (self.stashes.get(index), *self.outputs.get(index, {}).values()):
+            if s is not None:
+                s.fetch()
+
     def take(self, index: int) -> torch.Tensor:
-        """Layer `index`'s input; its stashed outputs and layer index-1's start their way back."""
+        """Layer `index`'s input; its stashed outputs and layer index-1's start their way back, in that
+        order (one copy stream: the recompute waits for this layer's copies, not for index-1's)."""
+        self.prefetch(index)
         stash = self.stashes.pop(index)
-        for i in (index, index - 1):  # index - 1's copies overlap this layer's recompute and backward
-            for s in (self.stashes.get(i), *self.outputs.get(i, {}).values()):
-                if s is not None:
-                    s.fetch()
+        self.prefetch(index - 1)  # its copies overlap this layer's recompute and backward
         return stash.take()
+
+    def prefetch_when_backward_reaches(self, output: torch.Tensor, index: int) -> None:
+        """Fetch layer `index`'s stashes as soon as the gradient of `output` is computed. Given the last
+        decoder layer's output, that is the start of backward: the kept layers' backward then hides the
+        copies that the first recompute would otherwise wait for (on an H100, 22 ms of idle GPU a step
+        at 8B; benchmarks/results/train-h200-unsloth.md, run 19). The plan's working set for the kept
+        layers' phase already holds a fetched-ahead input and up output."""
+        if output.requires_grad:
+            def start(grad):
+                self.prefetch(index)
+            output.register_hook(start)
 
     @contextlib.contextmanager
     def running(self, index: int, mode: str):

@@ -296,7 +296,7 @@ def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, t
     if params.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
     collator = fastpath.packed_collator(pad_id) if speed.packing else pad_collator(pad_id)
-    trainer = Trainer(model=model, args=training_args(params, out_dir, dtype, plan), train_dataset=train_ds,
+    trainer = host_counting(Trainer)(model=model, args=training_args(params, out_dir, dtype, plan), train_dataset=train_ds,
                       eval_dataset=eval_ds, data_collator=collator, callbacks=callbacks)
     # without tqdm the Trainer prints every log dict; the Progress callback already logs each step once
     from transformers.trainer_callback import PrinterCallback
@@ -307,6 +307,20 @@ def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, t
         from peft.utils.other import fsdp_auto_wrap_policy
         trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     return trainer
+
+
+def host_counting(trainer_class):
+    """The Trainer, counting the tokens seen from the batch's shape on the host in a one-process run.
+    Its own count puts the number on the GPU and reads it back (.item()) every micro-batch, which makes
+    the host wait there for the GPU to finish the previous micro-batch: the GPU then idles while the
+    host launches the next one. The count is the same (every token of the batch, padding included)."""
+    class HostCountingTrainer(trainer_class):
+        def _track_num_input_tokens(self, inputs):
+            if self.args.world_size > 1 or self.args.include_num_input_tokens_seen not in (True, "all") \
+                    or "input_ids" not in inputs:
+                return super()._track_num_input_tokens(inputs)
+            self.state.num_input_tokens_seen += inputs["input_ids"].numel()
+    return HostCountingTrainer
 
 
 def train_or_name_next_rung(trainer, plan: memplan.Plan, resume: Path | None):

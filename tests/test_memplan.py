@@ -198,17 +198,20 @@ def test_offloaded_checkpoints_let_a_larger_micro_batch_fit_and_leave_the_gpu():
 
 
 def test_stashed_up_outputs_as_many_as_the_copies_keep_pace_with_and_only_where_they_fit():
-    """The forward's device-to-host copies (input plus up_proj output per token and layer, at the link's
-    rate) against the layer's projection FLOPs: at 8B the link carries the up outputs of about three
-    layers in four. The fetched-ahead output joins the working set, the recompute drops up_proj's FLOPs
-    from the step cost, and the plan adds stashing to its choice only where that still fits."""
+    """The forward's GPU-to-host copies (input plus up_proj output per token and layer, at the link's
+    one-way rate) against the layer's forward time: at 8B the link carries every layer's up output, at
+    the Qwen2.5-7B shape (wider MLP, narrower hidden) not all. The fetched-ahead output joins the
+    working set, the recompute drops up_proj's FLOPs from the step cost, and the plan adds stashing to
+    its choice only where that still fits."""
+    def by_hand(arch, layers):
+        forward = memplan.LAYER_FORWARD_OVER_PROJECTIONS * 2 * arch.linear_params() / arch.layers / memplan.MATMUL_FLOP_PER_S
+        copy_input, copy_up = (2 * width / memplan.HOST_COPY_BYTES_PER_S for width in (arch.hidden, arch.intermediate))
+        return int(layers * min(1.0, (forward - copy_input) / copy_up))
     s = Setup(tokens=16384, checkpoint_layers=31, offload_checkpoints=True)
     n = memplan.stashed_output_layers(LLAMA_31_8B, s)
-    forward = 2 * LLAMA_31_8B.linear_params() / LLAMA_31_8B.layers / memplan.MATMUL_FLOP_PER_S
-    per_layer_copy = 2 * (4096 + 14336) / memplan.HOST_COPY_BYTES_PER_S
-    assert 0 < n < 31 and n == int(31 * (forward - 2 * 4096 / memplan.HOST_COPY_BYTES_PER_S)
-                                   / (2 * 14336 / memplan.HOST_COPY_BYTES_PER_S))
-    assert per_layer_copy > forward  # why not every layer
+    assert n == by_hand(LLAMA_31_8B, 31) == 31
+    qwen = memplan.stashed_output_layers(QWEN25_7B, replace(s, checkpoint_layers=27))
+    assert 0 < qwen == by_hand(QWEN25_7B, 27) < 27
     for off in (replace(s, offload_checkpoints=False), replace(s, method="lora8"), replace(s, fused=False),
                 replace(s, targets=("q_proj", "v_proj")), replace(s, shards=2)):
         assert memplan.stashed_output_layers(LLAMA_31_8B, off) == 0

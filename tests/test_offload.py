@@ -96,3 +96,38 @@ def test_a_stashed_output_is_copied_away_and_handed_back_once():
         assert torch.equal(offload.projection_output("up_proj", lambda: None), torch.arange(4.0))
         assert torch.equal(offload.projection_output("up_proj", lambda: torch.zeros(4)), torch.zeros(4))
     assert keeper.outputs == {0: {}}
+
+
+def test_take_fetches_the_layers_own_copies_before_the_next_ones(monkeypatch):
+    """One copy stream serves all: layer i's input and stashed output must be queued before layer i-1's,
+    or the recompute of layer i waits for both layers' copies."""
+    keeper = offload.Offloader({0, 1})
+    for i in (0, 1):
+        with keeper.running(i, "record"):
+            offload.projection_output("up_proj", lambda: torch.full((3,), float(i)))
+        keeper.store(i, torch.full((2,), float(i)))
+    names = {id(keeper.stashes[i]): f"input {i}" for i in (0, 1)}
+    names.update({id(keeper.outputs[i]["up_proj"]): f"up {i}" for i in (0, 1)})
+    fetched = []
+    original = offload._Stash.fetch
+    monkeypatch.setattr(offload._Stash, "fetch", lambda self: fetched.append(names[id(self)]) or original(self))
+    assert torch.equal(keeper.take(1), torch.full((2,), 1.0))
+    assert fetched[:2] == ["input 1", "up 1"] and fetched[2:] == ["input 0", "up 0"], fetched
+
+
+def test_backward_fetches_the_first_recomputed_layer_while_the_kept_layers_run(tiny_model_dir, monkeypatch):
+    """With the last layer kept, the first offloaded layer's copies start when backward begins (the
+    gradient of the last layer's output), before the kept layer's LoRA gradients, not at its own turn."""
+    batch = fastpath.packed_collator(0)(ROWS)
+    model = lora_model(tiny_model_dir, fastpath.register_packed_attention())
+    assert fastpath.checkpoint_layers(model, 1, offload=True) == 1
+    events = []
+    for prefetch_or_take in ("prefetch", "take"):
+        original = getattr(offload.Offloader, prefetch_or_take)
+        monkeypatch.setattr(offload.Offloader, prefetch_or_take,
+                            lambda self, i, _o=original, _n=prefetch_or_take: events.append((_n, i)) or _o(self, i))
+    kept = [p for n, p in model.named_parameters() if ".layers.1." in n and "lora_B" in n][0]
+    kept.register_hook(lambda grad: events.append(("kept layer's gradient", 1)))
+    loss_and_grads(model, batch)
+    first = events.index(("prefetch", 0))
+    assert first < events.index(("kept layer's gradient", 1)) < events.index(("take", 0)), events

@@ -65,3 +65,29 @@ def test_the_fused_loss_reads_a_head_weight_that_carries_the_trained_token_rows(
     assert torch.equal(weight[[5, 7]], rows) and weight.requires_grad
     (weight.sum() * 2).backward()
     assert torch.equal(rows.grad, torch.full_like(rows, 2.0))
+
+
+def test_the_tokens_seen_are_counted_on_the_host_as_the_trainer_counts_them(tmp_path):
+    """host_counting's count equals the Trainer's own for the same batches, without the Trainer's trip
+    through the device (a gather and an .item() every micro-batch)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from loraflow import fastpath
+    from loraflow.training import host_counting
+    if not hasattr(Trainer, "_track_num_input_tokens"):
+        pytest.skip("this transformers counts tokens elsewhere; host_counting leaves it as it is")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    args = TrainingArguments(output_dir=str(tmp_path), include_num_input_tokens_seen=True, use_cpu=True, report_to="none")
+    ours, theirs = host_counting(Trainer)(model=model, args=args), Trainer(model=model, args=args)
+
+    def no_device_round_trip(*a, **k):
+        raise AssertionError("counted through the device")
+    ours.accelerator.gather = no_device_round_trip
+    collate = fastpath.packed_collator(0)
+    for lengths in ((5, 3), (7,), (2, 2, 9)):
+        batch = collate([{"input_ids": list(range(n)), "labels": list(range(n))} for n in lengths])
+        ours._track_num_input_tokens(batch)
+        theirs._track_num_input_tokens(batch)
+        assert ours.state.num_input_tokens_seen == theirs.state.num_input_tokens_seen
+    assert ours.state.num_input_tokens_seen == 5 + 3 + 7 + 2 + 2 + 9

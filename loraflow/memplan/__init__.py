@@ -34,8 +34,8 @@ and the whole peak against torch.cuda.max_memory_allocated on the H200
 """
 from __future__ import annotations
 
-from .costs import (EMBEDDING_ON_CPU_COST, FUSED_LAYERS_MIN_TOKENS, HOST_COPY_BYTES_PER_S, MATMUL_FLOP_PER_S,
-                    OCCUPANCY_TOKENS, OFFLOAD_CHECKPOINTS_COST, SAFETY_MARGIN, relative_step_cost,
+from .costs import (EMBEDDING_ON_CPU_COST, FUSED_LAYERS_MIN_TOKENS, HOST_COPY_BYTES_PER_S,
+                    LAYER_FORWARD_OVER_PROJECTIONS, MATMUL_FLOP_PER_S, OCCUPANCY_TOKENS, OFFLOAD_CHECKPOINTS_COST, SAFETY_MARGIN, relative_step_cost,
                     stashed_output_layers, up_proj_share)
 from .estimate import (GIB, LINEAR_NAMES, Arch, Setup, activation_bytes_per_token, adapter_bytes, adapter_params,
                        embedding_can_leave_gpu, estimate, fsdp_gather_bytes, layer_saved_bytes, linear_weight_bytes,
@@ -47,7 +47,8 @@ from .search import METHODS_FASTEST_FIRST, Choice, Plan, candidates, gib, make_p
 
 __all__ = [
     "EMBEDDING_ON_CPU_COST", "FUSED_LAYERS_MIN_TOKENS", "OCCUPANCY_TOKENS", "OFFLOAD_CHECKPOINTS_COST", "SAFETY_MARGIN",
-    "HOST_COPY_BYTES_PER_S", "MATMUL_FLOP_PER_S", "relative_step_cost", "stashed_output_layers", "up_proj_share",
+    "HOST_COPY_BYTES_PER_S", "LAYER_FORWARD_OVER_PROJECTIONS", "MATMUL_FLOP_PER_S", "relative_step_cost",
+    "stashed_output_layers", "up_proj_share",
     "GIB", "LINEAR_NAMES", "Arch", "Setup", "activation_bytes_per_token",
     "adapter_bytes", "adapter_params", "embedding_can_leave_gpu", "estimate", "fsdp_gather_bytes",
     "layer_saved_bytes", "linear_weight_bytes", "loss_bytes_per_token", "norm_saved_bytes",

@@ -29,10 +29,18 @@ by relative_step_cost that puts offloading's own cost at 1.7%. (On T3, QLoRA at 
 let micro-batch 4 fit: 10,211 tok/s against 8,112 at micro-batch 2, a gain the occupancy term
 underrates for 4-bit weights, so T3 cannot calibrate it.)"""
 
-HOST_COPY_BYTES_PER_S = 50e9
-"""Host <-> GPU copy rate each way with both ways running and GEMMs running beside them, which kept
-their rate (H100, PCIe 5 x16, benchmarks/host_copy_probe.py in benchmarks/results/train-h100-run16.jsonl:
-50.9 GB/s out and 50.0 in, the GEMM at 723 TFLOP/s against 731 alone)."""
+HOST_COPY_BYTES_PER_S = 55e9
+"""GPU -> host copy rate with nothing coming the other way, as in the forward pass, where only the
+stashes go out (H100, PCIe 5 x16, benchmarks/host_copy_probe.py in benchmarks/results/train-h100-run16.jsonl:
+55.4 GB/s each way alone, 50.0-50.9 each way with both ways running; a GEMM beside the copies kept its
+rate, 723 TFLOP/s against 731 alone). The forward's trace (run 19) moved 470 MB up outputs at 55 GB/s."""
+
+LAYER_FORWARD_OVER_PROJECTIONS = 1.19
+"""A decoder layer's forward time over its projections' FLOPs at MATMUL_FLOP_PER_S: the attention, the
+norms, RoPE, SwiGLU, the residual adds and the LoRA matrices' passes take the rest. Measured in the
+H100 trace of T2 (8B, 8 x 2048 tokens, run 19): 11.7 ms a layer from one RMSNorm to the next against
+9.8 ms of projection FLOPs. Longer rows make attention a larger share, so for them this errs short,
+which stashes fewer layers than the link could carry, not more."""
 
 MATMUL_FLOP_PER_S = 730e12
 """bf16 GEMM rate at a decoder layer's projection shapes (16384 x 4096 x 14336: 724-731 TFLOP/s on
@@ -53,18 +61,21 @@ def up_proj_share(arch: Arch) -> float:
 
 def stashed_output_layers(arch: Arch, s: Setup) -> int:
     """How many offloaded checkpointed layers also stash their up_proj output in CPU memory
-    (loraflow/offload.py): as many as the forward pass's device-to-host copies keep pace with. Per
-    token, a layer's forward takes at least its projections' FLOPs at MATMUL_FLOP_PER_S, and its input
-    and up_proj output take their bytes at HOST_COPY_BYTES_PER_S; the layers left over recompute it.
+    (loraflow/offload.py): as many as the forward pass's GPU-to-host copies keep pace with. Per token,
+    a layer's forward takes its projections' FLOPs at MATMUL_FLOP_PER_S times
+    LAYER_FORWARD_OVER_PROJECTIONS, and its input and up_proj output take their bytes at
+    HOST_COPY_BYTES_PER_S; the layers left over recompute it. At 8B every layer keeps pace; at the
+    Qwen2.5-7B shape (wider MLP, narrower hidden) about seven in eight.
     Only fused LoRA groups stash (loraflow/fused_lora.py), so only with up_proj adapted and the fused
     path on one GPU. Measured on the H100 (benchmarks/results/train-h100-run17.jsonl): T2 +2.9% (23 of
-    31 layers stash), T4 +3.0% (17 of 27), where relative_step_cost says 7.0% and 6.3%: it counts a
-    layer's forward as its projections alone. The plan adds stashing to its choice rather than ranking
-    choices by it (search.with_stashed_outputs), so the overstatement moves no choice."""
+    31 layers stash, by the both-ways rate and the projections alone then), T4 +3.0% (17 of 27), where
+    relative_step_cost says 7.0% and 6.3%: it counts a layer's forward as its projections alone. The
+    plan adds stashing to its choice rather than ranking choices by it (search.with_stashed_outputs), so
+    the overstatement moves no choice."""
     if not (s.offload_checkpoints and s.checkpoint_layers and s.fused and s.shards == 1
             and s.method != "lora8" and "up_proj" in s.targets):
         return 0
-    forward = 2 * arch.linear_params() / arch.layers / MATMUL_FLOP_PER_S
+    forward = LAYER_FORWARD_OVER_PROJECTIONS * 2 * arch.linear_params() / arch.layers / MATMUL_FLOP_PER_S
     copy_input = s.act_bytes * arch.hidden / HOST_COPY_BYTES_PER_S
     copy_up = s.act_bytes * arch.intermediate / HOST_COPY_BYTES_PER_S
     share = min(1.0, max(0.0, (forward - copy_input) / copy_up))
