@@ -175,6 +175,7 @@ def checkpoint_layers(model, count: int, offload: bool = False, stashed_outputs:
         from loraflow.offload import Offloader
         n = min(stashed_outputs, count)
         offloader = Offloader({i for i in range(count) if (i + 1) * n // count > i * n // count})
+        model.loraflow_offloader = offloader  # for a look at what it learned (tests, debugging)
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < count
         if offloader is not None and i < count:

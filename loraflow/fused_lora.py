@@ -101,11 +101,13 @@ class _LoraGroup(torch.autograd.Function):
         outputs, start = [], 0
         for base, b, r, name in zip(bases, b_scaled, ranks, names):
             update = xa[:, start:start + r]
-            y = offload.projection_output(name, lambda: _project(flat, update, base, b, dtype))
+            y = offload.projection_output(name, lambda: _project(flat, update, base, b, dtype),
+                                          lambda: flat.new_empty(flat.shape[0], base.out_features))
             outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
             start += r
         ctx.save_for_backward(flat, xa, *lora)
         ctx.bases, ctx.scales, ctx.ranks, ctx.x_shape, ctx.cast = bases, scales, ranks, x.shape, cast
+        ctx.names = names  # offload.unread_outputs finds the projections' nodes by them
         return tuple(outputs)
 
     @staticmethod

@@ -20,6 +20,13 @@ layers stash, as many as the forward pass's copies keep pace with, spread over t
 One output a layer: up_proj's (gate_proj's is as large; the link has no room for both), intermediate
 width, a quarter of the layer's projection FLOPs at 8B.
 
+Unread outputs: a projection whose output no backward node reads (in a Llama, Qwen or Mistral layer
+down_proj's, which only joins the residual sum) is left uncomputed in the recompute: an empty tensor
+stands in for it. Each layer's first recompute computes everything and looks at its autograd graph
+(unread_outputs); a layer that normalizes that output (Gemma 2 and 3) keeps computing it. The values
+never reach a gradient, so gradients are bit for bit those of the full recompute; at 8B the down_proj
+GEMM is a seventh of a layer's projection FLOPs.
+
 The layer runs as a reentrant checkpoint (one autograd node whose backward recomputes the layer and
 backpropagates through it), so the input hidden state must be the layer's only input that needs
 a gradient: true of the decoder layers transformers calls with the hidden state as the positional
@@ -37,22 +44,66 @@ STASHED_PROJECTIONS = frozenset({"up_proj"})
 _running: list = [None]
 
 
-def projection_output(name: str, compute):
+def projection_output(name: str, compute, empty=None):
     """The output of projection `name` of the layer running now: compute()'d, and stashed if the layer
-    is an offloaded one that stashes it (its forward); the stashed copy where it is there (its
-    recompute); plain compute() everywhere else."""
-    if _running[0] is None or name not in STASHED_PROJECTIONS:
+    is an offloaded one that stashes it (its forward); in its recompute, the stashed copy where it is
+    there, or empty() (no values) where the layer's backward never reads it (Offloader.unread); plain
+    compute() everywhere else."""
+    if _running[0] is None:
         return compute()
     offloader, index, mode = _running[0]
     if mode == "replay":
         stash = offloader.outputs.get(index, {}).pop(name, None)
         if stash is not None:
             return stash.take()
+        if empty is not None and name in offloader.unread.get(index, ()):
+            return empty()
         return compute()
     y = compute()
-    if index in offloader.stash_output_layers:
+    if index in offloader.stash_output_layers and name in STASHED_PROJECTIONS:
         offloader.outputs.setdefault(index, {})[name] = _Stash(y, offloader.stream(y.device))
     return y
+
+
+def _saves_a_tensor(node) -> bool:
+    """Whether an autograd node keeps a tensor for its backward (a custom Function's always counts)."""
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        return True
+    for attr in dir(node):
+        if attr.startswith("_saved_"):
+            try:
+                value = getattr(node, attr)
+            except RuntimeError:  # a tensor already freed: it was kept, whatever it was
+                return True
+            if isinstance(value, torch.Tensor) or (
+                    isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)):
+                return True
+    return False
+
+
+def unread_outputs(outputs) -> set[str]:
+    """The projections (one-member fused LoRA groups, by module name) whose output no backward node of
+    this graph reads: every path from `outputs` down to the projection's node passes only nodes that
+    keep no tensor (the residual add, views, casts). Their values never matter to the gradients, so a
+    recompute need not compute them: in a Llama, Qwen or Mistral layer, down_proj's output only joins
+    the residual sum, while one with a norm after the MLP (Gemma 2 and 3) reads it."""
+    clean, read = set(), set()
+    stack = [(o.grad_fn, False) for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    seen = set()
+    while stack:
+        node, tainted = stack.pop()
+        if node is None or (id(node), tainted) in seen:
+            continue
+        seen.add((id(node), tainted))
+        names = getattr(node, "names", None)
+        if names is not None:  # a fused LoRA group's node (fused_lora._LoraGroup)
+            if len(names) == 1:
+                (read if tainted else clean).add(names[0])
+            below = True  # past it, tensors feed the projection's input, which it keeps
+        else:
+            below = tainted or _saves_a_tensor(node)
+        stack.extend((child, below) for child, _ in node.next_functions)
+    return clean - read
 
 
 class _Stash:
@@ -99,6 +150,9 @@ class Offloader:
         self.stashes: dict[int, _Stash] = {}
         self.outputs: dict[int, dict[str, _Stash]] = {}  # stashed projection outputs, by layer and name
         self.stash_output_layers = frozenset(stash_output_layers)
+        # by layer index, learned in its first recompute: the projections whose output its backward never
+        # reads (unread_outputs), which its later recomputes leave uncomputed
+        self.unread: dict[int, set[str]] = {}
         self._stream = None
 
     def stream(self, device: torch.device):
@@ -182,6 +236,8 @@ class _OffloadedLayer(torch.autograd.Function):
             out = ctx.function(hidden, *ctx.args)
         ctx.offloader.outputs.pop(ctx.index, None)  # what the recompute did not ask for
         outs = out if isinstance(out, tuple) else (out,)
+        if ctx.index not in ctx.offloader.unread:  # the first recompute computed everything; look at its graph
+            ctx.offloader.unread[ctx.index] = unread_outputs(outs)
         pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None, None, None, hidden.grad, *(None for _ in ctx.args))

@@ -131,3 +131,61 @@ def test_backward_fetches_the_first_recomputed_layer_while_the_kept_layers_run(t
     loss_and_grads(model, batch)
     first = events.index(("prefetch", 0))
     assert first < events.index(("kept layer's gradient", 1)) < events.index(("take", 0)), events
+
+
+def _base_weight_uses(model, monkeypatch, suffix):
+    """Counts, per layer, how often the base weight of the projections named `suffix` is taken."""
+    from loraflow import fused_lora
+    bases = [m.get_base_layer() for n, m in model.named_modules() if n.endswith(suffix)]
+    uses = {id(b): 0 for b in bases}
+    original = fused_lora.base_weight
+
+    def counting(base, dtype):
+        if id(base) in uses:
+            uses[id(base)] += 1
+        return original(base, dtype)
+    monkeypatch.setattr(fused_lora, "base_weight", counting)
+    return lambda: [uses[id(b)] for b in bases]
+
+
+def test_a_recompute_leaves_out_the_projection_whose_output_backward_never_reads(tiny_model_dir, monkeypatch):
+    """In a Llama layer down_proj's output only joins the residual sum: the first recompute finds that in
+    its graph, and the later ones skip the projection (its base weight serves forward and backward only),
+    with gradients bit for bit those of recomputing it."""
+    from loraflow import fused_lora
+    batch = fastpath.packed_collator(0)(ROWS)
+    runs = []
+    for learn in (offload.unread_outputs, lambda outputs: set()):
+        model = lora_model(tiny_model_dir, fastpath.register_packed_attention())
+        fused_lora.fuse_lora_projections(model)
+        fastpath.checkpoint_layers(model, 2, offload=True)
+        monkeypatch.setattr(offload, "unread_outputs", learn)
+        loss_and_grads(model, batch)  # the first recompute of each layer computes everything
+        uses = _base_weight_uses(model, monkeypatch, "mlp.down_proj")
+        runs.append((model.loraflow_offloader.unread, loss_and_grads(model, batch), uses()))
+        monkeypatch.undo()
+    (unread, skipped, skipped_uses), (nothing, computed, computed_uses) = runs
+    assert unread == {0: {"down_proj"}, 1: {"down_proj"}} and nothing == {0: set(), 1: set()}
+    assert computed_uses == [3, 3] and skipped_uses == [2, 2]  # forward, recompute, backward
+    assert skipped[0] == computed[0]
+    for name in computed[1]:
+        assert torch.equal(skipped[1][name], computed[1][name]), name
+
+
+def test_an_output_a_norm_reads_is_recomputed(tmp_path):
+    """Gemma 2 normalizes the attention's and the MLP's outputs before the residual sum: the norm keeps
+    its input, so no projection's output is left out of the recompute."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from loraflow import fused_lora
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    fused_lora.fuse_lora_projections(model)
+    fastpath.checkpoint_layers(model, 2, offload=True)
+    model.train()
+    ids = torch.randint(0, 64, (1, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.loraflow_offloader.unread == {0: set(), 1: set()}

@@ -68,8 +68,9 @@ def test_the_fused_loss_reads_a_head_weight_that_carries_the_trained_token_rows(
 
 
 def test_the_tokens_seen_are_counted_on_the_host_as_the_trainer_counts_them(tmp_path):
-    """host_counting's count equals the Trainer's own for the same batches, without the Trainer's trip
-    through the device (a gather and an .item() every micro-batch)."""
+    """host_counting's token and FLOP counts equal the Trainer's own for the same batches, without the
+    Trainer's trip through the device (a gather and an .item() every micro-batch) and with one walk
+    over the parameters instead of one a batch."""
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from loraflow import fastpath
@@ -85,9 +86,14 @@ def test_the_tokens_seen_are_counted_on_the_host_as_the_trainer_counts_them(tmp_
         raise AssertionError("counted through the device")
     ours.accelerator.gather = no_device_round_trip
     collate = fastpath.packed_collator(0)
+    walks = []
+    counted = model.num_parameters
+    model.num_parameters = lambda *a, **k: walks.append(1) or counted(*a, **k)
     for lengths in ((5, 3), (7,), (2, 2, 9)):
         batch = collate([{"input_ids": list(range(n)), "labels": list(range(n))} for n in lengths])
         ours._track_num_input_tokens(batch)
         theirs._track_num_input_tokens(batch)
         assert ours.state.num_input_tokens_seen == theirs.state.num_input_tokens_seen
+        assert ours.floating_point_ops(batch) == theirs.floating_point_ops(batch) > 0
     assert ours.state.num_input_tokens_seen == 5 + 3 + 7 + 2 + 2 + 9
+    assert len(walks) == 1 + 3  # ours walked the parameters once, the Trainer's own at every batch
