@@ -217,7 +217,7 @@ def test_stashed_up_outputs_as_many_as_the_copies_keep_pace_with_and_only_where_
         assert memplan.stashed_output_layers(LLAMA_31_8B, off) == 0
     stashed = replace(s, stashed_outputs=n)
     assert memplan.working_bytes(LLAMA_31_8B, stashed) - memplan.working_bytes(LLAMA_31_8B, s) == 2 * 14336 * 16384
-    assert memplan.up_proj_share(LLAMA_31_8B) == pytest.approx(4096 * 14336 / (LLAMA_31_8B.linear_params() / 32))
+    assert memplan.projection_share(LLAMA_31_8B, "up_proj") == pytest.approx(4096 * 14336 / (LLAMA_31_8B.linear_params() / 32))
     assert memplan.relative_step_cost(LLAMA_31_8B, stashed) < memplan.relative_step_cost(LLAMA_31_8B, s)
     # T2 (24 GiB) stashes on top of the setting it would pick anyway; T3's 8 GiB has no room for the
     # fetched-ahead output at micro-batch 4, and the plan keeps micro-batch 4 rather than trade it
@@ -378,3 +378,24 @@ def test_trained_token_rows_by_hand():
     # the head's input is kept for its gradient; the first layer's norm keeps its input too
     extra = memplan.activation_bytes_per_token(TINY, rows) - memplan.activation_bytes_per_token(TINY, plain)
     assert extra == a * h + memplan.norm_saved_bytes(TINY, rows)
+
+
+def test_offloaded_recomputes_leave_down_proj_out_unless_a_norm_reads_it():
+    """Every offloaded checkpointed layer skips down_proj in its recompute (offload.unread_outputs), which
+    the step cost counts; not where a norm reads the MLP's output (Gemma 2 and 3, from the config's model
+    type), nor without the fused offloaded path."""
+    s = Setup(tokens=16384, checkpoint_layers=31, offload_checkpoints=True)
+    assert memplan.unread_down_layers(LLAMA_31_8B, s) == 31
+    t2 = memplan.make_plan(LLAMA_31_8B, Setup(), 2048, 8, 24 * memplan.GIB, place_checkpoints=True)
+    assert t2.to_dict()["unread_down_layers"] == t2.chosen.setup.checkpoint_layers > 0
+    assert f"down_proj left out of {t2.chosen.setup.checkpoint_layers} recomputes" in memplan.render(t2)
+    normed = replace(LLAMA_31_8B, mlp_output_normed=True)
+    for arch, off in ((normed, s), (LLAMA_31_8B, replace(s, offload_checkpoints=False)),
+                      (LLAMA_31_8B, replace(s, method="lora8")), (LLAMA_31_8B, replace(s, targets=("q_proj", "v_proj")))):
+        assert memplan.unread_down_layers(arch, off) == 0
+    down = memplan.projection_share(LLAMA_31_8B, "down_proj")
+    assert memplan.relative_step_cost(normed, s) - memplan.relative_step_cost(LLAMA_31_8B, s) == pytest.approx(
+        2 * 31 * down / 32 / 4 * (1 + memplan.OFFLOAD_CHECKPOINTS_COST) * (16384 + memplan.OCCUPANCY_TOKENS) / 16384)
+    config = dict(num_attention_heads=8, hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=100)
+    assert Arch.from_config(SimpleNamespace(model_type="gemma2", **config)).mlp_output_normed
+    assert not Arch.from_config(SimpleNamespace(model_type="llama", **config)).mlp_output_normed

@@ -35,8 +35,9 @@ and the whole peak against torch.cuda.max_memory_allocated on the H200
 from __future__ import annotations
 
 from .costs import (EMBEDDING_ON_CPU_COST, FUSED_LAYERS_MIN_TOKENS, HOST_COPY_BYTES_PER_S,
-                    LAYER_FORWARD_OVER_PROJECTIONS, MATMUL_FLOP_PER_S, OCCUPANCY_TOKENS, OFFLOAD_CHECKPOINTS_COST, SAFETY_MARGIN, relative_step_cost,
-                    stashed_output_layers, up_proj_share)
+                    LAYER_FORWARD_OVER_PROJECTIONS, MATMUL_FLOP_PER_S, OCCUPANCY_TOKENS, OFFLOAD_CHECKPOINTS_COST,
+                    SAFETY_MARGIN, fused_offload, projection_share, relative_step_cost, stashed_output_layers,
+                    unread_down_layers)
 from .estimate import (GIB, LINEAR_NAMES, Arch, Setup, activation_bytes_per_token, adapter_bytes, adapter_params,
                        embedding_can_leave_gpu, estimate, fsdp_gather_bytes, layer_saved_bytes, linear_weight_bytes,
                        loss_bytes_per_token, norm_saved_bytes, saved_module_params, token_rows_working_bytes,
@@ -48,7 +49,7 @@ from .search import METHODS_FASTEST_FIRST, Choice, Plan, candidates, gib, make_p
 __all__ = [
     "EMBEDDING_ON_CPU_COST", "FUSED_LAYERS_MIN_TOKENS", "OCCUPANCY_TOKENS", "OFFLOAD_CHECKPOINTS_COST", "SAFETY_MARGIN",
     "HOST_COPY_BYTES_PER_S", "LAYER_FORWARD_OVER_PROJECTIONS", "MATMUL_FLOP_PER_S", "relative_step_cost",
-    "stashed_output_layers", "up_proj_share",
+    "fused_offload", "projection_share", "stashed_output_layers", "unread_down_layers",
     "GIB", "LINEAR_NAMES", "Arch", "Setup", "activation_bytes_per_token",
     "adapter_bytes", "adapter_params", "embedding_can_leave_gpu", "estimate", "fsdp_gather_bytes",
     "layer_saved_bytes", "linear_weight_bytes", "loss_bytes_per_token", "norm_saved_bytes",

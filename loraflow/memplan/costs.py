@@ -13,11 +13,12 @@ OCCUPANCY_TOKENS = 800
 and T / (T + 800) fits that ratio."""
 
 EMBEDDING_ON_CPU_COST = 0.02
-"""Share of step time the CPU lookup and copy of the input embedding's rows cost. On the H200, P2
-(8B LoRA, 4 x 2048 tokens) with the embedding in CPU memory and one layer fewer checkpointed (1.0%
-less work by relative_step_cost) ran 0.4% slower than with it on the GPU
-(benchmarks/results/train-h200-run9-p1-p2.jsonl), so the move costs about 1.4%; 2% keeps the plan
-from moving it for a gain that small."""
+"""Share of step time the input embedding in CPU memory costs. On the H200, P2 (8B LoRA, 4 x 2048
+tokens) with the embedding in CPU memory and one layer fewer checkpointed (1.0% less work by
+relative_step_cost) ran 0.4% slower than with it on the GPU (benchmarks/results/train-h200-run9-p1-p2.jsonl),
+so the move cost about 1.4% when the CPU looked the rows up. The GPU now gathers them from pinned
+memory itself (loraflow/host_rows.py), which should cost less; that is not measured alone, and 2%
+still keeps the plan from moving the embedding for a gain that small."""
 
 OFFLOAD_CHECKPOINTS_COST = 0.02
 """Share of step time that offloading the checkpointed inputs costs, with the copies overlapped (a
@@ -53,10 +54,25 @@ the GPU was busy 34% of an 8B QLoRA step at 2048 tokens), more than the plain op
 The fused cross-entropy is one call a step and stays on."""
 
 
-def up_proj_share(arch: Arch) -> float:
-    """up_proj's share of a decoder layer's projection FLOPs."""
-    rows, cols = arch.linear_shapes()["up_proj"]
+def projection_share(arch: Arch, name: str) -> float:
+    """One projection's share of a decoder layer's projection FLOPs."""
+    rows, cols = arch.linear_shapes()[name]
     return rows * cols * arch.layers / arch.linear_params()
+
+
+def fused_offload(s: Setup, name: str) -> bool:
+    """Whether offloaded checkpointed layers run projection `name` as a fused LoRA group (the groups
+    carry the names offload.py stashes and skips by): fused path, one GPU, an adapted 16-bit or 4-bit
+    base (8-bit bases keep peft's path)."""
+    return bool(s.offload_checkpoints and s.checkpoint_layers and s.fused and s.shards == 1
+                and s.method != "lora8" and name in s.targets)
+
+
+def unread_down_layers(arch: Arch, s: Setup) -> int:
+    """Recomputed layers that leave down_proj out (offload.unread_outputs): every offloaded one, unless
+    a norm reads the MLP's output. Measured with the rest of the session's changes (run 21,
+    benchmarks/results/train-h200-unsloth.md): the GEMM is 2.4 ms of an 8B layer at 16k tokens."""
+    return s.checkpoint_layers if fused_offload(s, "down_proj") and not arch.mlp_output_normed else 0
 
 
 def stashed_output_layers(arch: Arch, s: Setup) -> int:
@@ -72,8 +88,7 @@ def stashed_output_layers(arch: Arch, s: Setup) -> int:
     relative_step_cost says 7.0% and 6.3%: it counts a layer's forward as its projections alone. The
     plan adds stashing to its choice rather than ranking choices by it (search.with_stashed_outputs), so
     the overstatement moves no choice."""
-    if not (s.offload_checkpoints and s.checkpoint_layers and s.fused and s.shards == 1
-            and s.method != "lora8" and "up_proj" in s.targets):
+    if not fused_offload(s, "up_proj"):
         return 0
     forward = LAYER_FORWARD_OVER_PROJECTIONS * 2 * arch.linear_params() / arch.layers / MATMUL_FLOP_PER_S
     copy_input = s.act_bytes * arch.hidden / HOST_COPY_BYTES_PER_S
@@ -85,9 +100,11 @@ def stashed_output_layers(arch: Arch, s: Setup) -> int:
 def relative_step_cost(arch: Arch, s: Setup) -> float:
     """Time per token relative to no recomputation at full occupancy: a frozen base costs ~2 units
     forward and ~2 backward, each checkpointed layer adds its forward again (less its up_proj where
-    that output is stashed), small micro-batches leave the GPU partly idle, and the embedding in CPU
-    memory adds its copy."""
-    recompute = (4 + 2 * (s.checkpoint_layers - s.stashed_outputs * up_proj_share(arch)) / arch.layers) / 4
+    that output is stashed, and its down_proj where backward never reads that output), small
+    micro-batches leave the GPU partly idle, and the embedding in CPU memory adds its copy."""
+    left_out = (s.stashed_outputs * projection_share(arch, "up_proj")
+                + unread_down_layers(arch, s) * projection_share(arch, "down_proj"))
+    recompute = (4 + 2 * (s.checkpoint_layers - left_out) / arch.layers) / 4
     offload = 1 + EMBEDDING_ON_CPU_COST if s.embedding_on_cpu else 1
     if s.offload_checkpoints and s.checkpoint_layers:
         offload *= 1 + OFFLOAD_CHECKPOINTS_COST

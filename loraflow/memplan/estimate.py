@@ -7,6 +7,8 @@ from dataclasses import dataclass
 GIB = 2**30
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# model types whose decoder layer normalizes the MLP's output before adding it to the residual
+MLP_OUTPUT_NORMED = frozenset({"gemma2", "gemma3", "gemma3_text", "olmo2", "olmo3"})
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,9 @@ class Arch:
     head_dim: int
     vocab: int
     tied: bool
+    # a norm reads the MLP's output before the residual sum (Gemma 2 and 3, OLMo 2), so a recompute
+    # must compute down_proj's output (loraflow/offload.py finds this at run time; the plan foresees it)
+    mlp_output_normed: bool = False
 
     @classmethod
     def from_config(cls, config) -> "Arch":
@@ -28,7 +33,8 @@ class Arch:
                    layers=config.num_hidden_layers, heads=heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                    head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-                   vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)))
+                   vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
+                   mlp_output_normed=getattr(config, "model_type", "") in MLP_OUTPUT_NORMED)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection in one decoder layer."""

@@ -1,7 +1,7 @@
 """The chosen plan as a markdown table, for the log and reports/memory_plan.md."""
 from __future__ import annotations
 
-from .costs import SAFETY_MARGIN, relative_step_cost
+from .costs import SAFETY_MARGIN, relative_step_cost, unread_down_layers
 from .estimate import GIB
 from .search import Plan, gib
 
@@ -31,6 +31,8 @@ def render(plan: Plan, on_cpu: bool = False) -> str:
               + ("" if on_cpu else f", input embedding {'in CPU memory' if c.setup.embedding_on_cpu else 'on the GPU'}")
               + (", checkpointed inputs in CPU memory" if c.setup.offload_checkpoints else "")
               + (f" ({c.setup.stashed_outputs} of those layers' up_proj outputs too)" if c.setup.stashed_outputs else "")
+              + (f", down_proj left out of {unread_down_layers(arch, c.setup)} recomputes"
+                 if unread_down_layers(arch, c.setup) else "")
               + f": {verdict}; "
               f"relative step cost {relative_step_cost(arch, c.setup):.2f}"]
     return "\n".join(lines)
