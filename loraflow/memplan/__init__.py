@@ -19,7 +19,9 @@ Each term is bytes per parameter or bytes per token, from what the step keeps al
   when the inputs are offloaded to CPU memory (offload_checkpoints; two of them then join the
   working set: the one being recomputed and the one fetched ahead). Some of those layers stash their
   up_proj output there as well (stashed_output_layers); the next one's, fetched ahead, joins the
-  working set, and the recompute skips that projection.
+  working set, and the recompute skips that projection. The recompute also leaves down_proj out
+  where no backward node reads its output (unread_down_layers: time, not memory; the empty tensor
+  standing in for it is as large).
 - logits/loss: a fused linear cross-entropy keeps one hidden-sized gradient per token; the plain
   path keeps fp32 log-probabilities over the vocabulary and their gradients.
 - working set: the gradients alive while one layer runs backward, one recomputed layer when any is
