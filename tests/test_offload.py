@@ -59,17 +59,9 @@ def test_stashed_up_outputs_skip_the_projection_in_the_recompute_and_change_no_g
         model = lora_model(tiny_model_dir, fastpath.register_packed_attention())
         fused_lora.fuse_lora_projections(model)
         fastpath.checkpoint_layers(model, 2, offload=True, stashed_outputs=stashed)
-        ups = [m.get_base_layer() for n, m in model.named_modules() if n.endswith("mlp.up_proj")]
-        uses = {id(u): 0 for u in ups}
-        original = fused_lora.base_weight
-
-        def counting(base, dtype):
-            if id(base) in uses:
-                uses[id(base)] += 1
-            return original(base, dtype)
-        monkeypatch.setattr(fused_lora, "base_weight", counting)
-        runs.append((loss_and_grads(model, batch), [uses[id(u)] for u in ups]))
-        monkeypatch.setattr(fused_lora, "base_weight", original)
+        uses = _base_weight_uses(model, monkeypatch, "mlp.up_proj")
+        runs.append((loss_and_grads(model, batch), uses()))
+        monkeypatch.undo()
     (plain, plain_uses), (stashed_run, stashed_uses) = runs
     assert plain_uses == [3, 3]  # forward, recompute, backward
     assert stashed_uses == [3, 2]  # one of two spread over the layers is the second; the first recomputes
