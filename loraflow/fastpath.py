@@ -17,7 +17,6 @@ The first label of every row is -100, so no row is trained to predict the next r
 from __future__ import annotations
 
 import itertools
-
 import logging
 
 import torch
