@@ -12,7 +12,7 @@ for nothing, and only the rows asked for cross the link (hidden x 2 bytes a toke
 table's own, so the lookup is exact, as before.
 
 The kernel runs on CPU tensors under TRITON_INTERPRET=1, which is how CI checks it
-(tests/triton_interpret_check.py).
+(tests/test_host_rows.py; run as a script on a GPU, the same file checks the pinned path).
 """
 from __future__ import annotations
 

@@ -70,8 +70,9 @@ def fused_offload(s: Setup, name: str) -> bool:
 
 def unread_down_layers(arch: Arch, s: Setup) -> int:
     """Recomputed layers that leave down_proj out (offload.unread_outputs): every offloaded one, unless
-    a norm reads the MLP's output. Measured with the rest of the session's changes (run 21,
-    benchmarks/results/train-h200-unsloth.md): the GEMM is 2.4 ms of an 8B layer at 16k tokens."""
+    a norm reads the MLP's output. Not timed apart: run 21 measured it with other changes
+    (benchmarks/results/train-h200-unsloth.md), and run 19's profile puts the GEMM at 2.46 ms of an 8B
+    layer at 16k tokens."""
     return s.checkpoint_layers if fused_offload(s, "down_proj") and not arch.mlp_output_normed else 0
 
 

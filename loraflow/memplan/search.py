@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .costs import FUSED_LAYERS_MIN_TOKENS, SAFETY_MARGIN, relative_step_cost, stashed_output_layers, unread_down_layers
+from .costs import (FUSED_LAYERS_MIN_TOKENS, SAFETY_MARGIN, relative_step_cost, stashed_output_layers,
+                    unread_down_layers)
 from .estimate import GIB, Arch, Setup, embedding_can_leave_gpu, estimate
 
 METHODS_FASTEST_FIRST = ("lora", "lora8", "qlora")
@@ -48,7 +49,8 @@ class Plan:
                 "fused": c.setup.fused, "fused_layers": c.setup.fused and c.setup.fused_layers,
                 "tokens_per_micro_batch": c.setup.tokens, "gpus_sharing_weights": c.setup.shards,
                 "embedding_on_cpu": c.setup.embedding_on_cpu, "offload_checkpoints": c.setup.offload_checkpoints,
-                "stashed_outputs": c.setup.stashed_outputs, "unread_down_layers": unread_down_layers(self.arch, c.setup),
+                "stashed_outputs": c.setup.stashed_outputs,
+                "unread_down_layers": unread_down_layers(self.arch, c.setup),
                 "predicted_gib": {k: gib(v) for k, v in c.parts.items()},
                 "relative_step_cost": round(relative_step_cost(self.arch, c.setup), 3),
                 "considered": len(self.considered)}
