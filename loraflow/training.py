@@ -299,9 +299,14 @@ def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, t
     if params.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
     collator = fastpath.packed_collator(pad_id) if speed.packing else pad_collator(pad_id)
-    trainer = host_counting(Trainer)(model=model, args=training_args(params, out_dir, dtype, plan),
-                                     train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                                     callbacks=callbacks)
+    args = training_args(params, out_dir, dtype, plan)
+    optimizer = None
+    if params.optimizer == "adamw_8bit":
+        from loraflow import flat_adamw8bit  # imports bitsandbytes, which only this optimizer needs
+        optimizer = flat_adamw8bit.trainer_optimizer(args, model)
+    trainer = host_counting(Trainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                     data_collator=collator, callbacks=callbacks,
+                                     optimizer_cls_and_kwargs=optimizer)
     # without tqdm the Trainer prints every log dict; the Progress callback already logs each step once
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)

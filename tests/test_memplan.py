@@ -399,3 +399,24 @@ def test_offloaded_recomputes_leave_down_proj_out_unless_a_norm_reads_it():
     config = dict(num_attention_heads=8, hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=100)
     assert Arch.from_config(SimpleNamespace(model_type="gemma2", **config)).mlp_output_normed
     assert not Arch.from_config(SimpleNamespace(model_type="llama", **config)).mlp_output_normed
+
+
+def test_the_8bit_optimizer_steps_staging_is_planned_after_backward():
+    """FlatAdamW8bit stages parameters and gradients (fp32, up to FLAT_8BIT_STAGING_VALUES each)
+    inside the optimizer step, when backward's tensors are gone: the plan's peak is the larger of
+    backward's and the step's."""
+    tiny = Setup(rank=2, optimizer="adamw_8bit", tokens=1)
+    step = memplan.weight_bytes(TINY, tiny) + memplan.adapter_bytes(TINY, tiny) + 2 * 4 * 512
+    assert memplan.optimizer_step_bytes(TINY, tiny) == step
+    assert memplan.estimate(TINY, tiny)["peak"] == step  # one token: the step holds more than backward
+    no_staging = replace(tiny, optimizer="adamw")
+    assert memplan.optimizer_step_bytes(TINY, no_staging) == \
+        memplan.weight_bytes(TINY, no_staging) + memplan.adapter_bytes(TINY, no_staging)
+    assert memplan.optimizer_step_bytes(TINY, replace(tiny, shards=2)) == pytest.approx(
+        memplan.weight_bytes(TINY, replace(tiny, shards=2)) + memplan.adapter_bytes(TINY, replace(tiny, shards=2)))
+    t3 = Setup(method="qlora", optimizer="adamw_8bit", tokens=4 * 2048, checkpoint_layers=32, embedding_on_cpu=True,
+               offload_checkpoints=True)
+    parts = memplan.estimate(LLAMA_31_8B, t3)
+    assert memplan.optimizer_step_bytes(LLAMA_31_8B, t3) - memplan.weight_bytes(LLAMA_31_8B, t3) \
+        - memplan.adapter_bytes(LLAMA_31_8B, t3) == 2 * 4 * memplan.FLAT_8BIT_STAGING_VALUES  # 32 MiB
+    assert parts["peak"] == sum(v for k, v in parts.items() if k != "peak")  # backward sets T3's peak

@@ -40,9 +40,10 @@ from .costs import (EMBEDDING_ON_CPU_COST, FUSED_LAYERS_MIN_TOKENS, HOST_COPY_BY
                     LAYER_FORWARD_OVER_PROJECTIONS, MATMUL_FLOP_PER_S, OCCUPANCY_TOKENS, OFFLOAD_CHECKPOINTS_COST,
                     SAFETY_MARGIN, fused_offload, projection_share, relative_step_cost, stashed_output_layers,
                     unread_down_layers)
-from .estimate import (GIB, LINEAR_NAMES, Arch, Setup, activation_bytes_per_token, adapter_bytes, adapter_params,
-                       embedding_can_leave_gpu, estimate, fsdp_gather_bytes, layer_saved_bytes, linear_weight_bytes,
-                       loss_bytes_per_token, norm_saved_bytes, saved_module_params, token_rows_working_bytes,
+from .estimate import (FLAT_8BIT_STAGING_VALUES, GIB, LINEAR_NAMES, Arch, Setup, activation_bytes_per_token,
+                       adapter_bytes, adapter_params, embedding_can_leave_gpu, estimate, fsdp_gather_bytes,
+                       layer_saved_bytes, linear_weight_bytes, loss_bytes_per_token, norm_saved_bytes,
+                       optimizer_step_bytes, saved_module_params, token_rows_working_bytes,
                        trains_embedding, trains_head, weight_bytes, working_bytes)
 from .generation import PREFILL_CHUNK_TOKENS, cache_slots, generation_batch, generation_bytes
 from .render import render
@@ -52,7 +53,7 @@ __all__ = [
     "EMBEDDING_ON_CPU_COST", "FUSED_LAYERS_MIN_TOKENS", "OCCUPANCY_TOKENS", "OFFLOAD_CHECKPOINTS_COST", "SAFETY_MARGIN",
     "HOST_COPY_BYTES_PER_S", "LAYER_FORWARD_OVER_PROJECTIONS", "MATMUL_FLOP_PER_S", "relative_step_cost",
     "fused_offload", "projection_share", "stashed_output_layers", "unread_down_layers",
-    "GIB", "LINEAR_NAMES", "Arch", "Setup", "activation_bytes_per_token",
+    "FLAT_8BIT_STAGING_VALUES", "optimizer_step_bytes", "GIB", "LINEAR_NAMES", "Arch", "Setup", "activation_bytes_per_token",
     "adapter_bytes", "adapter_params", "embedding_can_leave_gpu", "estimate", "fsdp_gather_bytes",
     "layer_saved_bytes", "linear_weight_bytes", "loss_bytes_per_token", "norm_saved_bytes",
     "saved_module_params", "token_rows_working_bytes", "trains_embedding", "trains_head", "weight_bytes",

@@ -245,5 +245,20 @@ def estimate(arch: Arch, s: Setup) -> dict[str, float]:
         parts["token_rows"] = token_rows_working_bytes(arch, s)
     if s.shards > 1:
         parts["fsdp_gathered"] = fsdp_gather_bytes(arch, s)
-    parts["peak"] = sum(parts.values())
+    parts["peak"] = max(sum(parts.values()), optimizer_step_bytes(arch, s))
     return parts
+
+
+# values per staging copy of loraflow.flat_adamw8bit (the 8-bit AdamW's flat update): fp32 parameters
+# and as many gradients, alive only inside the optimizer step
+FLAT_8BIT_STAGING_VALUES = 1 << 22
+
+
+def optimizer_step_bytes(arch: Arch, s: Setup) -> float:
+    """What the optimizer step holds: it comes after backward has freed every activation and working
+    tensor, so only the weights, the adapter and the 8-bit update's staging pair (one process; FSDP
+    keeps bitsandbytes' own update) are there. It sets the peak only for very small activations."""
+    staging = 0.0
+    if s.optimizer == "adamw_8bit" and s.shards == 1:
+        staging = 2 * 4 * min(FLAT_8BIT_STAGING_VALUES, adapter_params(arch, s))
+    return weight_bytes(arch, s) + adapter_bytes(arch, s) + staging
