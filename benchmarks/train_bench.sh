@@ -168,12 +168,15 @@ if [ "$what" = t3profile ]; then
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 3 --budget-gib 8 --optimizer adamw_8bit --profile | keep profile >> "$OUT/results.jsonl"
 fi
 if [ "$what" = profiles ]; then  # T2 and T3 under the profiler: ours (with the timeline) and Unsloth, same kernel kinds
+  # PROFILES picks some (T2 T3 ours, U2 U3 Unsloth's); each of ours brings back 2 files, and $OUT returns 8 at most
   unsloth_site
-  PROFILE_TRACE=1 O $CKPT --method lora --seqs 2048 --rows 8 --steps 3 --budget-gib 24 --profile | keep T2-profile >> "$OUT/results.jsonl"
-  PROFILE_TRACE=1 O $CKPT --method qlora --seqs 2048 --rows 8 --steps 2 --budget-gib 8 --optimizer adamw_8bit --profile | keep T3-profile >> "$OUT/results.jsonl"
-  for w in "2048 8 lora" "2048 2 qlora"; do
-    env PYTHONPATH=/tmp/site_u:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 240 \
-      python3 benchmarks/peers/profile_unsloth.py $CKPT $w unsloth 2>>"$OUT/err.txt" | keep unsloth-profile >> "$OUT/results.jsonl"
+  want() { case " ${PROFILES:-T2 T3 U2 U3} " in *" $1 "*) return 0;; esac; return 1; }
+  want T2 && PROFILE_TRACE=1 O $CKPT --method lora --seqs 2048 --rows 8 --steps 3 --budget-gib 24 --profile | keep T2-profile >> "$OUT/results.jsonl"
+  want T3 && PROFILE_TRACE=1 O $CKPT --method qlora --seqs 2048 --rows 8 --steps 2 --budget-gib 8 --optimizer adamw_8bit --profile | keep T3-profile >> "$OUT/results.jsonl"
+  for w in "U2 2048 8 lora" "U3 2048 2 qlora"; do
+    set -- $w
+    want $1 && env PYTHONPATH=/tmp/site_u:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 240 \
+      python3 benchmarks/peers/profile_unsloth.py $CKPT $2 $3 $4 unsloth 2>>"$OUT/err.txt" | keep unsloth-profile >> "$OUT/results.jsonl"
   done
 fi
 if [ "$what" = attention ]; then
