@@ -278,9 +278,6 @@ def training_args(params: TrainParams, out_dir: Path, dtype: torch.dtype, plan: 
         logging_nan_inf_filter=False,
         bf16=on_gpu and dtype == torch.bfloat16, fp16=on_gpu and dtype == torch.float16, use_cpu=not on_gpu,
         remove_unused_columns=False, dataloader_num_workers=0, optim=optim,
-        # the batch (pinned by the DataLoader on a GPU) goes to the device without the host waiting:
-        # a blocking copy waits for the GPU to finish the micro-batch before, 5 tensors a micro-batch
-        accelerator_config={"non_blocking": True},
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
         # checkpointing is set on the model itself, per layer, by the plan (the argument's name changed
         # in transformers 5.2x, the old one warns there)

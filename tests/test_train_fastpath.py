@@ -97,23 +97,3 @@ def test_the_tokens_seen_are_counted_on_the_host_as_the_trainer_counts_them(tmp_
         assert ours.floating_point_ops(batch) == theirs.floating_point_ops(batch) > 0
     assert ours.state.num_input_tokens_seen == 5 + 3 + 7 + 2 + 2 + 9
     assert len(walks) == 1 + 3  # ours walked the parameters once, the Trainer's own at every batch
-
-
-def test_the_batch_goes_to_the_device_without_the_host_waiting(tmp_path):
-    """The train stage's DataLoader copies each batch with non_blocking: on a GPU, from the memory the
-    DataLoader pins, so the host does not wait for the micro-batch before to finish (5 blocking copies
-    a micro-batch before)."""
-    from types import SimpleNamespace
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loraflow.params import TrainParams
-    from loraflow.training import make_trainer
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    plan = SimpleNamespace(chosen=SimpleNamespace(micro_batch=2), rows_per_step=2)
-    rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}] * 4
-    trainer = make_trainer(TrainParams(), model, plan, SimpleNamespace(packing=True), rows, None, 0, tmp_path,
-                           torch.float32)
-    assert trainer.args.accelerator_config.non_blocking
-    assert trainer.get_train_dataloader()._non_blocking
