@@ -91,8 +91,9 @@ def test_streaming_merge_holds_about_one_shard_not_the_model(tmp_path):
         # a first merge sets up what any merge sets up once (BLAS buffers, allocator arenas); the next two
         # are measured: resident memory also moves with the kernel's own timing (huge pages collapsed in
         # the background, file pages), by up to ~50 MB under the full suite, so the smaller is the merge's
-        f"merge_shards(Path('{base}'), Path('{tmp_path / 'adapter'}'), Path('{tmp_path / 'warm'}')); "
-        "runs = [merge_shards(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) / str(i)) for i in range(2)]; "
+        "base, adapter, out = map(Path, sys.argv[1:]); "
+        "merge_shards(base, adapter, out / 'warm'); "
+        "runs = [merge_shards(base, adapter, out / str(i)) for i in range(2)]; "
         "print(json.dumps(min(runs, key=lambda r: r['peak_rss_gib'] - r['rss_before_gib'])))"),
         str(base), str(tmp_path / "adapter"), str(tmp_path / "out")],
         cwd=ROOT, capture_output=True, text=True, check=True)
