@@ -1,0 +1,86 @@
+"""The GEMM floor of a LoRA step without checkpointing (issue 18's T1): every frozen-weight GEMM of
+Llama-3.1-8B's step, timed alone by shape on this GPU. A LoRA step runs each projection forward and
+once more for the input's gradient (frozen weights need no weight gradient), and the head the same
+(Liger's fused cross-entropy, in chunks of rows). The sum is what the step's GEMMs cost at cuBLAS's
+own rate for these shapes, before attention, norms, the LoRA matrices or any idle time: a floor
+under the step that no change outside the GEMMs can go below.
+
+It also times the projections that read one input stacked into one GEMM (q/k/v: 6144 outputs,
+gate/up: 28,672), which would need the base weights stored side by side, to say what that is worth.
+
+    python benchmarks/gemm_floor_probe.py [--tokens 16384] [--peer-tok-s 16195]   # one JSON line
+
+With --peer-tok-s (Unsloth's rate in the same run) it states the step time 1.15x the peer needs and
+how much of it the GEMM floor leaves for everything else.
+"""
+import argparse
+import json
+
+import torch
+
+HIDDEN, KV, INTER, LAYERS, VOCAB = 4096, 1024, 14336, 32, 128256
+# (input width, output width) of each frozen projection of one decoder layer
+PROJECTIONS = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN),
+               "gate": (HIDDEN, INTER), "up": (HIDDEN, INTER), "down": (INTER, HIDDEN)}
+STACKED = {"qkv": (HIDDEN, HIDDEN + 2 * KV), "o": (HIDDEN, HIDDEN), "gate_up": (HIDDEN, 2 * INTER),
+           "down": (INTER, HIDDEN)}
+HEAD_CHUNK_ROWS = 4096  # about Liger's chunk at 16k tokens and a 128k vocabulary
+
+
+def median_ms(fn, reps=10):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(); fn(); end.record(); torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def forward_and_input_grad_ms(tokens: int, fan_in: int, fan_out: int) -> dict:
+    """x W^T and dY W for one frozen projection, each timed alone."""
+    x = torch.randn(tokens, fan_in, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(fan_out, fan_in, device="cuda", dtype=torch.bfloat16) * 0.02
+    dy = torch.randn(tokens, fan_out, device="cuda", dtype=torch.bfloat16)
+    flop = 2 * tokens * fan_in * fan_out
+    fwd, bwd = median_ms(lambda: x @ w.t()), median_ms(lambda: dy @ w)
+    return {"forward_ms": round(fwd, 4), "input_grad_ms": round(bwd, 4),
+            "tflops": round(2 * flop / (fwd + bwd) / 1e9, 1)}
+
+
+def layer_ms(tokens: int, shapes: dict) -> tuple[float, dict]:
+    per = {name: forward_and_input_grad_ms(tokens, *shape) for name, shape in shapes.items()}
+    return sum(p["forward_ms"] + p["input_grad_ms"] for p in per.values()), per
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--peer-tok-s", type=float, default=None)
+    args = ap.parse_args()
+    tokens = args.tokens
+    separate_ms, separate = layer_ms(tokens, PROJECTIONS)
+    stacked_ms, stacked = layer_ms(tokens, STACKED)
+    head = forward_and_input_grad_ms(HEAD_CHUNK_ROWS, HIDDEN, VOCAB)
+    head_ms = (head["forward_ms"] + head["input_grad_ms"]) * tokens / HEAD_CHUNK_ROWS
+    big = forward_and_input_grad_ms(8192, 8192, 8192)  # the GPU's rate on a large square GEMM
+    step_flop = 2 * 2 * tokens * (LAYERS * sum(i * o for i, o in PROJECTIONS.values()) + HIDDEN * VOCAB)
+    floor_ms = LAYERS * separate_ms + head_ms
+    result = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": tokens,
+        "layer_ms": round(separate_ms, 3), "layer_stacked_ms": round(stacked_ms, 3),
+        "head_ms": round(head_ms, 2), "step_gemm_floor_ms": round(floor_ms, 1),
+        "step_gemm_floor_stacked_ms": round(LAYERS * stacked_ms + head_ms, 1),
+        "floor_tflops": round(step_flop / floor_ms / 1e9, 1), "square_8192_tflops": big["tflops"],
+        "by_projection": separate, "stacked": stacked, "head_chunk": head,
+    }
+    if args.peer_tok_s:
+        goal_ms = tokens / (1.15 * args.peer_tok_s) * 1e3
+        result.update(peer_tok_s=args.peer_tok_s, step_ms_for_1_15x=round(goal_ms, 1),
+                      left_beside_gemm_floor_ms=round(goal_ms - floor_ms, 1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
