@@ -6,7 +6,9 @@ own rate for these shapes, before attention, norms, the LoRA matrices or any idl
 under the step that no change outside the GEMMs can go below.
 
 It also times the projections that read one input stacked into one GEMM (q/k/v: 6144 outputs,
-gate/up: 28,672), which would need the base weights stored side by side, to say what that is worth.
+gate/up: 28,672), which would need the base weights stored side by side, and Liger's fused linear
+cross-entropy (the head, as the step runs it) at its default chunk of rows and at larger ones, to say
+what each would be worth.
 
     python benchmarks/gemm_floor_probe.py [--tokens 16384] [--peer-tok-s 16195]   # one JSON line
 
@@ -24,7 +26,7 @@ PROJECTIONS = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o":
                "gate": (HIDDEN, INTER), "up": (HIDDEN, INTER), "down": (INTER, HIDDEN)}
 STACKED = {"qkv": (HIDDEN, HIDDEN + 2 * KV), "o": (HIDDEN, HIDDEN), "gate_up": (HIDDEN, 2 * INTER),
            "down": (INTER, HIDDEN)}
-HEAD_CHUNK_ROWS = 4096  # about Liger's chunk at 16k tokens and a 128k vocabulary
+HEAD_CHUNK_ROWS = 512  # Liger's chunk at 16k tokens and a 128k vocabulary (chunk_mem_const 1)
 
 
 def median_ms(fn, reps=10):
@@ -54,6 +56,17 @@ def layer_ms(tokens: int, shapes: dict) -> tuple[float, dict]:
     return sum(p["forward_ms"] + p["input_grad_ms"] for p in per.values()), per
 
 
+def liger_head_ms(tokens: int) -> dict:
+    """Liger's fused linear cross-entropy on the head (frozen weight; it computes the input's
+    gradient inside its forward), by chunk_mem_const: 1 is its default, 512-row chunks here."""
+    from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
+    target = torch.randint(0, VOCAB, (tokens,), device="cuda")
+    return {str(c): round(median_ms(lambda: fused_linear_cross_entropy_forward(x, w, target, chunk_mem_const=c)), 3)
+            for c in (1, 2, 4, 8)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=16384)
@@ -75,6 +88,10 @@ def main() -> None:
         "floor_tflops": round(step_flop / floor_ms / 1e9, 1), "square_8192_tflops": big["tflops"],
         "by_projection": separate, "stacked": stacked, "head_chunk": head,
     }
+    try:
+        result["liger_head_ms_by_chunk_mem_const"] = liger_head_ms(tokens)
+    except Exception as error:  # noqa: BLE001 -- the GEMM figures stand without it
+        result["liger_head_error"] = repr(error)[:200]
     if args.peer_tok_s:
         goal_ms = tokens / (1.15 * args.peer_tok_s) * 1e3
         result.update(peer_tok_s=args.peer_tok_s, step_ms_for_1_15x=round(goal_ms, 1),
