@@ -17,8 +17,13 @@ how much of it the GEMM floor leaves for everything else.
 """
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.attention_probe import timed as median_ms  # noqa: E402  (median of CUDA-event timings)
 
 HIDDEN, KV, INTER, LAYERS, VOCAB = 4096, 1024, 14336, 32, 128256
 # (input width, output width) of each frozen projection of one decoder layer
@@ -27,17 +32,6 @@ PROJECTIONS = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o":
 STACKED = {"qkv": (HIDDEN, HIDDEN + 2 * KV), "o": (HIDDEN, HIDDEN), "gate_up": (HIDDEN, 2 * INTER),
            "down": (INTER, HIDDEN)}
 HEAD_CHUNK_ROWS = 512  # Liger's chunk at 16k tokens and a 128k vocabulary (chunk_mem_const 1)
-
-
-def median_ms(fn, reps=10):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(); fn(); end.record(); torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def forward_and_input_grad_ms(tokens: int, fan_in: int, fan_out: int) -> dict:
