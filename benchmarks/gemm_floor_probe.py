@@ -31,7 +31,13 @@ PROJECTIONS = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o":
                "gate": (HIDDEN, INTER), "up": (HIDDEN, INTER), "down": (INTER, HIDDEN)}
 STACKED = {"qkv": (HIDDEN, HIDDEN + 2 * KV), "o": (HIDDEN, HIDDEN), "gate_up": (HIDDEN, 2 * INTER),
            "down": (INTER, HIDDEN)}
-HEAD_CHUNK_ROWS = 512  # Liger's chunk at 16k tokens and a 128k vocabulary (chunk_mem_const 1)
+
+
+def liger_chunk_rows(tokens: int) -> int:
+    """The rows of one chunk of Liger's fused cross-entropy at its default chunk_mem_const of 1
+    (its own formula: logits no larger than the hidden states): 512 at 16k tokens and a 128k vocabulary."""
+    per_hidden = -(-VOCAB // HIDDEN)
+    return min(tokens, 1 << (-(-tokens // per_hidden) - 1).bit_length())
 
 
 def forward_and_input_grad_ms(tokens: int, fan_in: int, fan_out: int) -> dict:
@@ -52,7 +58,7 @@ def layer_ms(tokens: int, shapes: dict) -> tuple[float, dict]:
 
 def liger_head_ms(tokens: int) -> dict:
     """Liger's fused linear cross-entropy on the head (frozen weight; it computes the input's
-    gradient inside its forward), by chunk_mem_const: 1 is its default, 512-row chunks here."""
+    gradient inside its forward), by chunk_mem_const: 1 is its default (`liger_chunk_rows`)."""
     from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
     x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -69,8 +75,9 @@ def main() -> None:
     tokens = args.tokens
     separate_ms, separate = layer_ms(tokens, PROJECTIONS)
     stacked_ms, stacked = layer_ms(tokens, STACKED)
-    head = forward_and_input_grad_ms(HEAD_CHUNK_ROWS, HIDDEN, VOCAB)
-    head_ms = (head["forward_ms"] + head["input_grad_ms"]) * tokens / HEAD_CHUNK_ROWS
+    chunk_rows = liger_chunk_rows(tokens)
+    head = forward_and_input_grad_ms(chunk_rows, HIDDEN, VOCAB)
+    head_ms = (head["forward_ms"] + head["input_grad_ms"]) * tokens / chunk_rows
     big = forward_and_input_grad_ms(8192, 8192, 8192)  # the GPU's rate on a large square GEMM
     step_flop = 2 * 2 * tokens * (LAYERS * sum(i * o for i, o in PROJECTIONS.values()) + HIDDEN * VOCAB)
     floor_ms = LAYERS * separate_ms + head_ms
@@ -80,7 +87,7 @@ def main() -> None:
         "head_ms": round(head_ms, 2), "step_gemm_floor_ms": round(floor_ms, 1),
         "step_gemm_floor_stacked_ms": round(LAYERS * stacked_ms + head_ms, 1),
         "floor_tflops": round(step_flop / floor_ms / 1e9, 1), "square_8192_tflops": big["tflops"],
-        "by_projection": separate, "stacked": stacked, "head_chunk": head,
+        "by_projection": separate, "stacked": stacked, "head_chunk_rows": chunk_rows, "head_chunk": head,
     }
     try:
         result["liger_head_ms_by_chunk_mem_const"] = liger_head_ms(tokens)
