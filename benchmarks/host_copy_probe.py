@@ -5,7 +5,9 @@ in backward while the GPU computes. Whether that beats recomputing the layer dep
 rate in each direction, on whether both directions run at once (two copy engines), and on how much
 the copies slow the GEMMs they overlap (they share the GPU's memory). This measures all of it:
     python3 benchmarks/host_copy_probe.py [--gib 2]
-One JSON line per measurement: GB/s for copies, TFLOP/s for the GEMM loop.
+One JSON line per measurement: GB/s for copies, TFLOP/s for the GEMM loop. Last, the input embedding
+kept in CPU memory (QLoRA under a tight budget): the GPU's own gather of an 8B micro-batch's rows from
+the pinned table (loraflow.host_rows), against the old path (ids to the host, CPU gather, copy back).
 """
 from __future__ import annotations
 
@@ -89,6 +91,22 @@ def main() -> None:
          gemm_tflop_s=round(40 * flop / took["gemm"] / 1e12, 1), gemm_alone_tflop_s=round(40 * flop / alone / 1e12, 1),
          gemm_seconds=round(took["gemm"], 4), gemm_alone_seconds=round(alone, 4),
          copy_seconds=round(max(took["out"], took["in"]), 4))
+    embedding_gather(emit)
+
+
+def embedding_gather(emit, vocab: int = 128256, hidden: int = 4096, tokens: int = 8192) -> None:
+    """One micro-batch's lookup (T3: 4 x 2048 tokens) in Llama-3.1-8B's embedding kept pinned in CPU
+    memory, by the GPU's gather and by the CPU path it replaced; the GB/s counts the rows' bytes."""
+    from loraflow import host_rows
+    table = torch.randn(vocab, hidden, dtype=torch.bfloat16).pin_memory()
+    ids = torch.randint(0, vocab, (tokens,), device="cuda")
+    gathered = _timed(lambda: host_rows.gather(table, ids), [])
+    cpu_path = _timed(lambda: table[ids.cpu()].to("cuda"), [])
+    assert torch.equal(host_rows.gather(table, ids).cpu(), table[ids.cpu()])
+    rows_bytes = tokens * hidden * 2
+    emit(what=f"embedding lookup, {tokens} ids from a pinned {vocab}x{hidden} bf16 table",
+         gpu_gather_ms=round(gathered * 1e3, 3), gpu_gather_gb_s=round(rows_bytes / gathered / 1e9, 1),
+         cpu_path_ms=round(cpu_path * 1e3, 3), speedup=round(cpu_path / gathered, 1))
 
 
 if __name__ == "__main__":
