@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -111,15 +110,24 @@ def test_fine_tuned_beats_base_by_a_clear_margin(repro_ws):
 
 def test_tuned_beats_base_in_every_family(repro_ws):
     """A mean carried by one family hides the rest: the demo's per-family table (metrics.json, the
-    generation audit) shows the fine-tuned model above the base in every family it scores."""
+    generation audit) shows the fine-tuned model above the base in every family it scores, except where
+    the base already scores the maximum, 1.0: there it must stay level (on an AMD EPYC the base
+    answered both chat_days rows right; nothing can score above that)."""
     m = read_json(repro_ws, "reports/metrics.json")
     families = m["by_family"]
     print("by family:", json.dumps(families))
     assert len(families) >= 10 and sum(f["rows"] for f in families.values()) == m["rows"]
+
+    def improved(name, f, metric):
+        base, tuned = f["base"][metric], f["tuned"][metric]
+        assert tuned > base or tuned == base == 1.0, (name, metric, f)
+
     for name, f in families.items():
-        assert f["tuned"]["rougeL"] > f["base"]["rougeL"], (name, f)
+        improved(name, f, "rougeL")
         if f["tuned"]["exact_match"] is not None:
-            assert f["tuned"]["exact_match"] > f["base"]["exact_match"], (name, f)
+            improved(name, f, "exact_match")
+    level = [name for name, f in families.items() if f["base"]["rougeL"] == 1.0]
+    assert len(level) <= 1, f"the base is already perfect on {level}: the demo no longer shows what tuning adds"
     audit = (repro_ws / "reports/generation_audit.md").read_text()
     assert "## By family" in audit and all(f"| {name} | {f['rows']} |" in audit for name, f in families.items())
 
