@@ -10,7 +10,10 @@ from conftest import BIN, edit_params, make_tiny, make_workspace, read_json, sh
 pytestmark = pytest.mark.slow
 DVC = str(BIN / "dvc")
 LOSS_RTOL = 1e-4   # fp32 on CPU: packing and micro-batching only reorder sums
-ADAPTER_ATOL = 1e-5
+# After 20 AdamW steps the reordered sums leave the adapter 1.6e-5 from the plain path's at most (an AMD
+# EPYC, 2026-12-06; an Intel Xeon stayed under 1e-5), while a learning rate 1% off moves every tensor by
+# 3.9e-4 or more: this bound sits between the two
+ADAPTER_ATOL = 5e-5
 
 
 def train(ws, **settings):
@@ -41,7 +44,7 @@ def test_packed_micro_batched_checkpointed_training_matches_the_plain_path(tmp_p
         assert b == pytest.approx(a, rel=LOSS_RTOL)
     assert plain_adapter.keys() == fast_adapter.keys()
     for name, tensor in plain_adapter.items():
-        torch.testing.assert_close(fast_adapter[name], tensor, rtol=0, atol=ADAPTER_ATOL, msg=name)
+        torch.testing.assert_close(fast_adapter[name], tensor, rtol=0, atol=ADAPTER_ATOL, msg=lambda m: f"{name}: {m}")
 
 
 def test_the_fused_loss_reads_a_head_weight_that_carries_the_trained_token_rows():
