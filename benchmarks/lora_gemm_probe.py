@@ -2,9 +2,9 @@
 memory they must move and against the same products written the other way round.
 
 The low-rank GEMMs do almost no arithmetic (rank 16) but each reads a whole tokens x width tensor, so
-their floor is the bytes over the GPU's memory rate. Run 10's H200 profile of T1 showed one of them,
-down_proj's grad_A (16 x 16,384 x 14,336), at 727 us, about 7x the time to read its input once: cuBLAS
-picked a split-K kernel for a 16-row output. Each product here is timed both ways (grad_A as
+their floor is the bytes over the GPU's memory rate. Run 10's H200 profile of T1 showed a split-K
+kernel once per layer at 727 us, so one of a layer's four grad_A products; the largest, down_proj's
+(16 x 16,384 x 14,336), reads its input once in about 100 us. Each product here is timed both ways (grad_A as
 dy_b^T x or as (x^T dy_b)^T, grad_B as dy^T xa or as (xa^T dy)^T), and each beta=1 base GEMM (the
 epilogue that adds onto the LoRA term) against the same GEMM with beta=0, for Llama-3.1-8B's layer:
 
