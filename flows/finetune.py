@@ -43,6 +43,11 @@ GPU_STAGES = {"base", "train", "merge", "evaluate"}
 GPU_LIMIT = "loraflow-gpu"
 INPUT_ERROR_EXIT = 2  # tasks' exit code for problems in the user's data or params: never retried
 RETRY_DELAY_S = float(os.environ.get("LORAFLOW_RETRY_DELAY_S", "30"))  # between tries of a killed stage
+# The GPU slot is a lease that the holder's Prefect client renews every 3/4 of this: a run killed with
+# -9 cannot give its slot back, so the server takes it back when the lease lapses. Prefect's default
+# (300 s) kept the next run waiting five minutes behind a dead one; 60 s costs one renewal call a 45 s.
+GPU_LEASE_S = 60.0
+GPU_WAIT_REPORT_S = 15.0  # a run waiting for the slot says so this often, so a queue is not taken for a hang
 
 
 class StageFailed(RuntimeError):
@@ -65,6 +70,25 @@ def ensure_gpu_limit(limit: int = 1) -> bool:
         except ObjectAlreadyExists:
             return False
     return True
+
+
+@contextlib.contextmanager
+def gpu_slot(stage: str, logger: logging.Logger | logging.LoggerAdapter):
+    """Hold the GPU slot while the body runs; while waiting for it, say so every GPU_WAIT_REPORT_S."""
+    started = time.monotonic()
+    with contextlib.ExitStack() as held:
+        while True:
+            try:
+                held.enter_context(concurrency(GPU_LIMIT, occupy=1, strict=True, timeout_seconds=GPU_WAIT_REPORT_S,
+                                               lease_duration=GPU_LEASE_S))
+                break
+            except TimeoutError:
+                logger.info("%s waits for the GPU slot (%.0f s so far): another run holds it, or a killed run's "
+                            "lease lapses within %.0f s", stage, time.monotonic() - started, GPU_LEASE_S)
+        waited = time.monotonic() - started
+        if waited >= GPU_WAIT_REPORT_S:
+            logger.info("%s got the GPU slot after %.0f s", stage, waited)
+        yield
 
 
 def dvc(args: list[str], workdir: Path, on_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
@@ -197,7 +221,7 @@ def run_stage(stage: str, workdir: str, maybe_stale: bool = True) -> dict:
         logger.info("%s is up to date: not re-executed", stage)
         return {"stage": stage, "executed": False}
     try:
-        with concurrency(GPU_LIMIT, occupy=1, strict=True) if stage in GPU_STAGES else contextlib.nullcontext():
+        with gpu_slot(stage, logger) if stage in GPU_STAGES else contextlib.nullcontext():
             proc = dvc(["repro", "--single-item", stage], root, on_line=relay)
     except BaseException:  # a timeout or a cancel: dvc's group is killed (dvc()); put back what it deleted
         put_back()

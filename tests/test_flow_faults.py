@@ -3,6 +3,7 @@ and the run completes; a stage that rejects its input fails once, not three time
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -78,8 +79,15 @@ def test_killing_the_flow_kills_its_stage_and_frees_the_workspace(fault_ws, pref
     os.kill(runner.pid, signal.SIGKILL)
     runner.wait()
     assert wait_for_stage("train", fault_ws, running=False, timeout_s=15) == []
-    lines = run_flow(fault_ws, prefect_server)
-    assert lines["train"].startswith("ran in")
+    rerun = sh([str(BIN / "loraflow"), "run", "--workdir", str(fault_ws)], fault_ws, **prefect_env(prefect_server))
+    assert re.search(r"^train: ran in", rerun.stdout, re.M), rerun.stdout
+    # the dead run's GPU slot comes back when its lease lapses (the server checks every 15 s), and
+    # the rerun says that it waits instead of hanging without a word
+    from flows.finetune import GPU_LEASE_S
+    out = rerun.stdout + rerun.stderr
+    assert "waits for the GPU slot" in out, out[-3000:]
+    waited = [float(s) for s in re.findall(r"got the GPU slot after (\d+) s", out)]
+    assert waited and max(waited) <= GPU_LEASE_S + 15 + 15, out[-3000:]
 
 
 def test_a_stage_timeout_ends_the_stage_process_too(fault_ws, prefect_server):
