@@ -40,6 +40,10 @@ def repro_ws(tmp_path_factory):
     assert (venv / ".installed").stat().st_mtime >= (ws / "pyproject.toml").stat().st_mtime, \
         "the venv is older than pyproject.toml: run `make install` first"
     (ws / ".venv").symlink_to(venv)
+    # were make to reinstall here, `pip install -e` would point the suite's own venv at this temporary
+    # copy, and every later `loraflow` command would fail once the copy is deleted
+    stale = subprocess.run(["make", "-q", "install"], cwd=ws, env=plain_shell(), capture_output=True, text=True)
+    assert stale.returncode == 0, "make would reinstall the venv from the temporary copy: run `make install` first"
     proc = subprocess.run(["make", "run"], cwd=ws, env=plain_shell(), capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
