@@ -5,7 +5,6 @@ base model. The lineage stage writes it to reports/lineage.json; `loraflow linea
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -37,17 +36,34 @@ def _git(*args: str) -> str | None:
 
 def code_version() -> dict:
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
-            "cpu_kernels": cpu_kernels()}
+    return {"git_commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
-def cpu_kernels() -> dict:
-    """What decides CPU results' bits besides the code: the kernels ATen, MKL and oneDNN were pinned to,
-    and the thread count."""
-    import torch
-    return {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **{name: os.environ.get(name) for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")},
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+def environments() -> dict[str, dict | None]:
+    """Each stage's environment as its summary recorded it (loraflow.stage.environment): stages handed
+    on through DVC may have run on other machines or releases than this one."""
+    found = {}
+    for stage in layout.STAGES[:-1]:  # all but lineage itself, whose summary is written after this
+        path = layout.stage_summary(stage)
+        found[stage] = json.loads(path.read_text()).get("environment") if path.exists() else None
+    return found
+
+
+def machines(envs: dict[str, dict | None]) -> list[dict]:
+    """The machines the stages ran on (processor and GPU), in pipeline order, each with its stages and
+    the versions of every library those stages loaded (more than one version: upgraded between stages)."""
+    found: dict[tuple, dict] = {}
+    for stage, env in envs.items():
+        if env is None:
+            continue
+        machine = found.setdefault((env["cpu"], env.get("gpu")), {"cpu": env["cpu"], "gpu": env.get("gpu"),
+                                                                  "stages": [], "packages": {}})
+        machine["stages"].append(stage)
+        for lib, version in env["packages"].items():
+            machine["packages"].setdefault(lib, [])
+            if version not in machine["packages"][lib]:
+                machine["packages"][lib].append(version)
+    return list(found.values())
 
 
 def base_model() -> dict:
@@ -80,7 +96,7 @@ def build(lock_path: Path = Path("dvc.lock")) -> dict:
     params = {s: next(iter(v.get("params", {}).values()), {}).get(s) for s, v in stages.items() if v.get("params")}
     metrics = json.loads(layout.METRICS.read_text()) if layout.METRICS.exists() else None
     promotion = json.loads(layout.PROMOTION_JSON.read_text()) if layout.PROMOTION_JSON.exists() else None
-    return {"chain": links, "code": code_version(), "base_model": base_model(), "warm_start": warm_start(), "params": params,
+    return {"chain": links, "code": code_version(), "environments": environments(), "base_model": base_model(), "warm_start": warm_start(), "params": params,
             "metrics": {m: metrics[m] for m in ("base", "tuned")} if metrics else None,
             "promoted": promotion["promoted"] if promotion else None}
 
@@ -97,4 +113,9 @@ def describe(lineage: dict) -> str:
         t, b = lineage["metrics"]["tuned"], lineage["metrics"]["base"]
         lines.append(f"metrics   tuned exact_match {t['exact_match']} rougeL {t['rougeL']} | base {b['exact_match']} / {b['rougeL']}")
     lines.append(f"promoted  {lineage['promoted']}")
+    for machine in machines(lineage.get("environments") or {}):
+        libs = " ".join(f"{lib} {'/'.join(machine['packages'][lib])}" for lib in ("torch", "transformers", "peft", "trl")
+                        if lib in machine["packages"])
+        lines.append(f"ran on    {machine['cpu']}{' + ' + machine['gpu'] if machine['gpu'] else ''} | {libs}"
+                     f"  ({', '.join(machine['stages'])})")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 
+from loraflow.layout import STAGES
 from conftest import (BIN, api, dvc_status, edit_params, last_flow_run, make_workspace, prefect_env, read_json,
                       run_flow, sh, tool_env)
 
@@ -254,8 +255,17 @@ def test_lineage_links_raw_data_to_metrics(ws):
     assert lineage["code"]["git_commit"] == sh(["git", "rev-parse", "HEAD"], ws).stdout.strip()
     max_steps = yaml.safe_load((ws / "params.yaml").read_text())["train"]["max_steps"]
     assert lineage["base_model"]["id"] == "bundled" and lineage["params"]["train"]["max_steps"] == max_steps
+    # every stage's summary says where it ran; the test's stages all ran here, with this suite's torch
+    import torch
+    from loraflow.stage import cpu_model
+    envs = lineage["environments"]
+    assert set(envs) == set(STAGES) - {"lineage"} and all(envs.values()), envs
+    assert {e["cpu"] for e in envs.values()} == {cpu_model()}
+    assert envs["train"]["packages"]["torch"] == torch.__version__ and "peft" in envs["train"]["packages"]
+    assert "torch" not in envs["validate"]["packages"], "a stage records only the libraries it loaded"
     printed = sh([str(BIN / "loraflow"), "lineage"], ws).stdout
     assert "raw" in printed and adapter[:12] in printed
+    assert f"ran on    {cpu_model()}" in printed and "train" in printed.split("ran on")[-1]
 
 
 def test_experiments_run_and_show_with_metrics(ws):
