@@ -46,6 +46,8 @@ RETRY_DELAY_S = float(os.environ.get("LORAFLOW_RETRY_DELAY_S", "30"))  # between
 # The GPU slot is a lease that the holder's Prefect client renews every 3/4 of this: a run killed with
 # -9 cannot give its slot back, so the server takes it back when the lease lapses. Prefect's default
 # (300 s) kept the next run waiting five minutes behind a dead one; 60 s costs one renewal call a 45 s.
+# A renewal that fails (a server too slow or gone) only warns: Prefect's strict default would cancel
+# the stage, and hours of training are not lost to a late heartbeat.
 GPU_LEASE_S = 60.0
 GPU_WAIT_REPORT_S = 15.0  # a run waiting for the slot says so this often, so a queue is not taken for a hang
 
@@ -80,7 +82,7 @@ def gpu_slot(stage: str, logger: logging.Logger | logging.LoggerAdapter):
         while True:
             try:
                 held.enter_context(concurrency(GPU_LIMIT, occupy=1, strict=True, timeout_seconds=GPU_WAIT_REPORT_S,
-                                               lease_duration=GPU_LEASE_S))
+                                               lease_duration=GPU_LEASE_S, raise_on_lease_renewal_failure=False))
                 break
             except TimeoutError:
                 logger.info("%s waits for the GPU slot (%.0f s so far): another run holds it, or a killed run's "
