@@ -43,7 +43,17 @@ def test_killed_stage_leaves_no_complete_looking_output_and_reruns(tiny_ws, stag
     # from DVC's cache, which is also right, but would not exercise the rerun)
     rerun = sh([DVC, "repro", "--single-item", "--force", stage], tiny_ws)
     assert f"Running stage '{stage}'" in rerun.stdout
-    assert (tiny_ws / output).exists() and dvc_status(tiny_ws) == {}
+    assert (tiny_ws / output).exists()
+    # the rerun is recorded as done. Only lineage, which reads each stage's summary (its seconds and the
+    # machine it ran on), may see summaries changed, this case's or earlier ones' (a fast stage can
+    # repeat its seconds); lineage, the last case, brings itself up to date
+    status = dvc_status(tiny_ws)
+    if stage == "lineage":
+        assert status == {}
+    elif status:
+        assert set(status) == {"lineage"}, status
+        changed = {dep for entry in status["lineage"] for dep in entry.get("changed deps", {})}
+        assert changed and all(d.startswith("reports/stages/") for d in changed), status
     leftovers = list((tiny_ws / output).parent.glob(f".{(tiny_ws / output).name}.tmp-*"))
     assert leftovers == [], "the rerun clears what the killed writer left"
 
