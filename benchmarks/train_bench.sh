@@ -19,9 +19,10 @@
 # t5:    variable-length SFT: ours, Unsloth (TRL padding-free, its patches), TRL padding-free + Liger
 # goals: T4, T2, T3 (and T1 where the GPU holds 84 GiB), ours and Unsloth; with OLD=<dir> (a copy of an earlier
 #        tree's loraflow/ and benchmarks/) that tree's ours beside, for the A/B (on the workloads in AB, default
-#        all); then the host copy rates, the 8-bit AdamW step alone (optim8bit_probe.py) and T1's GEMMs alone
-#        (gemm_floor_probe.py), and the LoRA matrices' GEMMs alone, both forms (lora_gemm_probe.py).
-#        GOALS="T4 T1" runs those only
+#        all). Before them: the LoRA matrices' GEMMs alone, both forms (lora_gemm_probe.py), the host copy
+#        rates, and in the background the host CPU's determinism hashes (cpu_determinism_probe.py
+#        --pipeline, into cpu_probe.json); after them the 8-bit AdamW step alone (optim8bit_probe.py) and
+#        T1's GEMMs alone (gemm_floor_probe.py). GOALS="T4 T1" runs those only
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CKPT=/dev/shm/llama31-8b-random
@@ -73,7 +74,13 @@ fi
 if [ "$what" = goals ]; then  # every goal that fits this GPU: ours (this tree, OLD's if given) and Unsloth
   unsloth_site
   QW=/dev/shm/qwen25-7b-random
-  goal() { case " ${GOALS:-T4 T2 T3 T1 copy optim gemm lora} " in *" $1 "*) return 0;; esac; return 1; }
+  goal() { case " ${GOALS:-T4 T2 T3 T1 copy optim gemm lora cpu} " in *" $1 "*) return 0;; esac; return 1; }
+  # the CPU determinism probe on the host's CPU (an Intel Xeon), beside the GPU work: two threads of 16
+  goal cpu && { timeout 200 python3 benchmarks/cpu_determinism_probe.py --pipeline --json "$OUT/cpu_probe.json" \
+                  >/dev/null 2>>"$OUT/err.txt" & }
+  # the short probes first, so a call cut short still brings them back
+  goal lora && timeout 90 python3 benchmarks/lora_gemm_probe.py 2>>"$OUT/err.txt" | keep lora-gemms >> "$OUT/results.jsonl"
+  goal copy && timeout 60 python3 benchmarks/host_copy_probe.py 2>>"$OUT/err.txt" | keep copy >> "$OUT/results.jsonl"
   goal T4 && { [ -d $QW ] || $B make-qwen $QW 2>&1 | tail -1; }
   both() {  # workload tag, then the arguments of train_bench.py ours
     local tag=$1 trees=$PWD; shift
@@ -99,10 +106,9 @@ if [ "$what" = goals ]; then  # every goal that fits this GPU: ours (this tree, 
     both T1 $CKPT --method lora --seqs 2048 --rows 8 --steps 6
     U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"
   fi
-  goal copy && timeout 60 python3 benchmarks/host_copy_probe.py 2>>"$OUT/err.txt" | keep copy >> "$OUT/results.jsonl"
   goal optim && timeout 90 python3 benchmarks/optim8bit_probe.py 2>>"$OUT/err.txt" | keep optim8bit >> "$OUT/results.jsonl"
   goal gemm && timeout 90 python3 benchmarks/gemm_floor_probe.py 2>>"$OUT/err.txt" | keep gemm-floor >> "$OUT/results.jsonl"
-  goal lora && timeout 90 python3 benchmarks/lora_gemm_probe.py 2>>"$OUT/err.txt" | keep lora-gemms >> "$OUT/results.jsonl"
+  wait  # the CPU probe
 fi
 if [ "$what" = t4 ] || [ "$what" = t3profile ] || [ "$what" = ab1 ] || [ "$what" = ab2 ] || [ "$what" = ab3 ] || [ "$what" = ab5 ]; then
   unsloth_site
