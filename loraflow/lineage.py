@@ -116,6 +116,6 @@ def describe(lineage: dict) -> str:
     for machine in machines(lineage.get("environments") or {}):
         libs = " ".join(f"{lib} {'/'.join(machine['packages'][lib])}" for lib in ("torch", "transformers", "peft", "trl")
                         if lib in machine["packages"])
-        lines.append(f"ran on    {machine['cpu']}{' + ' + machine['gpu'] if machine['gpu'] else ''} | {libs}"
-                     f"  ({', '.join(machine['stages'])})")
+        lines.append(f"ran on    {machine['cpu']}{' + ' + machine['gpu'] if machine['gpu'] else ''}"
+                     f"{' | ' + libs if libs else ''}  ({', '.join(machine['stages'])})")
     return "\n".join(lines)
