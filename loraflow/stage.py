@@ -81,7 +81,9 @@ def environment() -> dict:
     torch = sys.modules.get("torch")
     if torch is not None:
         env["cpu_kernels"] = cpu_kernels(torch)
-        env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        # the GPU the stage computed on; a stage that never touched CUDA (template, tokenize) names none,
+        # and asking would start a CUDA context in it only to write its name
+        env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_initialized() else None
     return env
 
 
