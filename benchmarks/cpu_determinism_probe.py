@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tasks import CPU_PINS  # noqa: E402
 
 PROBE = r"""
 import hashlib, json, torch
@@ -62,8 +64,7 @@ print(json.dumps(out))
 
 # The base stage as tasks/base.py runs it, hashed at each point where two machines could first part
 PIPELINE = r"""
-import hashlib, json, sys, torch
-sys.path.insert(0, ".")
+import hashlib, json, torch
 from loraflow.params import BundledBase
 from tasks.base import build_model, pretrain, read_corpus, train_tokenizer
 from pathlib import Path
@@ -88,8 +89,7 @@ print(json.dumps(out))
 
 
 def run(branch: str, code: str = PROBE) -> dict:
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2",
-           "MKL_CBWR": branch}
+    env = {**os.environ, **CPU_PINS, "MKL_CBWR": branch}  # the stages' own pins, MKL's branch varied
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         sys.exit(f"the probe failed under MKL_CBWR={branch}:\n{out.stderr[-3000:]}")
@@ -103,7 +103,6 @@ def main() -> None:
     args = ap.parse_args()
     import torch
     from importlib.metadata import version
-    sys.path.insert(0, str(ROOT))
     from loraflow.stage import cpu_model
     result = {"cpu": cpu_model(), "torch": torch.__version__,
               "mkl": torch.backends.mkl.is_available() and torch.__config__.show().split("Math Kernel Library Version ")[-1].split(" ")[0],
