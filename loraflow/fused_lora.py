@@ -117,6 +117,9 @@ class _LoraGroup(torch.autograd.Function):
         a_list, b_list = lora[:n], lora[n:]
         dtype = flat.dtype
         a_all, b_scaled = ctx.cast.get(a_list, b_list, ctx.scales, dtype)
+        # the first layer's q/k/v read the frozen embedding's output (no checkpointing): no one needs
+        # grad_x there, so neither the base GEMMs nor the 4-bit dequantization for it run
+        need_x = ctx.needs_input_grad[0]
         grad_x, dy_b, grad_b, start = None, [], [], 0
         for base, b, bs, s, r, grad_y in zip(ctx.bases, b_list, b_scaled, ctx.scales, ctx.ranks, grads):
             if grad_y is None:  # an output that did not reach the loss
@@ -125,19 +128,19 @@ class _LoraGroup(torch.autograd.Function):
                 start += r
                 continue
             dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-            weight = base_weight(base, dtype)
-            grad_x = dy @ weight if grad_x is None else grad_x.addmm_(dy, weight)
+            if need_x:
+                weight = base_weight(base, dtype)
+                grad_x = dy @ weight if grad_x is None else grad_x.addmm_(dy, weight)
             dy_b.append(dy @ bs)  # the scale is in bs
             grad_b.append(((dy.t() @ xa[:, start:start + r]) * s).to(b.dtype))
             start += r
         dy_b_all = torch.cat(dy_b, dim=1)
-        if grad_x is None:
-            grad_x = dy_b_all @ a_all
-        else:
-            grad_x.addmm_(dy_b_all, a_all)
+        if need_x:
+            grad_x = dy_b_all @ a_all if grad_x is None else grad_x.addmm_(dy_b_all, a_all)
+            grad_x = grad_x.view(ctx.x_shape)
         grad_a_all = dy_b_all.t() @ flat
         grad_a = [g.to(a.dtype) for g, a in zip(grad_a_all.split(ctx.ranks), a_list)]
-        return (grad_x.view(ctx.x_shape), None, None, None, None, *grad_a, *grad_b)
+        return (grad_x, None, None, None, None, *grad_a, *grad_b)
 
 
 class _Group:

@@ -101,6 +101,30 @@ def test_fused_projections_train_the_same_loss_curve():
     assert curves[1] == pytest.approx(curves[0], rel=1e-5, abs=1e-6)
 
 
+def test_no_input_gradient_is_computed_where_no_one_needs_it(monkeypatch):
+    """Without checkpointing, the first layer's q/k/v read the frozen embedding's output: their backward
+    skips the base GEMMs for grad_x (and, on a 4-bit base, the dequantization), and the LoRA
+    gradients are still peft's."""
+    torch.manual_seed(0)
+    plain, fused = pair(LlamaForCausalLM(LlamaConfig(**SHAPE)))
+    ids = torch.randint(0, 120, (2, 9))
+    loss_p = plain(input_ids=ids, labels=ids).loss
+    loss_p.backward()
+    loss_f = fused(input_ids=ids, labels=ids).loss
+    reads, original = [], fused_lora.base_weight
+    monkeypatch.setattr(fused_lora, "base_weight", lambda base, dtype: reads.append(base) or original(base, dtype))
+    loss_f.backward()
+    first_qkv = {fused.base_model.model.model.layers[0].self_attn.get_submodule(n).base_layer
+                 for n in ("q_proj", "k_proj", "v_proj")}
+    assert len(reads) == 2 * 7 - 3 and not first_qkv & set(reads)
+    torch.testing.assert_close(loss_f, loss_p)
+    grads_p = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    grads_f = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
+    assert grads_f.keys() == grads_p.keys() and len(grads_p) == 2 * 2 * 7
+    for name, g in grads_p.items():
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 class DataSGD(torch.optim.Optimizer):
     """Writes the weights through .data, as bitsandbytes' 8-bit optimizers write them through a raw
     pointer: the tensors' version counters do not move."""
