@@ -78,6 +78,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM a background tool's process group (started with start_new_session), then SIGKILL it if it
+    is still up after `grace` seconds: a Prefect worker told to stop while its server connection is
+    failing backs off for 60 s before it looks at the signal again, and a test must not fail on a
+    helper's slow exit."""
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real `prefect server start` on 127.0.0.1 with its own SQLite home; yields its API URL."""
@@ -102,8 +115,7 @@ def prefect_server(tmp_path_factory):
             raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
         time.sleep(1)
     yield {"url": url, "home": str(home)}
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    stop_group(proc)
 
 
 def prefect_env(server: dict) -> dict:

@@ -4,7 +4,6 @@ DVC remotes and clones, real `dvc exp run`."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -13,8 +12,8 @@ import pytest
 import yaml
 
 from loraflow.layout import STAGES
-from conftest import (BIN, api, dvc_status, edit_params, last_flow_run, make_workspace, prefect_env, read_json,
-                      run_flow, sh, tool_env)
+from conftest import (BIN, api, dvc_status, edit_params, last_flow_run, prefect_env, read_json, run_flow, sh,
+                      stop_group, tool_env)
 
 pytestmark = pytest.mark.slow
 CRON = "0 3 * * *"
@@ -43,8 +42,7 @@ def served(ws, prefect_server):
                 raise RuntimeError((ws / "serve.log").read_text()[-3000:])
             time.sleep(1)
     yield deployment
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    stop_group(proc)
 
 
 def trigger(ws, server, overrides: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
@@ -146,8 +144,7 @@ def test_the_work_pool_path_runs_under_the_gpu_limit_and_queues_its_runs(ws, ser
                   ws, check=False, **env)
         run = api(prefect_server, f"/flow_runs/{re.search(r'UUID: ([0-9a-f-]{36})', proc.stdout).group(1)}")
     finally:
-        os.killpg(worker.pid, 15)
-        worker.wait(timeout=30)
+        stop_group(worker)
         # its cron has made runs for the coming days: remove them with it (the server is shared)
         urllib_delete(prefect_server, f"/deployments/{deployment['id']}")
     assert run["state_type"] == "COMPLETED", proc.stdout + (ws / "worker.log").read_text()[-3000:]

@@ -9,7 +9,7 @@ from importlib.metadata import requires
 
 import pytest
 
-from conftest import BIN, free_port, sh
+from conftest import BIN, free_port, sh, stop_group
 
 
 def test_remote_extras_name_the_dvc_plugins():
@@ -37,8 +37,7 @@ def s3_server(tmp_path):
                 raise
             time.sleep(0.3)
     yield url, env
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=10)
+    stop_group(proc, grace=10)
 
 
 def test_data_pushed_to_an_s3_remote_comes_back_identical_in_a_clone(tmp_path, s3_server):
