@@ -76,16 +76,19 @@ def param_count(config) -> int:
 
 
 class Rows(torch.utils.data.Dataset):
-    """Random token rows, every token trained (as the peers' workloads)."""
-    def __init__(self, n: int, seq: int, vocab: int, seed: int = 0):
+    """Random token rows, every token trained (as the peers' workloads), or with the first
+    `prompt_share` of each row masked as an SFT prompt is."""
+    def __init__(self, n: int, seq: int, vocab: int, seed: int = 0, prompt_share: float = 0.0):
         g = torch.Generator().manual_seed(seed)
         self.rows = [torch.randint(0, vocab, (seq,), generator=g).tolist() for _ in range(n)]
+        self.prompt = round(prompt_share * seq)
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+        row = self.rows[i]
+        return {"input_ids": row, "labels": [-100] * self.prompt + row[self.prompt:]}
 
 
 def step_timer():
@@ -197,6 +200,9 @@ def ours(args) -> None:
     if args.attention == "varlen":  # the A/B of the cuDNN path for equal rows (loraflow/fastpath.py)
         from loraflow import fastpath
         fastpath.DENSE_ATTENTION = False
+    if args.whole_head:  # the A/B of fastpath.kept_logits: the head over every position, masked or not
+        from loraflow import fastpath
+        fastpath.kept_logits = lambda labels: {}
     if args.fused_layers_min_tokens is not None:
         memplan.FUSED_LAYERS_MIN_TOKENS = args.fused_layers_min_tokens
     seqs = [int(s) for s in args.seqs.split(",")]
@@ -225,7 +231,7 @@ def ours(args) -> None:
         weights = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         timer = step_timer()
-        data = Rows(args.rows * args.steps, seq, config.vocab_size)
+        data = Rows(args.rows * args.steps, seq, config.vocab_size, prompt_share=args.prompt_share)
         trainer = training.make_trainer(params, model, plan, speed, data, None, 0, Path("/tmp/bench_out"),
                                      torch.bfloat16, [timer])
         error = None
@@ -250,7 +256,8 @@ def ours(args) -> None:
             "fused": setup.fused, "fused_layers": setup.fused and setup.fused_layers,
             "lora_projections": "peft" if args.peft_projections else "fused", "attention": args.attention,
             "embedding_on_cpu": setup.embedding_on_cpu, "offload_checkpoints": setup.offload_checkpoints,
-            "stashed_outputs": setup.stashed_outputs, "packing": speed.packing, "budget_gib": memplan.gib(plan.budget_bytes),
+            "stashed_outputs": setup.stashed_outputs, "packing": speed.packing, "prompt_share": args.prompt_share,
+            "head": "whole" if args.whole_head else "trained positions", "budget_gib": memplan.gib(plan.budget_bytes),
             "predicted_gib": {k: memplan.gib(v) for k, v in plan.chosen.parts.items()},
             "measured_peak_gib": memplan.gib(peak), "loaded_gib": memplan.gib(weights),
             "error_pct": round(100 * (plan.chosen.peak - peak) / peak, 1),
@@ -314,6 +321,8 @@ def main() -> None:
                    help="varlen: FA2 varlen even for equal rows (auto runs those through cuDNN)")
     o.add_argument("--offload-checkpoints", default="auto", choices=["auto", "true", "false"])
     o.add_argument("--embedding-on-cpu", default="auto", choices=["auto", "true", "false"])
+    o.add_argument("--prompt-share", type=float, default=0.0, help="mask this share of each row's labels, as a prompt")
+    o.add_argument("--whole-head", action="store_true", help="the head over every position (before fastpath.kept_logits)")
     o.add_argument("--fused-layers-min-tokens", type=int, default=None,
                    help="override memplan.FUSED_LAYERS_MIN_TOKENS (when Liger's per-layer kernels turn on)")
     r = sub.add_parser("peer"); r.add_argument("ckpt"); r.add_argument("name"); r.add_argument("seq"); r.add_argument("batch")

@@ -22,7 +22,8 @@
 #        all). Before them: the LoRA matrices' GEMMs alone, both forms (lora_gemm_probe.py), the host copy
 #        rates, and in the background the host CPU's determinism hashes (cpu_determinism_probe.py
 #        --pipeline, into cpu_probe.json); after them the 8-bit AdamW step alone (optim8bit_probe.py) and
-#        T1's GEMMs alone (gemm_floor_probe.py). GOALS="T4 T1" runs those only
+#        T1's GEMMs alone (gemm_floor_probe.py). GOALS="T4 T1" runs those only. M2 (not in the default set):
+#        T2 with 40% of each row masked as a prompt, ours with the head on the trained positions and on all, Unsloth
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CKPT=/dev/shm/llama31-8b-random
@@ -105,6 +106,12 @@ if [ "$what" = goals ]; then  # every goal that fits this GPU: ours (this tree, 
   if goal T1 && [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits)" -gt 100000 ]; then
     both T1 $CKPT --method lora --seqs 2048 --rows 8 --steps 6
     U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"
+  fi
+  if goal M2; then  # T2 with 40% of each row masked as a prompt: the head on trained positions only, the whole head, Unsloth
+    both M2 $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24 --prompt-share 0.4
+    O $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24 --prompt-share 0.4 --whole-head | keep M2 >> "$OUT/results.jsonl"
+    env PYTHONPATH=/tmp/site_u HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 240 python3 benchmarks/peers/unsloth_masked.py \
+      0.4 $CKPT 2048 8 lora unsloth 2>>"$OUT/err.txt" | keep M2 >> "$OUT/results.jsonl"
   fi
   goal optim && timeout 90 python3 benchmarks/optim8bit_probe.py 2>>"$OUT/err.txt" | keep optim8bit >> "$OUT/results.jsonl"
   goal gemm && timeout 90 python3 benchmarks/gemm_floor_probe.py 2>>"$OUT/err.txt" | keep gemm-floor >> "$OUT/results.jsonl"

@@ -298,7 +298,8 @@ def make_trainer(params: TrainParams, model, plan: memplan.Plan, speed: Speed, t
     callbacks = list(callbacks)
     if params.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
-    collator = fastpath.packed_collator(pad_id) if speed.packing else pad_collator(pad_id)
+    collator = fastpath.packed_collator(pad_id, trained_logits_only=fastpath.takes_kept_logits(model)) \
+        if speed.packing else pad_collator(pad_id)
     args = training_args(params, out_dir, dtype, plan)
     optimizer = None
     if params.optimizer == "adamw_8bit":

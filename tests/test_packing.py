@@ -55,6 +55,65 @@ def test_packed_batch_gives_the_padded_batchs_loss_and_gradients(tiny_model_dir,
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def head_rows(model) -> list[int]:
+    """The number of rows each call of the model's output head gets."""
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[-2]))
+    return rows
+
+
+@pytest.mark.parametrize("checkpointed", [0, 1])
+def test_the_head_runs_on_the_trained_positions_alone_and_changes_no_gradient(tiny_model_dir, checkpointed):
+    """With trained_logits_only the head sees the 8 positions whose next token is trained, not all 15,
+    and the loss and every LoRA gradient are those of the whole packed batch."""
+    model = lora_model(tiny_model_dir, fastpath.register_packed_attention(), checkpointed)
+    assert fastpath.takes_kept_logits(model)
+    rows = head_rows(model)
+    whole = fastpath.packed_collator(0)(ROWS)
+    kept = fastpath.packed_collator(0, trained_logits_only=True)(ROWS)
+    loss_a, grads_a = loss_and_grads(model, whole)
+    loss_b, grads_b = loss_and_grads(model, kept)
+    assert rows == [15, 8]
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_kept_positions_are_those_whose_next_token_is_trained():
+    batch = fastpath.packed_collator(0, trained_logits_only=True)(ROWS)
+    labels = batch["labels"][0]
+    assert batch["logits_to_keep"].tolist() == [3, 4, 5, 7, 8, 11, 12, 13]
+    assert batch["shift_labels"][0].tolist() == labels[batch["logits_to_keep"] + 1].tolist() == [9, 10, 11, 13, 14, 22, 23, 24]
+    # too few positions to leave out for the gather to pay (1 of 32 is the least), or none trained: nothing added
+    one_row = [IGNORE_INDEX] + list(range(1, 33))  # 33 positions, the last with no next token
+    assert fastpath.kept_logits(torch.tensor(one_row)) == {}
+    assert fastpath.kept_logits(torch.tensor(one_row[:32])) != {}
+    assert fastpath.kept_logits(torch.full((4,), IGNORE_INDEX)) == {}
+
+
+def test_the_trainer_normalizes_kept_batches_by_the_same_token_count(tmp_path):
+    """Under gradient accumulation the Trainer divides the summed loss by the trained tokens of the
+    whole step, which it counts from shift_labels when a batch has them: the same count as from labels."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    counts = []
+    for only in (False, True):
+        collate = fastpath.packed_collator(0, trained_logits_only=only)
+        batches = [collate(ROWS), collate(ROWS[1:])]
+        counts.append(int(trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))[1]))
+    assert counts == [13, 13]
+
+
+def test_a_forward_without_logits_to_keep_is_not_given_kept_logits():
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, labels=None, **kwargs):
+            return input_ids
+    assert not fastpath.takes_kept_logits(Old())
+
+
 def test_rows_cannot_see_each_other(tiny_model_dir):
     """Changing the first row must not change the loss terms of the rows packed after it."""
     model = lora_model(tiny_model_dir, fastpath.register_packed_attention()).eval()
