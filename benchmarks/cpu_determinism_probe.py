@@ -14,7 +14,10 @@ stage wrote other bytes on each; so the probe also times nothing and hashes more
 backward pass (the transposed layouts), attention forward and backward, the cross-entropy and an
 AdamW step, and with --pipeline the base stage itself, step by step (its tokenizer, the initial
 weights, and the weights and loss after 1, 5 and 20 pretraining steps). The first hash that differs
-between two machines names the first computation that does.
+between two machines names the first computation that does. It was AdamW (an Intel Xeon against an
+AMD EPYC, 2026-12-07): torch's single-tensor loop takes its square roots from MKL's vector math, whose
+last bit depends on the processor; `adamw_fused`, the same steps through the fused kernel (correctly
+rounded roots), is what the stages now run.
 """
 from __future__ import annotations
 
@@ -59,6 +62,12 @@ for salt in (11, 12, 13):
     p.grad = ints(256, 688, salt)
     opt.step()
 out["adamw"] = h(p.detach())
+p = torch.nn.Parameter(ints(256, 688, 10))  # the same steps through the fused kernel (the stages' AdamW)
+opt = torch.optim.AdamW([p], lr=3e-3, weight_decay=0.1, fused=True)
+for salt in (11, 12, 13):
+    p.grad = ints(256, 688, salt)
+    opt.step()
+out["adamw_fused"] = h(p.detach())
 print(json.dumps(out))
 """
 

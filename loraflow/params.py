@@ -49,7 +49,7 @@ class BundledBase(Section):
     """Attention heads (key/value heads are half of them: grouped-query attention, as Llama 3)."""
     intermediate_size: int = Field(688, ge=16)
     """Width of the SwiGLU MLP."""
-    pretrain_steps: int = Field(400, ge=0)
+    pretrain_steps: int = Field(600, ge=0)
     """Full-parameter steps on data/base_corpus.txt so that the base knows the facts but not the chat format."""
     pretrain_lr: float = Field(3e-3, gt=0)
     """Learning rate of that pretraining."""

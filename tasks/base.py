@@ -79,7 +79,9 @@ def pretrain(model, tokenizer, corpus: list[str], shape: BundledBase, seq_len: i
         # windows below), so the tokenizer's "sequence length is longer" warning is not for us.
         stream += tokenizer(EOS.join(lines) + EOS, add_special_tokens=False, verbose=False)["input_ids"]
     data = torch.tensor(stream)
-    opt = torch.optim.AdamW(model.parameters(), lr=shape.pretrain_lr, weight_decay=0.1)
+    # fused: its update divides by correctly rounded square roots; the single-tensor AdamW takes them from
+    # MKL's vector math, whose last bit depends on the processor (README, "Determinism")
+    opt = torch.optim.AdamW(model.parameters(), lr=shape.pretrain_lr, weight_decay=0.1, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=shape.pretrain_lr, total_steps=max(shape.pretrain_steps, 1),
                                                 pct_start=0.1)
     gen = torch.Generator().manual_seed(shape.seed)
