@@ -47,7 +47,6 @@ def peak_rss_mb() -> float:
 
 
 def run_ours(path: str) -> dict:
-    import pandas as pd
     from loraflow.chat_format import chat_format_for
     from loraflow.params import TemplateParams, TokenizeParams, ValidateParams
     from tasks.ingest import ingest
@@ -122,7 +121,7 @@ def main() -> None:
             results.append(r)
             print(json.dumps(r), flush=True)
         os.unlink(f.name)
-    print(f"\n| rows | loraflow s | TRL s | speed vs TRL | loraflow peak MB | TRL peak MB |\n|---|---|---|---|---|---|")
+    print("\n| rows | loraflow s | TRL s | speed vs TRL | loraflow peak MB | TRL peak MB |\n|---|---|---|---|---|---|")
     for n in a.rows:
         ours = next(r for r in results if r["rows"] == n and r["impl"] == "loraflow")
         trl = next(r for r in results if r["rows"] == n and r["impl"] == "trl")
