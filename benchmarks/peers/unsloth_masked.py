@@ -1,34 +1,30 @@
 """Unsloth on rows whose first share of tokens is masked as an SFT prompt (-100 labels), the peer of
 train_bench.py ours --prompt-share: peers_best.py's own run (kept unchanged, a copy of the shared file)
-with only its training loop's labels masked.
+with only the labels its training loop passes masked.
 
   python3 unsloth_masked.py SHARE CKPT SEQ BATCH METHOD GC    # then as peers_best.py unsloth
 """
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers_best  # noqa: E402
 
 
-def masked_loop(share: float):
+class MaskedPrompt:
+    """The model as peers_best's loop calls it, with the first `share` of each row's labels masked."""
+    def __init__(self, model, share: float):
+        self.model, self.share = model, share
+
+    def __call__(self, input_ids, labels):
+        labels = labels.clone()
+        labels[:, :round(self.share * labels.shape[1])] = -100
+        return self.model(input_ids=input_ids, labels=labels)
+
+
+def masked_loop(share: float, plain_loop=peers_best.loop):
     def loop(m, opt, seq, batch, vocab, steps=7):
-        torch.cuda.reset_peak_memory_stats()
-        ids = torch.randint(0, vocab, (batch, seq), device="cuda")
-        labels = ids.clone()
-        labels[:, :round(share * seq)] = -100
-        times = []
-        for _ in range(steps):
-            torch.cuda.synchronize(); t = time.time()
-            out = m(input_ids=ids, labels=labels)
-            out.loss.backward()
-            opt.step(); opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize(); times.append(time.time() - t)
-        st = sorted(times[2:])[len(times[2:]) // 2]
-        return st, out.loss.item()
+        return plain_loop(MaskedPrompt(m, share), opt, seq, batch, vocab, steps)
     return loop
 
 
