@@ -73,9 +73,9 @@ def kept_logits(labels: torch.Tensor) -> dict:
 
 
 def takes_kept_logits(model) -> bool:
-    """Whether the causal LM's forward selects rows by a logits_to_keep tensor (transformers' models
-    since 4.50, Liger's patched forwards); an older remote-code model would pass it on unread, and its
-    loss would then meet shift_labels of another length."""
+    """Whether the causal LM's forward selects rows by a logits_to_keep tensor (transformers' own
+    causal LMs, 5.17 and 5.25 checked, and Liger's patched forwards); an older remote-code model would
+    pass it on unread, and its loss would then meet shift_labels of another length."""
     import inspect
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters  # the instance's: Liger patches it there
