@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.sft_bench import rows  # noqa: E402
-from benchmarks.train_bench import save_random_llama  # noqa: E402
+from benchmarks.train_bench import masked_prompt, save_random_llama  # noqa: E402
 
 TOLERANCE = 1e-3  # bf16 compute: different kernels round differently (measured: 8e-5 over 12 steps)
 
@@ -35,8 +35,7 @@ def curve(path, fast: bool, data, prompt_share: float = 0.0):
     speed = planning.resolve_speed(params, config.model_type)
     plan = planning.make_plan(params, config, max(map(len, data)), speed, torch.bfloat16)
     model = training.build_peft_model(params, ref, torch.bfloat16, plan.chosen.setup, speed)
-    ds = [{"input_ids": r, "labels": [-100] * round(prompt_share * len(r)) + r[round(prompt_share * len(r)):]}
-          for r in data]
+    ds = [{"input_ids": r, "labels": masked_prompt(r, prompt_share)} for r in data]
     trainer = training.make_trainer(params, model, plan, speed, ds, None, 0, Path(f"/tmp/equiv_{fast}"), torch.bfloat16)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h], speed

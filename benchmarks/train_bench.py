@@ -75,20 +75,25 @@ def param_count(config) -> int:
     return layers * (attention + 3 * h * i + 2 * h) + embeddings + h
 
 
+def masked_prompt(row: list, share: float) -> list:
+    """The row's labels with its first `share` masked (-100), as an SFT prompt is."""
+    prompt = round(share * len(row))
+    return [-100] * prompt + row[prompt:]
+
+
 class Rows(torch.utils.data.Dataset):
     """Random token rows, every token trained (as the peers' workloads), or with the first
     `prompt_share` of each row masked as an SFT prompt is."""
     def __init__(self, n: int, seq: int, vocab: int, seed: int = 0, prompt_share: float = 0.0):
         g = torch.Generator().manual_seed(seed)
         self.rows = [torch.randint(0, vocab, (seq,), generator=g).tolist() for _ in range(n)]
-        self.prompt = round(prompt_share * seq)
+        self.prompt_share = prompt_share
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        row = self.rows[i]
-        return {"input_ids": row, "labels": [-100] * self.prompt + row[self.prompt:]}
+        return {"input_ids": self.rows[i], "labels": masked_prompt(self.rows[i], self.prompt_share)}
 
 
 def step_timer():
