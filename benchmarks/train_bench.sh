@@ -15,9 +15,9 @@
 # ab2:   T4 (both attentions) and T2 (with and without offloaded checkpoints), with Unsloth
 # ab3:   T3, T4, T2 with Unsloth; then T2 and T3 without offloaded checkpoints, T4 on its old path; the GPU equivalence check
 # ab5:   ab3's first part: T3 and T2 (with and without offloaded checkpoints) with Unsloth
-# profiles: T2 and T3 under torch.profiler, ours (PROFILE_TRACE=1: with the timeline) and Unsloth
+# profiles: T1, T2 and T3 under torch.profiler, ours (PROFILE_TRACE=1: with the timeline) and Unsloth
 # t5:    variable-length SFT: ours, Unsloth (TRL padding-free, its patches), TRL padding-free + Liger
-# goals: T4, T2, T3 (and T1 where the GPU holds 84 GiB), ours and Unsloth; with OLD=<dir> (a copy of an earlier
+# goals: T4, T2, T3, T1 (on a GPU under 100 GB: at the plan's micro-batch for its memory, Unsloth at 8 and 4 rows), ours and Unsloth; with OLD=<dir> (a copy of an earlier
 #        tree's loraflow/ and benchmarks/) that tree's ours beside, for the A/B (on the workloads in AB, default
 #        all). Before them: the LoRA matrices' GEMMs alone, both forms (lora_gemm_probe.py), the host copy
 #        rates, and in the background the host CPU's determinism hashes (cpu_determinism_probe.py
@@ -103,9 +103,12 @@ if [ "$what" = goals ]; then  # every goal that fits this GPU: ours (this tree, 
     both T3 $CKPT --method qlora --seqs 2048 --rows 8 --steps 6 --budget-gib 8 --optimizer adamw_8bit
     U $CKPT 2048 2 qlora unsloth | keep T3 >> "$OUT/results.jsonl"
   fi
-  if goal T1 && [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits)" -gt 100000 ]; then
+  if goal T1; then  # no cap: the plan fits the GPU's own memory (micro-batch 8 needs 84 GiB; an 80 GB card gets 4)
     both T1 $CKPT --method lora --seqs 2048 --rows 8 --steps 6
-    U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"
+    U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"  # 76 GiB on the H200: may not fit 80 GB
+    if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits)" -lt 100000 ]; then
+      U $CKPT 2048 4 lora false | keep T1 >> "$OUT/results.jsonl"  # Unsloth at our micro-batch, no checkpointing
+    fi
   fi
   if goal M2; then  # T2 with 40% of each row masked as a prompt: the head on trained positions only, the whole head, Unsloth
     both M2 $CKPT --method lora --seqs 2048 --rows 8 --steps 6 --budget-gib 24 --prompt-share 0.4
@@ -183,16 +186,19 @@ if [ "$what" = t3profile ]; then
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 2 --budget-gib 8 --optimizer adamw_8bit --sync-debug | keep T3-syncs >> "$OUT/results.jsonl"
   O $CKPT --method qlora --seqs 2048 --rows 8 --steps 3 --budget-gib 8 --optimizer adamw_8bit --profile | keep profile >> "$OUT/results.jsonl"
 fi
-if [ "$what" = profiles ]; then  # T2 and T3 under the profiler: ours (with the timeline) and Unsloth, same kernel kinds
-  # PROFILES picks some (T2 T3 ours, U2 U3 Unsloth's); each of ours brings back 2 files, and $OUT returns 8 at most
+if [ "$what" = profiles ]; then  # T1, T2 and T3 under the profiler: ours (with the timeline) and Unsloth, same kernel kinds
+  # PROFILES picks some (T1 T2 T3 ours, U1 U2 U3 Unsloth's; default T2 T3 U2 U3); T2's and T3's bring back 2 files
+  # each (T1's 1, no timeline), and $OUT returns 8 at most. U1: Unsloth without checkpointing at 4 rows, the
+  # micro-batch the plan gives T1 on an 80 GB card (8 rows take 76 GiB before the profiler's own)
   unsloth_site
   want() { case " ${PROFILES:-T2 T3 U2 U3} " in *" $1 "*) return 0;; esac; return 1; }
+  want T1 && O $CKPT --method lora --seqs 2048 --rows 8 --steps 3 --profile | keep T1-profile >> "$OUT/results.jsonl"
   want T2 && PROFILE_TRACE=1 O $CKPT --method lora --seqs 2048 --rows 8 --steps 3 --budget-gib 24 --profile | keep T2-profile >> "$OUT/results.jsonl"
   want T3 && PROFILE_TRACE=1 O $CKPT --method qlora --seqs 2048 --rows 8 --steps 2 --budget-gib 8 --optimizer adamw_8bit --profile | keep T3-profile >> "$OUT/results.jsonl"
-  for w in "U2 2048 8 lora" "U3 2048 2 qlora"; do
+  for w in "U1 2048 4 lora false" "U2 2048 8 lora unsloth" "U3 2048 2 qlora unsloth"; do
     set -- $w
     want $1 && env PYTHONPATH=/tmp/site_u:$PWD HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 timeout 240 \
-      python3 benchmarks/peers/profile_unsloth.py $CKPT $2 $3 $4 unsloth 2>>"$OUT/err.txt" | keep unsloth-profile >> "$OUT/results.jsonl"
+      python3 benchmarks/peers/profile_unsloth.py $CKPT $2 $3 $4 $5 2>>"$OUT/err.txt" | keep unsloth-profile >> "$OUT/results.jsonl"
   done
 fi
 if [ "$what" = attention ]; then
