@@ -163,10 +163,9 @@ def profile(run, tag: str) -> None:
     kind of kernel, the top kernels and host-side ops ($OUT/profile-TAG.txt), with PROFILE_TRACE=1 the timeline."""
     import os
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    # PROFILE_SHAPES=1: ops by input shape and by Python call site too, to find what launches a kernel kind
+    # PROFILE_SHAPES=1: the ops by input shape too, to tell which call launches a kernel kind
     detail = bool(os.environ.get("PROFILE_SHAPES"))
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=detail,
-                       with_stack=detail) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=detail) as prof:
         t0 = time.perf_counter()
         run()
         torch.cuda.synchronize()
@@ -183,8 +182,7 @@ def profile(run, tag: str) -> None:
     text = [json.dumps(breakdown), events.table(sort_by="self_device_time_total", row_limit=25),
             events.table(sort_by="self_cpu_time_total", row_limit=15)]
     if detail:
-        text.append(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=40))
-        text.append(prof.key_averages(group_by_stack_n=8).table(sort_by="self_device_time_total", row_limit=30))
+        text.append(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=80))
     out = Path(os.environ.get("OUT", "/tmp"))
     (out / f"profile-{tag}.txt").write_text("\n".join(text))
     if os.environ.get("PROFILE_TRACE"):  # the timeline, for the GPU's idle gaps (chrome://tracing or Perfetto)
