@@ -105,7 +105,7 @@ if [ "$what" = goals ]; then  # every goal that fits this GPU: ours (this tree, 
   fi
   if goal T1; then  # no cap: the plan fits the GPU's own memory (micro-batch 8 needs 84 GiB; an 80 GB card gets 4)
     both T1 $CKPT --method lora --seqs 2048 --rows 8 --steps 6
-    U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"  # 76 GiB on the H200: may not fit 80 GB
+    U $CKPT 2048 8 lora false | keep T1 >> "$OUT/results.jsonl"  # 76 GiB: it still fits an 80 GB H100 (run 32)
     if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits)" -lt 100000 ]; then
       U $CKPT 2048 4 lora false | keep T1 >> "$OUT/results.jsonl"  # Unsloth at our micro-batch, no checkpointing
     fi
